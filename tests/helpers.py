@@ -1,0 +1,71 @@
+"""Finite-difference gradient checking, shared by the test files."""
+import numpy as np
+
+from minigpt_img.tensor import Tensor, _topological_order
+
+
+def numeric_grad(f, arrays, i, upstream, h=1e-5):
+    """Central differences of  L = sum(f(*arrays) * upstream)  with respect to arrays[i], in place."""
+    x = arrays[i]
+    grad = np.zeros(x.shape)
+    for idx in np.ndindex(*x.shape):
+        old = x[idx]
+        x[idx] = old + h
+        plus = np.sum(f(*arrays) * upstream)
+        x[idx] = old - h
+        minus = np.sum(f(*arrays) * upstream)
+        x[idx] = old
+        grad[idx] = (plus - minus) / (2 * h)
+    return grad
+
+
+def relative_error(analytic, numeric):
+    """max |a - n| / max(|a|, |n|, floor) elementwise, where floor = 1e-3 * max|n| ignores entries a
+    thousand times below the gradient's own scale (there finite differences measure only noise)."""
+    scale = max(np.abs(numeric).max(initial=0.0), 1e-12)
+    denom = np.maximum(np.maximum(np.abs(analytic), np.abs(numeric)), 1e-3 * scale)
+    return float(np.max(np.abs(analytic - numeric) / denom, initial=0.0))
+
+
+def gradcheck(fn, arrays, seed=0, tol=1e-6):
+    """Check fn's analytic gradients for every float64 input array against central differences.
+
+    fn maps Tensors to a Tensor. The upstream gradient is RANDOM (not ones), so every output element
+    is weighed differently. Returns (max relative error, set of Function types in the graph).
+    """
+    rng = np.random.default_rng(seed)
+    for a in arrays:
+        assert a.dtype == np.float64, "gradient checks run in float64"
+    tensors = [Tensor(a, requires_grad=True) for a in arrays]
+    out = fn(*tensors)
+    assert out.dtype == np.float64, f"float64 in, {out.dtype} out"
+    upstream = rng.standard_normal(out.shape)
+    out.backward(upstream)
+
+    def f(*xs):
+        return fn(*[Tensor(x) for x in xs]).data
+
+    worst = 0.0
+    for i, t in enumerate(tensors):
+        num = numeric_grad(f, arrays, i, upstream)
+        assert t.grad is not None and t.grad.shape == arrays[i].shape, f"input {i}: no gradient"
+        worst = max(worst, relative_error(t.grad, num))
+    assert worst < tol, f"max relative error {worst:.3g} >= {tol}"
+    ops_seen = {type(t._ctx) for t in _topological_order(out) if t._ctx is not None}
+    return worst, ops_seen
+
+
+def gradcheck_params(loss_fn, params, seed=0, tol=1e-6):
+    """Check the gradients of a scalar-or-array loss_fn() (a closure over modules) with respect to
+    each float64 parameter Tensor in `params`, perturbing the parameters in place."""
+    upstream = np.random.default_rng(seed).standard_normal(loss_fn().shape)
+    for p in params:
+        assert p.dtype == np.float64 and p.requires_grad
+        p.grad = None
+    loss_fn().backward(upstream)
+    worst = 0.0
+    for p in params:
+        num = numeric_grad(lambda *_: loss_fn().data, [p.data], 0, upstream)
+        worst = max(worst, relative_error(p.grad, num))
+    assert worst < tol, f"max relative error {worst:.3g} >= {tol}"
+    return worst

@@ -1,0 +1,92 @@
+"""Every numba kernel against its NumPy *_ref twin, float32 and float64, on awkward shapes."""
+import numpy as np
+import pytest
+
+from minigpt_img import kernels
+
+ROWS_COLS = [(1, 1), (1, 7), (3, 1), (5, 33), (130, 64)]  # single row/col, odd widths, > chunk count
+DTYPES = [np.float32, np.float64]
+
+
+def tol(dtype):
+    return dict(rtol=2e-5, atol=2e-5) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N,C", ROWS_COLS)
+def test_norm(N, C, dtype):
+    rng = np.random.default_rng(N * 100 + C)
+    x = (rng.standard_normal((N, C)) * 3).astype(dtype)
+    g = rng.standard_normal(C).astype(dtype)
+    dy = rng.standard_normal((N, C)).astype(dtype)
+    y, rstd = kernels.norm_forward(x, g, 1e-5)
+    y_ref, rstd_ref = kernels.norm_forward_ref(x, g, 1e-5)
+    assert y.dtype == dtype and rstd.dtype == dtype
+    np.testing.assert_allclose(y, y_ref, **tol(dtype))
+    np.testing.assert_allclose(rstd, rstd_ref, **tol(dtype))
+    dx, dg = kernels.norm_backward(dy, x, g, rstd)
+    dx_ref, dg_ref = kernels.norm_backward_ref(dy, x, g, rstd)
+    assert dx.dtype == dtype and dg.dtype == dtype
+    np.testing.assert_allclose(dx, dx_ref, **tol(dtype))
+    np.testing.assert_allclose(dg, dg_ref, **tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1, 2, 17, 1000])
+def test_gelu2(n, dtype):
+    rng = np.random.default_rng(n)
+    x = (rng.standard_normal(n) * 4).astype(dtype)
+    x[0] = -200.0  # exp overflow side: must give 0, not NaN
+    dy = rng.standard_normal(n).astype(dtype)
+    np.testing.assert_allclose(kernels.gelu2_forward(x), kernels.gelu2_forward_ref(x), **tol(dtype))
+    np.testing.assert_allclose(kernels.gelu2_backward(dy, x), kernels.gelu2_backward_ref(dy, x),
+                               **tol(dtype))
+    assert np.all(np.isfinite(kernels.gelu2_backward(dy, x)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N,V", [(1, 1), (1, 5), (7, 3), (64, 513)])
+def test_cross_entropy(N, V, dtype):
+    rng = np.random.default_rng(N + V)
+    z = (rng.standard_normal((N, V)) * 5).astype(dtype)
+    z[0, 0] = 80.0  # large logit: log-sum-exp must not overflow
+    t = rng.integers(0, V, N)
+    loss, lse = kernels.xent_forward(z, t)
+    loss_ref, lse_ref = kernels.xent_forward_ref(z, t)
+    np.testing.assert_allclose(loss, loss_ref, **tol(dtype))
+    np.testing.assert_allclose(lse, lse_ref, **tol(dtype))
+    coef = rng.standard_normal(N)
+    dz = kernels.xent_backward(z, t, lse, coef)
+    assert dz.dtype == dtype
+    np.testing.assert_allclose(dz, kernels.xent_backward_ref(z, t, lse, coef), **tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N,C,V", [(1, 1, 1), (6, 3, 2), (50, 9, 4)])
+def test_embedding_backward_repeated_indices(N, C, V, dtype):
+    rng = np.random.default_rng(N)
+    idx = rng.integers(0, V, N)
+    idx[:2] = 0  # at least one repeat when N > 1
+    g = rng.standard_normal((N, C)).astype(dtype)
+    dW = kernels.embedding_backward(idx, g, V)
+    assert dW.dtype == dtype and dW.shape == (V, C)
+    np.testing.assert_allclose(dW, kernels.embedding_backward_ref(idx, g, V), **tol(dtype))
+
+
+def test_norm_backward_does_not_depend_on_thread_count():
+    """Row chunks are fixed, so the weight gradient is bit-identical whatever the thread count."""
+    import numba
+    rng = np.random.default_rng(0)
+    x, dy = rng.standard_normal((2, 300, 48)).astype(np.float32)
+    g = rng.standard_normal(48).astype(np.float32)
+    _, rstd = kernels.norm_forward(x, g, 1e-5)
+    before = numba.get_num_threads()
+    results = []
+    try:
+        for n in sorted({1, before}):
+            numba.set_num_threads(n)
+            results.append(kernels.norm_backward(dy, x, g, rstd))
+    finally:
+        numba.set_num_threads(before)
+    for dx, dg in results[1:]:
+        assert np.array_equal(dx, results[0][0]) and np.array_equal(dg, results[0][1])
