@@ -412,6 +412,46 @@ class CrossEntropy(Function):
         return kernels.xent_backward(self.z2, self.t, self.lse, coef).reshape(self.shape)
 
 
+def split_heads(qkv: np.ndarray, n_head: int):
+    """(B, T, 3C) fused projections -> q, k, v, each C-contiguous (B*NH, T, D), D = C / NH."""
+    B, T, C3 = qkv.shape
+    D = C3 // 3 // n_head
+    x = qkv.reshape(B, T, 3, n_head, D).transpose(2, 0, 3, 1, 4)  # (3, B, NH, T, D)
+    return tuple(np.ascontiguousarray(x[i]).reshape(B * n_head, T, D) for i in range(3))
+
+
+def merge_heads(o: np.ndarray, B: int) -> np.ndarray:
+    """(B*NH, T, D) -> (B, T, NH*D), the heads side by side again."""
+    BH, T, D = o.shape
+    return np.ascontiguousarray(o.reshape(B, BH // B, T, D).transpose(0, 2, 1, 3)).reshape(B, T, -1)
+
+
+class Attention(Function):
+    """Multi-head scaled dot-product attention on the fused qkv projection (B, T, 3C) -> (B, T, C):
+
+        head h:  O_h = softmax(Q_h K_h^T / sqrt(D) + mask) V_h,     mask = -inf where key j > query i
+    (causal=True, the AR model) or no mask (causal=False, the BERT model). Forward and backward are
+    the tiled numba kernels in kernels.py (formulas in kernels.attention_backward); only q, k, v, O
+    and the per-row log-sum-exp are saved, never the (T, T) matrix.
+    """
+
+    def forward(self, qkv, n_head, causal=True):
+        self.B, self.causal = qkv.shape[0], causal
+        self.q, self.k, self.v = split_heads(qkv, n_head)            # 3 x (B*NH, T, D)
+        self.o, self.lse = kernels.attention_forward(self.q, self.k, self.v, causal, 0)
+        return merge_heads(self.o, self.B)                            # (B, T, C)
+
+    def backward(self, g):
+        B, BH, T, D = self.B, *self.q.shape
+        do = np.ascontiguousarray(g.reshape(B, T, BH // B, D).transpose(0, 2, 1, 3)).reshape(BH, T, D)
+        dq, dk, dv = kernels.attention_backward(self.q, self.k, self.v, self.o, self.lse, do,
+                                                self.causal, 0)
+        dqkv = np.empty((B, T, 3, BH // B, D), dtype=g.dtype)       # undo split_heads
+        for i, d in enumerate((dq, dk, dv)):
+            dqkv[:, :, i] = d.reshape(B, BH // B, T, D).transpose(0, 2, 1, 3)
+        return dqkv.reshape(B, T, -1)
+
+
 # ---- the public functional API -------------------------------------------------------------
 def add(a, b): return Add.apply(a, b)
 def sub(a, b): return Sub.apply(a, b)
@@ -440,4 +480,5 @@ def gelu2(x): return Gelu2.apply(x)
 def softmax(x, axis=-1): return Softmax.apply(x, axis=axis)
 def log_softmax(x, axis=-1): return LogSoftmax.apply(x, axis=axis)
 def cross_entropy(z, targets, weights=None): return CrossEntropy.apply(z, targets=targets, weights=weights)
+def attention(qkv, n_head, causal=True): return Attention.apply(qkv, n_head=n_head, causal=causal)
 

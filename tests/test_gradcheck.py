@@ -84,6 +84,10 @@ CASES = [
     ("cross_entropy_weighted", lambda z: ops.cross_entropy(z, np.array([1, 0, 4, 3]),
                                                            weights=np.array([1.0, 0.0, 1.0, 2.0])),
      [randn(4, 5)]),
+    ("attention_causal", lambda qkv: ops.attention(qkv, n_head=2, causal=True), [randn(2, 5, 12)]),
+    ("attention_bidirectional", lambda qkv: ops.attention(qkv, n_head=3, causal=False),
+     [randn(1, 4, 18)]),
+    ("attention_one_token", lambda qkv: ops.attention(qkv, n_head=1), [randn(2, 1, 6)]),
     ("diamond", lambda x: (x + x) * x, [randn(3, 2)]),
 ]
 

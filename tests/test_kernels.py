@@ -90,3 +90,42 @@ def test_norm_backward_does_not_depend_on_thread_count():
         numba.set_num_threads(before)
     for dx, dg in results[1:]:
         assert np.array_equal(dx, results[0][0]) and np.array_equal(dg, results[0][1])
+
+
+ATTN_SHAPES = [  # (BH, T, D): T = 1, T not a multiple of the tile, head sizes 8/32/64, one head
+    (1, 1, 8), (1, 1, 64), (3, 65, 32), (2, 130, 64), (1, 100, 8), (4, 64, 32), (2, 7, 32),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("BH,T,D", ATTN_SHAPES)
+def test_attention_forward_and_backward(BH, T, D, causal, dtype):
+    rng = np.random.default_rng(BH * 1000 + T + D)
+    q, k, v, do = (rng.standard_normal((BH, T, D)).astype(dtype) for _ in range(4))
+    o, lse = kernels.attention_forward(q, k, v, causal, 0)
+    o_ref, lse_ref = kernels.attention_forward_ref(q, k, v, causal, 0)
+    assert o.dtype == dtype and lse.dtype == dtype
+    t = dict(rtol=1e-4, atol=1e-5) if dtype == np.float32 else dict(rtol=1e-11, atol=1e-12)
+    np.testing.assert_allclose(o, o_ref, **t)
+    np.testing.assert_allclose(lse, lse_ref, **t)
+    grads = kernels.attention_backward(q, k, v, o, lse, do, causal, 0)
+    refs = kernels.attention_backward_ref(q, k, v, o_ref, lse_ref, do, causal, 0)
+    for g, r in zip(grads, refs):
+        assert g.dtype == dtype
+        np.testing.assert_allclose(g, r, **t)
+
+
+@pytest.mark.parametrize("q_offset,Tq,Tk", [(0, 1, 1), (9, 1, 10), (70, 5, 75), (3, 64, 67)])
+def test_attention_with_offset_matches_reference(q_offset, Tq, Tk):
+    """Queries placed after q_offset cached positions (incremental decoding); keys beyond the last
+    query's position may hold garbage and must never be read."""
+    rng = np.random.default_rng(q_offset)
+    q = rng.standard_normal((3, Tq, 16))
+    k, v = rng.standard_normal((2, 3, Tk + 20, 16))
+    k[:, Tk:] = np.nan  # unwritten cache slots
+    v[:, Tk:] = np.nan
+    o, lse = kernels.attention_forward(q, k, v, True, q_offset)
+    o_ref, lse_ref = kernels.attention_forward_ref(q, k[:, :Tk], v[:, :Tk], True, q_offset)
+    np.testing.assert_allclose(o, o_ref, rtol=1e-11, atol=1e-12)
+    np.testing.assert_allclose(lse, lse_ref, rtol=1e-11, atol=1e-12)

@@ -1,0 +1,168 @@
+"""§2.2 Architecture: the GPT-2 transformer decoder exactly as released for Image GPT.
+
+Legend: B batch, T = n_px^2 tokens, C = n_embd width, V palette size, NH heads, D = C / NH, L layers.
+
+For a sequence of palette tokens x_1..x_T (raster order; the AR objective puts the start-of-sequence
+token SOS = V in front and drops the last pixel, see objectives.py):
+
+    h^0   = W_te[x] + W_pe[positions]                   token + learned position embeddings
+    n^l   = norm(h^l)                                   the features linear probes pool (§2.4)
+    a^l   = h^l + attn(n^l)                             a^l = h^l + c_proj(softmax(QK^T/sqrt(D) + M) V)
+    h^l+1 = a^l + mlp(norm(a^l))                        mlp(x) = c_proj(gelu2(c_fc(x))), width 4C
+    n^L   = norm(h^L)                                   the final norm
+    logits = n^L W_head                                 over the V palette colours only (no SOS logit)
+
+norm(x) = x / sqrt(mean(x^2) + 1e-5) * g (iGPT's norm: no centring, no bias), gelu2(x) = x sigmoid(1.702x).
+M is the causal mask (AR) or nothing (BERT). Parameter names follow Hugging Face's ImageGPT state dict;
+places where the released iGPT code differs from GPT-2 are marked "released iGPT".
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import kernels, nn, ops
+from .tensor import Tensor
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    n_layer: int = 4
+    n_embd: int = 128
+    n_head: int = 4
+    n_px: int = 16           # image side in pixels; the context is n_px^2 tokens
+    vocab: int = 512         # palette size V; token id V is the start-of-sequence token
+    bias: bool = False       # released iGPT has no biases; True for checkpoints that carry them
+
+    def __post_init__(self):
+        for name in ("n_layer", "n_embd", "n_head", "n_px", "vocab"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"GPTConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
+
+    @property
+    def n_ctx(self) -> int:
+        return self.n_px * self.n_px
+
+    @property
+    def sos(self) -> int:
+        return self.vocab
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPTConfig, rng, dtype):
+        C = cfg.n_embd
+        # released iGPT: q, k, v projections ~ N(0, 1/C) and the output projection ~ N(0, 1/(C L))
+        # (depth-scaled), where GPT-2 uses 0.02 and 0.02/sqrt(2L). Hugging Face fuses q, k, v.
+        self.c_attn = nn.Linear(C, 3 * C, rng, std=C ** -0.5, bias=cfg.bias, dtype=dtype)
+        self.c_proj = nn.Linear(C, C, rng, std=(C * cfg.n_layer) ** -0.5, bias=cfg.bias, dtype=dtype)
+        self.n_head = cfg.n_head
+
+    def forward(self, x, causal=True, cache=None, layer=0):
+        qkv = self.c_attn(x)                                         # (B, T, 3C)
+        if cache is None:
+            a = ops.attention(qkv, self.n_head, causal)              # (B, T, C)
+        else:
+            a = Tensor(cache.attend(layer, qkv.data, self.n_head))   # (B, T, C), inference only
+        return self.c_proj(a)                                        # (B, T, C)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig, rng, dtype):
+        C = cfg.n_embd
+        # released iGPT: both MLP projections ~ N(0, 0.02), no depth scaling.
+        self.c_fc = nn.Linear(C, 4 * C, rng, bias=cfg.bias, dtype=dtype)
+        self.c_proj = nn.Linear(4 * C, C, rng, bias=cfg.bias, dtype=dtype)
+
+    def forward(self, x):
+        return self.c_proj(ops.gelu2(self.c_fc(x)))                  # (B, T, 4C) -> (B, T, C)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig, rng, dtype):
+        self.ln_1 = nn.Norm(cfg.n_embd, dtype=dtype)
+        self.attn = Attention(cfg, rng, dtype)
+        self.ln_2 = nn.Norm(cfg.n_embd, dtype=dtype)
+        self.mlp = MLP(cfg, rng, dtype)
+
+    def forward(self, h, causal=True, cache=None, layer=0):
+        n = self.ln_1(h)                                             # n^l (B, T, C)
+        a = h + self.attn(n, causal, cache, layer)                   # (B, T, C)
+        return a + self.mlp(self.ln_2(a)), n
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: GPTConfig, rng, dtype):
+        # released iGPT: token embeddings ~ N(0, 0.02), position embeddings ~ N(0, 0.01). Released iGPT
+        # keeps SOS as a separate vector; Hugging Face stores it as the last row of wte, as here.
+        self.wte = nn.Embedding(cfg.vocab + 1, cfg.n_embd, rng, std=0.02, dtype=dtype)
+        self.wpe = nn.Embedding(cfg.n_ctx, cfg.n_embd, rng, std=0.01, dtype=dtype)
+        self.h = [Block(cfg, rng, dtype) for _ in range(cfg.n_layer)]
+        self.ln_f = nn.Norm(cfg.n_embd, dtype=dtype)
+
+
+class ImageGPT(nn.Module):
+    """The whole model. `forward` maps tokens (B, T) to logits (B, T, V)."""
+
+    def __init__(self, cfg: GPTConfig, rng: np.random.Generator, dtype=np.float32):
+        self.config = cfg
+        self.transformer = Transformer(cfg, rng, dtype)
+        # released iGPT: the untied output head starts at zero (every colour equally likely).
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab, rng, std=0.0, dtype=dtype)
+
+    def forward(self, tokens, causal=True, input_mask=None, features=False, cache=None):
+        """tokens (B, T) ints in [0, V] (V = SOS). causal=False is the BERT model (no mask).
+        input_mask (B, T) bool zeroes the token embedding where True (BERT's masked positions;
+        the position embedding stays). features=True also returns [n^0, ..., n^L], each (B, T, C).
+        cache (KVCache) decodes incrementally: tokens continue the cached positions."""
+        cfg = self.config
+        tokens = np.asarray(tokens)
+        B, T = tokens.shape
+        t0 = cache.length if cache is not None else 0
+        if t0 + T > cfg.n_ctx:
+            raise ValueError(f"{t0 + T} positions exceed the context of {cfg.n_ctx} (n_px={cfg.n_px})")
+        if tokens.min(initial=0) < 0 or tokens.max(initial=0) > cfg.vocab:
+            raise ValueError(f"tokens must lie in [0, {cfg.vocab}] (palette colours and SOS={cfg.sos})")
+        if cache is not None and not causal:
+            raise ValueError("the KV cache decodes the causal (AR) model only")
+
+        tr = self.transformer
+        h = tr.wte(tokens)                                           # (B, T, C)
+        if input_mask is not None:
+            keep = (~np.asarray(input_mask, dtype=bool))[..., None].astype(h.dtype)
+            h = h * keep                                             # released iGPT BERT: h * (1 - M)
+        h = h + tr.wpe.weight[t0:t0 + T]                             # (B, T, C) + (T, C)
+        feats = []
+        for layer, block in enumerate(tr.h):
+            h, n = block(h, causal, cache, layer)
+            feats.append(n)
+        n = tr.ln_f(h)                                               # n^L (B, T, C)
+        feats.append(n)
+        logits = self.lm_head(n)                                     # (B, T, V)
+        if cache is not None:
+            cache.length += T
+        return (logits, feats) if features else logits
+
+
+class KVCache:
+    """Keys and values of every layer for the positions decoded so far, so that each new token costs
+    one pass over the new position plus an attention read of the cache (O(T) per token, not O(T^2)).
+    Arrays are (L, B*NH, n_ctx, D), preallocated for the whole image."""
+
+    def __init__(self, cfg: GPTConfig, batch: int, dtype=np.float32):
+        D = cfg.n_embd // cfg.n_head
+        self.k = np.zeros((cfg.n_layer, batch * cfg.n_head, cfg.n_ctx, D), dtype=dtype)
+        self.v = np.zeros_like(self.k)
+        self.length = 0
+
+    def attend(self, layer: int, qkv: np.ndarray, n_head: int) -> np.ndarray:
+        """Store this step's keys/values, attend its queries to every position so far -> (B, T, C)."""
+        q, k, v = ops.split_heads(qkv, n_head)                       # 3 x (B*NH, T, D)
+        t0, t1 = self.length, self.length + q.shape[1]
+        self.k[layer, :, t0:t1] = k
+        self.v[layer, :, t0:t1] = v
+        # Causal with q_offset = t0: the kernel reads keys < t1 only, never the unwritten rest.
+        o, _ = kernels.attention_forward(q, self.k[layer], self.v[layer], True, t0)
+        return ops.merge_heads(o, qkv.shape[0])

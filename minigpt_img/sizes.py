@@ -1,0 +1,39 @@
+"""§3.3 Model sizes: the paper's iGPT-S/M/L/XL beside sizes a CPU can train.
+
+Parameters of an ImageGPT at resolution n_px with palette V (biases off, as released):
+    L * 12 C^2  (qkv 3C^2, attention output C^2, MLP 8C^2)  +  L * 2C (norms)
+    + (V + 1) C (token embeddings, SOS included) + n_px^2 C (positions) + C (final norm) + C V (head)
+At 32x32 with V = 512 this gives the paper's 76M (S), 455M (M) and 1.4B (L) parameters.
+"""
+from __future__ import annotations
+
+from .model import GPTConfig
+
+#          name: (n_layer, n_embd, n_head, note)
+SIZES = {
+    "nano":  (2, 32, 2, "tests"),
+    "micro": (4, 128, 4, "default, minutes on a CPU"),
+    "mini":  (8, 256, 8, "hours on a CPU"),
+    "s":     (24, 512, 8, "paper iGPT-S, 76M parameters at 32x32"),
+    "m":     (36, 1024, 8, "paper iGPT-M, 455M"),
+    "l":     (48, 1536, 16, "paper iGPT-L, 1362M"),
+    "xl":    (60, 3072, 16, "paper iGPT-XL, 6.8B (head count not published)"),
+}
+
+# The paper's parameter counts (Table 1 / §3.3), for the test that our sizes are the paper's.
+PAPER_PARAMS = {"s": 76e6, "m": 455e6, "l": 1362e6, "xl": 6801e6}
+
+
+def config_for(size: str, n_px: int, vocab: int = 512) -> GPTConfig:
+    """The GPTConfig of a named size at resolution n_px. Unknown names raise ValueError naming them."""
+    if size not in SIZES:
+        raise ValueError(f"unknown model size '{size}': choose one of {', '.join(SIZES)}")
+    n_layer, n_embd, n_head, _ = SIZES[size]
+    return GPTConfig(n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_px=n_px, vocab=vocab)
+
+
+def count_parameters(cfg: GPTConfig) -> int:
+    """The formula in the module docstring (no need to build the model)."""
+    C, L, V = cfg.n_embd, cfg.n_layer, cfg.vocab
+    per_block = 12 * C * C + 2 * C + (9 * C if cfg.bias else 0)  # biases: qkv 3C, proj C, fc 4C, proj C
+    return L * per_block + (V + 1) * C + cfg.n_ctx * C + C + C * V
