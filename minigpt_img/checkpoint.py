@@ -1,0 +1,235 @@
+"""Checkpoints: our .npz format, and Hugging Face ImageGPT import/export.
+
+Our checkpoints are one .npz (read with allow_pickle=False; the config is stored as JSON text):
+    config            JSON of GPTConfig (plus whatever the caller adds under "meta")
+    model/<name>      every parameter, by its Hugging Face name
+    palette           (V, 3) float32 colours in [-1, 1], when known
+    <other keys>      whatever the caller adds (optimiser state, step, RNG state ...)
+Writes are atomic: a temporary file in the same folder, flushed to disk, then renamed over the old
+one, so a crash mid-write leaves the previous checkpoint intact.
+
+Hugging Face ImageGPT (`config.json` + `model.safetensors` + `preprocessor_config.json`): the same
+parameter names. Its blocks use GPT-2's Conv1D (weights stored (in, out), as here) but its lm_head is
+a torch nn.Linear stored (out, in), so that one weight is transposed on the way in and out. Its
+vocab_size counts SOS (V + 1), its n_positions is n_px^2, and its palette is `clusters`.
+
+safetensors is read and written here directly rather than through the `safetensors` package: the
+format is an 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}},
+then raw little-endian buffers. Forty lines, no extra dependency, and never any pickle.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .model import GPTConfig, ImageGPT
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used; the message names the file and the fix."""
+
+
+# ---- our .npz ---------------------------------------------------------------------------------
+def save_arrays(path, arrays: dict[str, np.ndarray]) -> None:
+    """Write arrays to `path` (.npz) atomically: temp file in the same folder, fsync, rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_arrays(path) -> dict[str, np.ndarray]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}: pass the ckpt.npz a training run wrote")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except Exception as e:  # zipfile/format errors: a truncated or foreign file
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e}); "
+                              "it may be truncated: use an intact copy or retrain") from None
+
+
+def save_model(path, model: ImageGPT, palette=None, meta: dict | None = None,
+               extra: dict[str, np.ndarray] | None = None) -> None:
+    config = {"config": dataclasses.asdict(model.config), "meta": meta or {}}
+    arrays = {"config": np.array(json.dumps(config))}
+    arrays.update({f"model/{k}": v for k, v in model.state_dict().items()})
+    if palette is not None:
+        arrays["palette"] = np.asarray(palette, dtype=np.float32)
+    arrays.update(extra or {})
+    save_arrays(path, arrays)
+
+
+def read_config(arrays: dict[str, np.ndarray], path="checkpoint") -> tuple[GPTConfig, dict]:
+    try:
+        stored = json.loads(str(arrays["config"]))
+        return GPTConfig(**stored["config"]), stored.get("meta", {})
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path} has no valid model config ({e}); it was not written by "
+                              "minigpt_img") from None
+
+
+def load_model(path, dtype=np.float32):
+    """-> (model, palette or None, meta dict, all arrays) from one of our checkpoints."""
+    arrays = load_arrays(path)
+    cfg, meta = read_config(arrays, path)
+    model = ImageGPT(cfg, np.random.default_rng(0), dtype=dtype)
+    state = {k[len("model/"):]: v for k, v in arrays.items() if k.startswith("model/")}
+    try:
+        model.load_state_dict(state)
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{path}: weights do not fit its own config ({e})") from None
+    return model, arrays.get("palette"), meta, arrays
+
+
+# ---- safetensors -----------------------------------------------------------------------------
+_ST_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2",
+              "I8": "i1", "U8": "u1", "BOOL": "?"}
+
+
+def read_safetensors(path) -> dict[str, np.ndarray]:
+    """All tensors of a .safetensors file as NumPy arrays (bfloat16 is widened to float32)."""
+    data = Path(path).read_bytes()
+    try:
+        (n,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8:8 + n])
+    except (struct.error, ValueError) as e:
+        raise CheckpointError(f"{path} is not a safetensors file ({e})") from None
+    body = memoryview(data)[8 + n:]
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = info["data_offsets"]
+        raw = body[begin:end]
+        if info["dtype"] == "BF16":  # the top 16 bits of a float32
+            arr = (np.frombuffer(raw, "<u2").astype(np.uint32) << 16).view(np.float32)
+        elif info["dtype"] in _ST_DTYPES:
+            arr = np.frombuffer(raw, _ST_DTYPES[info["dtype"]])
+        else:
+            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+        out[name] = arr.reshape(info["shape"]).copy()
+    return out
+
+
+def write_safetensors(path, tensors: dict[str, np.ndarray], metadata: dict | None = None) -> None:
+    codes = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
+    header, offset, buffers = {}, 0, []
+    for name, arr in tensors.items():
+        arr = np.ascontiguousarray(arr)
+        raw = arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
+        header[name] = {"dtype": codes[arr.dtype], "shape": list(arr.shape),
+                        "data_offsets": [offset, offset + len(raw)]}
+        buffers.append(raw)
+        offset += len(raw)
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)  # the data section starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        for raw in buffers:
+            f.write(raw)
+
+
+# ---- Hugging Face ImageGPT -------------------------------------------------------------------
+_HF_BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers of older HF versions
+
+
+def load_hf(directory, dtype=np.float32):
+    """-> (model, palette or None) from a Hugging Face ImageGPT folder (config.json, model.safetensors,
+    optionally preprocessor_config.json)."""
+    d = Path(directory)
+    for need in ("config.json", "model.safetensors"):
+        if not (d / need).is_file():
+            raise CheckpointError(f"{d} has no {need}: point at a Hugging Face ImageGPT folder "
+                                  "(save_pretrained(..., safe_serialization=True) writes both)")
+    hf = json.loads((d / "config.json").read_text())
+    n_px = int(round(hf["n_positions"] ** 0.5))
+    problems = []
+    if hf.get("model_type", "imagegpt") != "imagegpt":
+        problems.append(f"model_type {hf.get('model_type')!r}")
+    if n_px * n_px != hf["n_positions"]:
+        problems.append(f"n_positions {hf['n_positions']} is not a square")
+    if hf.get("n_inner") not in (None, 4 * hf["n_embd"]):
+        problems.append(f"n_inner {hf['n_inner']} (this model needs 4 * n_embd)")
+    if hf.get("activation_function", "quick_gelu") != "quick_gelu":
+        problems.append(f"activation {hf['activation_function']}")
+    if hf.get("scale_attn_by_inverse_layer_idx") or not hf.get("scale_attn_weights", True):
+        problems.append("a non-standard attention scaling")
+    if abs(hf.get("layer_norm_epsilon", 1e-5) - 1e-5) > 1e-12:
+        problems.append(f"layer_norm_epsilon {hf['layer_norm_epsilon']}")
+    if problems:
+        raise CheckpointError(f"{d}: not an Image GPT this code implements: {', '.join(problems)}")
+
+    tensors = {k: v for k, v in read_safetensors(d / "model.safetensors").items()
+               if not k.endswith(_HF_BUFFERS)}
+    if "lm_head.weight" in tensors:
+        tensors["lm_head.weight"] = tensors["lm_head.weight"].T  # nn.Linear (V, C) -> (C, V)
+    biases = [v for k, v in tensors.items() if k.endswith(".bias")]
+    has_bias = any(np.any(b != 0) for b in biases)
+    if not has_bias:  # OpenAI's released weights have no biases: HF stores zeros
+        tensors = {k: v for k, v in tensors.items() if not k.endswith(".bias")}
+    cfg = GPTConfig(n_layer=hf["n_layer"], n_embd=hf["n_embd"], n_head=hf["n_head"], n_px=n_px,
+                    vocab=hf["vocab_size"] - 1, bias=has_bias)
+    model = ImageGPT(cfg, np.random.default_rng(0), dtype=dtype)
+    try:
+        model.load_state_dict(tensors)
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{d}/model.safetensors does not match its config.json: {e}") from None
+
+    palette = None
+    pre = d / "preprocessor_config.json"
+    if pre.is_file():
+        clusters = json.loads(pre.read_text()).get("clusters")
+        if clusters is not None:
+            palette = np.asarray(clusters, dtype=np.float32)
+            if palette.shape != (cfg.vocab, 3):
+                raise CheckpointError(f"{pre}: clusters {palette.shape} do not fit vocab {cfg.vocab}")
+    return model, palette
+
+
+def export_hf(model: ImageGPT, directory, palette=None) -> None:
+    """Write a folder that transformers' ImageGPTForCausalImageModeling.from_pretrained loads."""
+    cfg, d = model.config, Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    tensors = {k: np.asarray(v, dtype=np.float32) for k, v in model.state_dict().items()}
+    tensors["lm_head.weight"] = np.ascontiguousarray(tensors["lm_head.weight"].T)
+    if not cfg.bias:  # HF's Conv1D always has a bias: zeros are the same function
+        C = cfg.n_embd
+        for i in range(cfg.n_layer):
+            for name, n in (("attn.c_attn", 3 * C), ("attn.c_proj", C), ("mlp.c_fc", 4 * C),
+                            ("mlp.c_proj", C)):
+                tensors[f"transformer.h.{i}.{name}.bias"] = np.zeros(n, np.float32)
+    write_safetensors(d / "model.safetensors", tensors, {"format": "pt"})
+    hf_config = {
+        "architectures": ["ImageGPTForCausalImageModeling"], "model_type": "imagegpt",
+        "vocab_size": cfg.vocab + 1, "n_positions": cfg.n_ctx, "n_embd": cfg.n_embd,
+        "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": None,
+        "activation_function": "quick_gelu", "layer_norm_epsilon": 1e-5,
+        "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False, "tie_word_embeddings": False,
+        "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+    }
+    (d / "config.json").write_text(json.dumps(hf_config, indent=2))
+    if palette is not None:
+        pre = {"image_processor_type": "ImageGPTImageProcessor", "clusters": np.asarray(palette).tolist(),
+               "do_resize": True, "size": {"height": cfg.n_px, "width": cfg.n_px},
+               "do_normalize": True, "do_color_quantize": True}
+        (d / "preprocessor_config.json").write_text(json.dumps(pre))
