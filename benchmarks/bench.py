@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from minigpt_img import kernels  # noqa: E402
+from minigpt_img import attention  # noqa: E402
 
 
 def peak_rss_mb() -> float:
@@ -41,8 +41,8 @@ def peak_rss_mb() -> float:
 # ---- attention -------------------------------------------------------------------------------
 ATTN = dict(B=4, NH=8, T=1024, D=32)
 ATTN_VARIANTS = {
-    "kernel": (kernels.attention_forward, kernels.attention_backward),
-    "reference": (kernels.attention_forward_ref, kernels.attention_backward_ref),
+    "kernel": (attention.attention_forward, attention.attention_backward),
+    "reference": (attention.attention_forward_ref, attention.attention_backward_ref),
 }
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import kernels, nn, ops
+from . import attention, nn, ops
 from .tensor import Tensor
 
 
@@ -159,10 +159,10 @@ class KVCache:
 
     def attend(self, layer: int, qkv: np.ndarray, n_head: int) -> np.ndarray:
         """Store this step's keys/values, attend its queries to every position so far -> (B, T, C)."""
-        q, k, v = ops.split_heads(qkv, n_head)                       # 3 x (B*NH, T, D)
+        q, k, v = attention.split_heads(qkv, n_head)                       # 3 x (B*NH, T, D)
         t0, t1 = self.length, self.length + q.shape[1]
         self.k[layer, :, t0:t1] = k
         self.v[layer, :, t0:t1] = v
         # Causal with q_offset = t0: the kernel reads keys < t1 only, never the unwritten rest.
-        o, _ = kernels.attention_forward(q, self.k[layer], self.v[layer], True, t0)
-        return ops.merge_heads(o, qkv.shape[0])
+        o, _ = attention.attention_forward(q, self.k[layer], self.v[layer], True, t0)
+        return attention.merge_heads(o, qkv.shape[0])

@@ -3,8 +3,9 @@
 Each op is a Function (tensor.py) whose docstring gives its local derivative. In `backward`, `g` is the
 upstream gradient dL/d(out) and the method returns dL/d(input) for each Tensor input. Inputs that were
 broadcast in the forward pass get their gradient summed back to their own shape (`_unbroadcast`).
-The fused ops (iGPT norm, gelu2, softmax cross-entropy, embedding backward) call numba kernels in
-kernels.py, each pass over the data once. The lower-case functions at the end are the public API.
+The fused ops (iGPT norm, gelu2, softmax cross-entropy, embedding backward, attention) call numba
+kernels (kernels.py, attention.py), one pass over the data each. The lower-case functions at the end
+are the public API.
 
 Dimension legend: B batch, T = n_px^2 tokens, C width, V palette, NH heads.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import attention as attention_kernels
 from . import kernels
 from .tensor import Function
 
@@ -412,39 +414,25 @@ class CrossEntropy(Function):
         return kernels.xent_backward(self.z2, self.t, self.lse, coef).reshape(self.shape)
 
 
-def split_heads(qkv: np.ndarray, n_head: int):
-    """(B, T, 3C) fused projections -> q, k, v, each C-contiguous (B*NH, T, D), D = C / NH."""
-    B, T, C3 = qkv.shape
-    D = C3 // 3 // n_head
-    x = qkv.reshape(B, T, 3, n_head, D).transpose(2, 0, 3, 1, 4)  # (3, B, NH, T, D)
-    return tuple(np.ascontiguousarray(x[i]).reshape(B * n_head, T, D) for i in range(3))
-
-
-def merge_heads(o: np.ndarray, B: int) -> np.ndarray:
-    """(B*NH, T, D) -> (B, T, NH*D), the heads side by side again."""
-    BH, T, D = o.shape
-    return np.ascontiguousarray(o.reshape(B, BH // B, T, D).transpose(0, 2, 1, 3)).reshape(B, T, -1)
-
-
 class Attention(Function):
     """Multi-head scaled dot-product attention on the fused qkv projection (B, T, 3C) -> (B, T, C):
 
         head h:  O_h = softmax(Q_h K_h^T / sqrt(D) + mask) V_h,     mask = -inf where key j > query i
     (causal=True, the AR model) or no mask (causal=False, the BERT model). Forward and backward are
-    the tiled numba kernels in kernels.py (formulas in kernels.attention_backward); only q, k, v, O
+    the tiled numba kernels in kernels.py (formulas in attention.attention_backward); only q, k, v, O
     and the per-row log-sum-exp are saved, never the (T, T) matrix.
     """
 
     def forward(self, qkv, n_head, causal=True):
         self.B, self.causal = qkv.shape[0], causal
-        self.q, self.k, self.v = split_heads(qkv, n_head)            # 3 x (B*NH, T, D)
-        self.o, self.lse = kernels.attention_forward(self.q, self.k, self.v, causal, 0)
-        return merge_heads(self.o, self.B)                            # (B, T, C)
+        self.q, self.k, self.v = attention_kernels.split_heads(qkv, n_head)            # 3 x (B*NH, T, D)
+        self.o, self.lse = attention_kernels.attention_forward(self.q, self.k, self.v, causal, 0)
+        return attention_kernels.merge_heads(self.o, self.B)                            # (B, T, C)
 
     def backward(self, g):
         B, BH, T, D = self.B, *self.q.shape
         do = np.ascontiguousarray(g.reshape(B, T, BH // B, D).transpose(0, 2, 1, 3)).reshape(BH, T, D)
-        dq, dk, dv = kernels.attention_backward(self.q, self.k, self.v, self.o, self.lse, do,
+        dq, dk, dv = attention_kernels.attention_backward(self.q, self.k, self.v, self.o, self.lse, do,
                                                 self.causal, 0)
         dqkv = np.empty((B, T, 3, BH // B, D), dtype=g.dtype)       # undo split_heads
         for i, d in enumerate((dq, dk, dv)):

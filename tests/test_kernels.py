@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from minigpt_img import kernels
+from minigpt_img import attention, kernels
 
 ROWS_COLS = [(1, 1), (1, 7), (3, 1), (5, 33), (130, 64)]  # single row/col, odd widths, > chunk count
 DTYPES = [np.float32, np.float64]
@@ -103,14 +103,14 @@ ATTN_SHAPES = [  # (BH, T, D): T = 1, T not a multiple of the tile, head sizes 8
 def test_attention_forward_and_backward(BH, T, D, causal, dtype):
     rng = np.random.default_rng(BH * 1000 + T + D)
     q, k, v, do = (rng.standard_normal((BH, T, D)).astype(dtype) for _ in range(4))
-    o, lse = kernels.attention_forward(q, k, v, causal, 0)
-    o_ref, lse_ref = kernels.attention_forward_ref(q, k, v, causal, 0)
+    o, lse = attention.attention_forward(q, k, v, causal, 0)
+    o_ref, lse_ref = attention.attention_forward_ref(q, k, v, causal, 0)
     assert o.dtype == dtype and lse.dtype == dtype
     t = dict(rtol=1e-4, atol=1e-5) if dtype == np.float32 else dict(rtol=1e-11, atol=1e-12)
     np.testing.assert_allclose(o, o_ref, **t)
     np.testing.assert_allclose(lse, lse_ref, **t)
-    grads = kernels.attention_backward(q, k, v, o, lse, do, causal, 0)
-    refs = kernels.attention_backward_ref(q, k, v, o_ref, lse_ref, do, causal, 0)
+    grads = attention.attention_backward(q, k, v, o, lse, do, causal, 0)
+    refs = attention.attention_backward_ref(q, k, v, o_ref, lse_ref, do, causal, 0)
     for g, r in zip(grads, refs):
         assert g.dtype == dtype
         np.testing.assert_allclose(g, r, **t)
@@ -125,7 +125,7 @@ def test_attention_with_offset_matches_reference(q_offset, Tq, Tk):
     k, v = rng.standard_normal((2, 3, Tk + 20, 16))
     k[:, Tk:] = np.nan  # unwritten cache slots
     v[:, Tk:] = np.nan
-    o, lse = kernels.attention_forward(q, k, v, True, q_offset)
-    o_ref, lse_ref = kernels.attention_forward_ref(q, k[:, :Tk], v[:, :Tk], True, q_offset)
+    o, lse = attention.attention_forward(q, k, v, True, q_offset)
+    o_ref, lse_ref = attention.attention_forward_ref(q, k[:, :Tk], v[:, :Tk], True, q_offset)
     np.testing.assert_allclose(o, o_ref, rtol=1e-11, atol=1e-12)
     np.testing.assert_allclose(lse, lse_ref, rtol=1e-11, atol=1e-12)
