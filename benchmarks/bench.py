@@ -8,6 +8,11 @@ attention: multi-head causal attention forward+backward, T=1024, 8 heads, head s
 numba flash kernel against the materialised NumPy reference (the same float32 math with the whole
 (T, T) matrix per head). Times are medians over repeats, taken alternately; peak memory is each
 variant's rise in peak RSS over its own baseline, measured in a fresh child process.
+
+palette: exact nearest-colour lookup with 512 colours (k-means on the data), in Mpixel/s, against
+scipy.cluster.vq.vq in the same run: the grid kernel alone, the 2^24-colour table's build time, the
+table lookup, and quantising 50,000 32x32 images from scratch (table build included). Pixels come
+from --data (default shapes; `--data cifar10 --data-dir ../shared/data` for real photographs).
 """
 from __future__ import annotations
 
@@ -94,7 +99,50 @@ def bench_attention(repeats: int) -> dict:
     return result
 
 
-CASES = {"attention": bench_attention}
+# ---- palette lookup ----------------------------------------------------------------------------
+def bench_palette(repeats: int, data: str = "shapes", data_dir: str = "data") -> dict:
+    from scipy.cluster.vq import vq
+
+    from minigpt_img.data import load_dataset
+    from minigpt_img.palette import Palette, fit_palette, to_unit
+
+    ds = load_dataset(data, data_dir, res=32, shapes_size=10000)
+    images = ds.train.images
+    images = np.concatenate([images] * -(-50000 // len(images)))[:50000]      # 51.2M pixels
+    centers = fit_palette(ds.train.images, k=512, seed=0)
+    pixels = images.reshape(-1, 3)
+    sub = pixels[:200_000]
+
+    def best(fn):
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return float(np.median(times))
+
+    Palette(centers).nearest(sub[:10])                                         # compile / load
+    t_vq = best(lambda: vq(to_unit(sub).astype(np.float32), centers))
+    t_grid = best(lambda: Palette(centers).nearest(pixels[:5_000_000]))
+    t_build = best(lambda: Palette(centers).table())
+    pal = Palette(centers)
+    pal.table()
+    t_table = best(lambda: pal.encode(images))
+    t_cold = best(lambda: Palette(centers).encode(images))
+    mpx = {"scipy_vq": len(sub) / t_vq / 1e6, "grid_kernel": 5.0 / t_grid,
+           "table_lookup": len(pixels) / t_table / 1e6, "cold_50k_images": len(pixels) / t_cold / 1e6}
+    result = {"data": data, "mpixel_per_s": mpx, "table_build_s": t_build,
+              "quantise_50k_images_s": t_cold,
+              "ratio_to_vq": {k: v / mpx["scipy_vq"] for k, v in mpx.items() if k != "scipy_vq"}}
+    print(f"palette lookup, 512 colours, pixels from {data}")
+    for k, v in mpx.items():
+        ratio = "" if k == "scipy_vq" else f"  {v / mpx['scipy_vq']:7.1f}x vq"
+        print(f"  {k:<16} {v:8.2f} Mpixel/s{ratio}")
+    print(f"  table build {t_build:.2f} s; 50,000 32x32 images quantised from scratch in {t_cold:.2f} s")
+    return result
+
+
+CASES = {"attention": bench_attention, "palette": bench_palette}
 
 
 def main() -> None:
@@ -102,6 +150,8 @@ def main() -> None:
     ap.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
     ap.add_argument("--repeats", type=int, default=5, help="timed repeats per case (default 5)")
     ap.add_argument("--json", help="also write the results to this JSON file")
+    ap.add_argument("--data", default="shapes", help="pixel source for the palette case (default shapes)")
+    ap.add_argument("--data-dir", default="data", help="folder holding --data's files (default data)")
     ap.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_child:
@@ -113,7 +163,8 @@ def main() -> None:
                            "numpy": np.__version__, "numba": numba.__version__,
                            "date": time.strftime("%Y-%m-%d")}}
     for name in args.cases:
-        results[name] = CASES[name](args.repeats)
+        extra = {"data": args.data, "data_dir": args.data_dir} if name == "palette" else {}
+        results[name] = CASES[name](args.repeats, **extra)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

@@ -129,3 +129,14 @@ def test_attention_with_offset_matches_reference(q_offset, Tq, Tk):
     o_ref, lse_ref = attention.attention_forward_ref(q, k[:, :Tk], v[:, :Tk], True, q_offset)
     np.testing.assert_allclose(o, o_ref, rtol=1e-11, atol=1e-12)
     np.testing.assert_allclose(lse, lse_ref, rtol=1e-11, atol=1e-12)
+
+
+@pytest.mark.parametrize("n,k", [(1, 1), (5, 3), (257, 64)])
+def test_min_sq_dist_update(n, k):
+    rng = np.random.default_rng(n)
+    points = rng.uniform(-1, 1, (n, 3))
+    d2, d2_ref = np.full(n, np.inf), np.full(n, np.inf)
+    for c in rng.uniform(-1, 1, (k, 3)):
+        kernels.min_sq_dist_update(points, c, d2)
+        kernels.min_sq_dist_update_ref(points, c, d2_ref)
+    np.testing.assert_allclose(d2, d2_ref, rtol=1e-12, atol=1e-15)

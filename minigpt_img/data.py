@@ -1,0 +1,282 @@
+"""§3.1 Datasets: loading, the train/validation split, resolution, augmentation, and token caching.
+
+Every dataset gives uint8 images (N, H, W, 3) and int64 labels (N,), split as the paper does (§3.4):
+the official training set is shuffled with a seed and 10% held out for validation; the official test
+set is used when its files are present.
+
+    cifar10, cifar100   official *binary* versions (records: label byte(s) + 1024 R, 1024 G, 1024 B),
+                        from the extracted folder or straight from the official .tar.gz; never unpickled
+    stl10               official binary version (96x96, each channel stored column-major)
+    shapes              procedurally drawn shapes (shapes.py): no files, the offline default
+    <folder>            one sub-folder of images per class (or train/ and test/ holding those)
+
+Resolution (§3.2 downsampling): an area (box) filter to --res, applied only when --res differs from
+the data's own size. Augmentation (§3.1): reflection-pad 4 pixels (scaled with the resolution), take a
+random crop of the original size, flip horizontally with probability 1/2. Because quantising is per
+pixel, cropping and flipping token grids equals quantising augmented images, so it runs on tokens.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .shapes import CLASSES as SHAPE_CLASSES, make_shapes
+
+
+class DataError(Exception):
+    """Data that cannot be used; the message names the file and the fix."""
+
+
+@dataclass
+class Split:
+    images: np.ndarray   # (N, H, W, 3) uint8
+    labels: np.ndarray   # (N,) int64
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class Dataset:
+    name: str
+    classes: list
+    train: Split
+    val: Split
+    test: Split | None   # None when the official test files are not present
+
+    @property
+    def res(self) -> int:
+        return self.train.images.shape[1]
+
+
+# ---- the official binary formats ---------------------------------------------------------------
+# name: (folder, archive, train files, test files, label bytes per record, which label byte, classes file)
+BINARY = {
+    "cifar10": ("cifar-10-batches-bin", "cifar-10-binary.tar.gz",
+                [f"data_batch_{i}.bin" for i in range(1, 6)], ["test_batch.bin"], 1, 0,
+                "batches.meta.txt"),
+    "cifar100": ("cifar-100-binary", "cifar-100-binary.tar.gz", ["train.bin"], ["test.bin"], 2, 1,
+                 "fine_label_names.txt"),
+    "stl10": ("stl10_binary", "stl10_binary.tar.gz", ["train_X.bin", "train_y.bin"],
+              ["test_X.bin", "test_y.bin"], None, None, "class_names.txt"),
+}
+N_CLASSES = {"cifar10": 10, "cifar100": 100, "stl10": 10}
+
+
+class _Source:
+    """Reads member files of a dataset from its extracted folder or from its .tar.gz."""
+
+    def __init__(self, name: str, data_dir: Path):
+        folder, archive = BINARY[name][:2]
+        candidates = [data_dir / folder, data_dir]
+        self.folder = next((c for c in candidates if (c / BINARY[name][2][0]).is_file()), None)
+        self.tar = None
+        if self.folder is None and (data_dir / archive).is_file():
+            try:
+                self.tar = tarfile.open(data_dir / archive, "r:gz")
+                self.members = {Path(m.name).name: m for m in self.tar.getmembers() if m.isfile()}
+            except (tarfile.TarError, OSError, EOFError) as e:
+                raise DataError(f"{data_dir / archive} is damaged ({e}): delete it and download again "
+                                f"(--download)") from None
+        if self.folder is None and self.tar is None:
+            raise DataError(f"{name} not found in {data_dir}: expected {data_dir / folder}/ or "
+                            f"{data_dir / archive}; pass --data-dir, or --download to fetch it")
+        self.where = str(self.folder or data_dir / archive)
+
+    def has(self, member: str) -> bool:
+        return (self.folder / member).is_file() if self.folder else member in self.members
+
+    def read(self, member: str) -> bytes:
+        if not self.has(member):
+            raise DataError(f"{self.where} has no {member}: the download is incomplete; "
+                            "download the dataset again (--download)")
+        try:
+            if self.folder:
+                return (self.folder / member).read_bytes()
+            return self.tar.extractfile(self.members[member]).read()
+        except (OSError, EOFError, tarfile.TarError) as e:
+            raise DataError(f"cannot read {member} from {self.where} ({e}): the file is damaged; "
+                            "download it again (--download)") from None
+
+
+def _cifar_records(raw: bytes, label_bytes: int, label_at: int, n_classes: int, where: str) -> Split:
+    rec = label_bytes + 3072
+    if len(raw) == 0 or len(raw) % rec:
+        raise DataError(f"{where} has {len(raw)} bytes, not a whole number of {rec}-byte records: it "
+                        "is truncated or not the binary version; download it again (--download)")
+    a = np.frombuffer(raw, np.uint8).reshape(-1, rec)
+    labels = a[:, label_at].astype(np.int64)
+    if labels.max() >= n_classes:
+        raise DataError(f"{where}: label {labels.max()} >= {n_classes}: not this dataset's binary file")
+    images = a[:, label_bytes:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # R, G, B planes -> HWC
+    return Split(np.ascontiguousarray(images), labels)
+
+
+def _stl_split(src: _Source, x_file: str, y_file: str) -> Split:
+    raw_x, raw_y = src.read(x_file), src.read(y_file)
+    size = 3 * 96 * 96
+    if len(raw_x) % size or len(raw_x) // size != len(raw_y):
+        raise DataError(f"{src.where}/{x_file} ({len(raw_x)} bytes) and {y_file} ({len(raw_y)} labels) "
+                        "do not match: a file is truncated; download again (--download)")
+    # each image is 3 planes of 96x96 stored column-major: (N, C, W, H) -> (N, H, W, C)
+    images = np.frombuffer(raw_x, np.uint8).reshape(-1, 3, 96, 96).transpose(0, 3, 2, 1)
+    return Split(np.ascontiguousarray(images), np.frombuffer(raw_y, np.uint8).astype(np.int64) - 1)
+
+
+def _load_binary(name: str, data_dir: Path):
+    folder, archive, train_files, test_files, label_bytes, label_at, classes_file = BINARY[name]
+    src = _Source(name, data_dir)
+    if name == "stl10":
+        train = _stl_split(src, *train_files)
+        test = _stl_split(src, *test_files) if all(src.has(f) for f in test_files) else None
+    else:
+        parts = [_cifar_records(src.read(f), label_bytes, label_at, N_CLASSES[name], f"{src.where}/{f}")
+                 for f in train_files]
+        train = Split(np.concatenate([p.images for p in parts]), np.concatenate([p.labels for p in parts]))
+        test = (_cifar_records(src.read(test_files[0]), label_bytes, label_at, N_CLASSES[name],
+                               f"{src.where}/{test_files[0]}") if src.has(test_files[0]) else None)
+    classes = [f"class {i}" for i in range(N_CLASSES[name])]
+    if src.has(classes_file):
+        names = [s for s in src.read(classes_file).decode().splitlines() if s.strip()]
+        classes = names if len(names) == len(classes) else classes
+    return classes, train, test
+
+
+# ---- an image folder -----------------------------------------------------------------------
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
+
+
+def _read_folder(root: Path, classes: list, res: int | None) -> Split:
+    images, labels = [], []
+    for label, cls in enumerate(classes):
+        for f in sorted(p for p in (root / cls).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+            try:
+                with Image.open(f) as im:
+                    im = im.convert("RGB")
+                    side = min(im.size)  # centre square crop, then the box filter to res
+                    left, top = (im.width - side) // 2, (im.height - side) // 2
+                    im = im.crop((left, top, left + side, top + side))
+                    if res is None:
+                        res = side
+                    if side < res:
+                        raise DataError(f"{f} is {side}x{side} after cropping, smaller than --res {res}: "
+                                        "choose a smaller --res or remove the image")
+                    if side != res:
+                        im = im.resize((res, res), Image.BOX)
+                    images.append(np.asarray(im, np.uint8))
+                    labels.append(label)
+            except (UnidentifiedImageError, OSError) as e:
+                raise DataError(f"cannot read image {f} ({type(e).__name__}): remove or replace it") from None
+    if not images:
+        raise DataError(f"{root} holds no images in {', '.join(classes)}: put images in one sub-folder "
+                        "per class")
+    return Split(np.stack(images), np.asarray(labels, np.int64))
+
+
+def _load_folder(root: Path, res: int | None):
+    if not root.is_dir():
+        raise DataError(f"unknown dataset '{root}': use shapes, cifar10, cifar100, stl10, or a folder "
+                        "of class sub-folders")
+    base = root / "train" if (root / "train").is_dir() else root
+    classes = sorted(p.name for p in base.iterdir() if p.is_dir() and p.name != "test")
+    if not classes:
+        raise DataError(f"{base} has no class sub-folders: put each class's images in its own folder")
+    train = _read_folder(base, classes, res)
+    test = _read_folder(root / "test", classes, train.images.shape[1]) if base != root and \
+        (root / "test").is_dir() else None
+    return classes, train, test
+
+
+# ---- resolution, split, augmentation -------------------------------------------------------
+def resize(images: np.ndarray, res: int, name: str = "the data") -> np.ndarray:
+    """Area (box) filter to res x res; untouched when already that size."""
+    native = images.shape[1]
+    if res == native:
+        return images
+    if res > native:
+        raise DataError(f"--res {res} is larger than {name}'s {native}x{native} images: choose "
+                        f"{native} or less")
+    return np.stack([np.asarray(Image.fromarray(im).resize((res, res), Image.BOX)) for im in images])
+
+
+def split_train_val(split: Split, seed: int, val_fraction: float = 0.1):
+    """Seeded shuffle of the training set; the last val_fraction becomes validation."""
+    order = np.random.default_rng(seed).permutation(len(split))
+    n_val = int(round(len(split) * val_fraction))
+    tr, va = order[:len(split) - n_val], order[len(split) - n_val:]
+    return Split(split.images[tr], split.labels[tr]), Split(split.images[va], split.labels[va])
+
+
+def load_dataset(name: str, data_dir="data", res: int | None = None, seed: int = 0,
+                 val_fraction: float = 0.1, shapes_size: int = 20000) -> Dataset:
+    """A dataset by name (or folder path), split into train / val (/ test), at resolution res."""
+    if res is not None and res < 1:
+        raise DataError(f"--res must be positive, got {res}")
+    if name == "shapes":
+        r = res or 32
+        train = Split(*make_shapes(shapes_size, r, seed=1_000_003 + seed))
+        test = Split(*make_shapes(max(shapes_size // 5, 10), r, seed=2_000_003))  # fixed test set
+        classes = list(SHAPE_CLASSES)
+    elif name in BINARY:
+        classes, train, test = _load_binary(name, Path(data_dir))
+    else:
+        classes, train, test = _load_folder(Path(name), res)
+    if res is not None:
+        train = Split(resize(train.images, res, name), train.labels)
+        test = Split(resize(test.images, res, name), test.labels) if test is not None else None
+    train, val = split_train_val(train, seed, val_fraction)
+    return Dataset(str(name), classes, train, val, test)
+
+
+def augment(grids: np.ndarray, rng: np.random.Generator, pad: int | None = None) -> np.ndarray:
+    """Random crop after reflection padding, and random horizontal flip, of (B, H, W, ...) grids
+    (images or token grids). pad defaults to 4 pixels at 32x32, scaled with the resolution."""
+    B, H, W = grids.shape[:3]
+    pad = max(1, round(4 * H / 32)) if pad is None else pad
+    widths = [(0, 0), (pad, pad), (pad, pad)] + [(0, 0)] * (grids.ndim - 3)
+    padded = np.pad(grids, widths, mode="reflect")
+    oy = rng.integers(0, 2 * pad + 1, B)
+    ox = rng.integers(0, 2 * pad + 1, B)
+    flip = rng.random(B) < 0.5
+    rows = oy[:, None] + np.arange(H)                                          # (B, H)
+    cols = ox[:, None] + np.arange(W)                                          # (B, W)
+    cols = np.where(flip[:, None], cols[:, ::-1], cols)
+    return padded[np.arange(B)[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
+# ---- quantised tokens, cached on disk ----------------------------------------------------------
+def cached_tokens(images: np.ndarray, palette, cache_dir) -> np.ndarray:
+    """palette.encode(images) as (N, H*W) uint16, kept in cache_dir under a hash of the images, the
+    palette and the resolution, so a second run does not quantise again. A cache file whose contents
+    do not match its recorded digest (stale or damaged) is rebuilt."""
+    h = hashlib.sha256()
+    h.update(np.asarray(images.shape).tobytes())
+    h.update(np.ascontiguousarray(images).data)
+    h.update(np.ascontiguousarray(palette.centers, dtype=np.float32).data)
+    key = h.hexdigest()[:24]
+    cache_dir = Path(cache_dir)
+    path, digest_path = cache_dir / f"tokens-{key}.npy", cache_dir / f"tokens-{key}.sha256"
+    expected_shape = (len(images), images.shape[1] * images.shape[2])
+    if path.is_file() and digest_path.is_file():
+        try:
+            tokens = np.load(path, allow_pickle=False)
+            if (tokens.shape == expected_shape and tokens.dtype == np.uint16
+                    and hashlib.sha256(tokens.data).hexdigest() == digest_path.read_text().strip()):
+                return tokens
+        except (OSError, ValueError):
+            pass  # damaged: fall through and rebuild
+    tokens = palette.encode(images).astype(np.uint16)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    np.save(buf, tokens, allow_pickle=False)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(buf.getvalue())
+    tmp.replace(path)
+    digest_path.write_text(hashlib.sha256(tokens.data).hexdigest())
+    return tokens

@@ -1,0 +1,213 @@
+"""§3.2 Context reduction: a 9-bit colour palette, one token per pixel.
+
+Image GPT does not model the 3 x 8 bits of a pixel: it clusters (R, G, B) values with k-means
+(k = 512, "9-bit colour") and models the index of each pixel's nearest cluster centre, in raster order.
+
+    u(p)      = p / 127.5 - 1                                pixels scaled to [-1, 1] (released code)
+    centres   = k-means on u(p) over pixels sampled from the training split (k-means++ start, Lloyd)
+    encode(p) = argmin_k ||u(p) - c_k||^2                    exact nearest centre, lowest k on ties
+    decode(k) = round(127.5 (c_k + 1))                       back to 8-bit colour
+
+Lloyd's iterations run on the distinct colours of the sample, each weighted by how often it occurs:
+the same objective as on every sampled pixel, on far fewer points. The nearest-centre search is the
+numba kernel kernels.palette_lookup, which checks only the centres that can win in the pixel's cell of
+an RGB grid (`palette_grid`), so it is exact and fast; large inputs read a table of all 2^24 colours.
+
+Preview what the palette does to real images:
+    python -m minigpt_img.palette --preview palette.png --data cifar10 --data-dir ../shared/data
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from . import kernels
+
+GRID_SHIFT = 4                    # cells of 16 intensity levels per channel
+GRID_LEVELS = 256 >> GRID_SHIFT   # a 16 x 16 x 16 grid over the RGB cube
+
+
+def to_unit(pixels) -> np.ndarray:
+    """uint8 -> float in [-1, 1], as the released code scales pixels."""
+    return np.asarray(pixels, dtype=np.float64) / 127.5 - 1.0
+
+
+def palette_grid(centers: np.ndarray, shift: int = GRID_SHIFT):
+    """For each cell of the RGB grid, the centres that may be nearest to some colour in the cell:
+    those whose smallest distance to the cell is at most the smallest largest-distance of any centre.
+    -> (cell_start (cells+1,), cell_items) in CSR form, items in increasing centre index."""
+    levels, side = 256 >> shift, 1 << shift
+    lo = to_unit(np.arange(levels) * side)                     # (levels,) cell's lowest value
+    hi = to_unit(np.arange(levels) * side + side - 1)          # (levels,) and highest
+    lower = np.zeros((levels, len(centers), 3))                # per channel: squared distance bounds
+    upper = np.zeros((levels, len(centers), 3))
+    for ch in range(3):
+        c = centers[None, :, ch]
+        lower[:, :, ch] = np.maximum(0.0, np.maximum(lo[:, None] - c, c - hi[:, None])) ** 2
+        upper[:, :, ch] = np.maximum(np.abs(c - lo[:, None]), np.abs(c - hi[:, None])) ** 2
+    # sum the three channels over the whole grid: (levels, levels, levels, K)
+    lb = lower[:, None, None, :, 0] + lower[None, :, None, :, 1] + lower[None, None, :, :, 2]
+    ub = upper[:, None, None, :, 0] + upper[None, :, None, :, 1] + upper[None, None, :, :, 2]
+    keep = lb.reshape(-1, len(centers)) <= ub.reshape(-1, len(centers)).min(axis=1, keepdims=True) + 1e-9
+    cell_start = np.concatenate([[0], np.cumsum(keep.sum(axis=1))]).astype(np.int64)
+    cell_items = np.nonzero(keep)[1].astype(np.int64)          # row-major: increasing index per cell
+    return cell_start, cell_items
+
+
+class Palette:
+    """k colours (k, 3) in [-1, 1] with exact nearest-colour encoding and decoding.
+
+    Small inputs are encoded by the grid kernel directly. Inputs of a million pixels or more first
+    build a table of the token of all 2^24 8-bit colours (about a second, by the same kernel core, so
+    the results are identical) and then read one table entry per pixel."""
+
+    TABLE_FROM = 1 << 20  # pixels in one call from which building the table pays off
+
+    def __init__(self, centers):
+        self.centers = np.ascontiguousarray(centers, dtype=np.float32)        # (k, 3)
+        if self.centers.ndim != 2 or self.centers.shape[1] != 3:
+            raise ValueError(f"a palette is a (k, 3) array, got shape {self.centers.shape}")
+        self._c64 = self.centers.astype(np.float64)
+        self._grid = palette_grid(self._c64)
+        self._table = None
+
+    def __len__(self) -> int:
+        return len(self.centers)
+
+    def nearest(self, pixels: np.ndarray):
+        """pixels (..., 3) uint8 -> (tokens (...) uint16, squared distances (...) float64)."""
+        flat = np.ascontiguousarray(pixels, dtype=np.uint8).reshape(-1, 3)
+        tokens, dist = kernels.palette_lookup(flat, self._c64, *self._grid, GRID_SHIFT, GRID_LEVELS)
+        return tokens.reshape(pixels.shape[:-1]), dist.reshape(pixels.shape[:-1])
+
+    def table(self) -> np.ndarray:
+        if self._table is None:
+            self._table = kernels.palette_table(self._c64, *self._grid, GRID_SHIFT, GRID_LEVELS)
+        return self._table
+
+    def encode(self, images: np.ndarray) -> np.ndarray:
+        """images (N, H, W, 3) uint8 -> tokens (N, H*W) uint16 in raster order."""
+        images = np.asarray(images)
+        flat = np.ascontiguousarray(images, dtype=np.uint8).reshape(-1, 3)
+        if self._table is None and len(flat) < self.TABLE_FROM:
+            tokens = self.nearest(flat)[0]
+        else:
+            tokens = kernels.palette_encode_table(flat, self.table())
+        return tokens.reshape(len(images), -1)
+
+    def decode(self, tokens: np.ndarray) -> np.ndarray:
+        """tokens (N, T) with T = n_px^2 -> images (N, n_px, n_px, 3) uint8."""
+        tokens = np.asarray(tokens)
+        n_px = int(round(np.sqrt(tokens.shape[-1])))
+        if n_px * n_px != tokens.shape[-1]:
+            raise ValueError(f"{tokens.shape[-1]} tokens do not form a square image")
+        colours = np.clip(np.round(127.5 * (self._c64 + 1.0)), 0, 255).astype(np.uint8)
+        return colours[tokens].reshape(*tokens.shape[:-1], n_px, n_px, 3)
+
+
+# ---- k-means ---------------------------------------------------------------------------------
+def _kmeans_pp(points, weights, k, rng):
+    """k-means++: the first centre drawn by weight, each next with probability ~ weight * D^2."""
+    centers = np.empty((k, 3))
+    d2 = np.full(len(points), np.inf)
+    p = weights / weights.sum()
+    centers[0] = points[rng.choice(len(points), p=p)]
+    kernels.min_sq_dist_update(points, centers[0], d2)
+    for j in range(1, k):
+        score = np.cumsum(weights * d2)
+        if score[-1] <= 0:  # fewer distinct colours than k: duplicate (re-seeded later if empty)
+            centers[j:] = centers[0]
+            break
+        centers[j] = points[min(np.searchsorted(score, rng.random() * score[-1]), len(points) - 1)]
+        kernels.min_sq_dist_update(points, centers[j], d2)
+    return centers
+
+
+def fit_palette(images: np.ndarray, k: int = 512, n_pixels: int = 1_000_000, seed: int = 0,
+                max_iter: int = 50, history: list | None = None) -> np.ndarray:
+    """k-means palette (k, 3) float32 in [-1, 1] from up to n_pixels pixels sampled from images
+    (N, H, W, 3) uint8. Deterministic given seed. Appends each iteration's inertia (weighted mean
+    squared distance) to `history` when given."""
+    rng = np.random.default_rng(seed)
+    pixels = np.asarray(images, dtype=np.uint8).reshape(-1, 3)
+    if len(pixels) > n_pixels:
+        pixels = pixels[rng.choice(len(pixels), n_pixels, replace=False)]
+    packed = (pixels[:, 0].astype(np.int64) << 16) | (pixels[:, 1].astype(np.int64) << 8) | pixels[:, 2]
+    uniq, counts = np.unique(packed, return_counts=True)
+    colours = np.stack([(uniq >> 16) & 255, (uniq >> 8) & 255, uniq & 255], axis=1).astype(np.uint8)
+    points, weights = to_unit(colours), counts.astype(np.float64)      # (n, 3), (n,)
+
+    centers = _kmeans_pp(points, weights, k, rng)
+    labels = None
+    for _ in range(max_iter):
+        new_labels, d2 = Palette(centers).nearest(colours)              # assignment step
+        if history is not None:
+            history.append(float(np.dot(weights, d2) / weights.sum()))
+        if labels is not None and np.array_equal(new_labels, labels):
+            break
+        labels = new_labels.astype(np.int64)
+        mass = np.bincount(labels, weights, minlength=k)                # update step
+        for ch in range(3):
+            sums = np.bincount(labels, weights * points[:, ch], minlength=k)
+            centers[:, ch] = np.where(mass > 0, sums / np.maximum(mass, 1e-300), centers[:, ch])
+        empty = np.flatnonzero(mass == 0)
+        if len(empty):  # re-seed dead centres at the colours that fit worst (largest weighted error)
+            worst = np.argsort(-(weights * d2), kind="stable")[:len(empty)]
+            centers[empty[:len(worst)]] = points[worst]
+    return centers.astype(np.float32)
+
+
+def load_palette(path) -> np.ndarray:
+    """A palette from a file: a .npy (k, 3) array, or a Hugging Face preprocessor_config.json
+    (its `clusters` field, as OpenAI released them). Values must lie in [-1, 1]."""
+    path = Path(path)
+    try:
+        if path.suffix == ".json":
+            arr = np.asarray(json.loads(path.read_text())["clusters"], dtype=np.float32)
+        else:
+            arr = np.load(path, allow_pickle=False).astype(np.float32)
+    except (OSError, KeyError, ValueError) as e:
+        raise ValueError(f"cannot read a palette from {path} ({e}): give a (k, 3) .npy or a "
+                         "preprocessor_config.json with 'clusters'") from None
+    if arr.ndim != 2 or arr.shape[1] != 3 or np.abs(arr).max(initial=0) > 1.0 + 1e-6:
+        raise ValueError(f"{path}: a palette is a (k, 3) array in [-1, 1], got shape {arr.shape}")
+    return arr
+
+
+def main(argv=None) -> int:
+    """Write a PNG with original images beside their palette-quantised versions."""
+    import argparse
+    import sys
+
+    from .data import DataError, load_dataset
+    from .plots import image_grid, save_png
+
+    ap = argparse.ArgumentParser(prog="python -m minigpt_img.palette", description=main.__doc__)
+    ap.add_argument("--preview", required=True, help="output PNG path")
+    ap.add_argument("--data", default="shapes", help="dataset name or image folder (default shapes)")
+    ap.add_argument("--data-dir", default="data", help="folder holding the dataset files (default data)")
+    ap.add_argument("--res", type=int, default=None, help="resolution (default: the dataset's own)")
+    ap.add_argument("--palette-size", type=int, default=512, help="k, number of colours (default 512)")
+    ap.add_argument("--n", type=int, default=16, help="images to show (default 16)")
+    ap.add_argument("--seed", type=int, default=0, help="seed for the sample and k-means (default 0)")
+    args = ap.parse_args(argv)
+    try:
+        ds = load_dataset(args.data, args.data_dir, res=args.res, seed=args.seed)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    pal = Palette(fit_palette(ds.train.images, k=args.palette_size, seed=args.seed))
+    shown = ds.val.images[:args.n]
+    quantised = pal.decode(pal.encode(shown))
+    pairs = np.stack([shown, quantised], axis=1).reshape(-1, *shown.shape[1:])  # original, quantised
+    scale = max(1, 128 // shown.shape[1])
+    path = save_png(image_grid(pairs, ncols=8, scale=scale), args.preview)
+    print(f"wrote {path}: {len(shown)} {ds.name} images (left) beside their {args.palette_size}-colour "
+          f"versions (right)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
