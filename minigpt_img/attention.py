@@ -13,7 +13,7 @@ Legend: BH = B * NH rows of heads, T tokens, D = C / NH head size.
 import numpy as np
 from numba import njit, prange
 
-from .kernels import _JIT
+from .kernels import _JIT, exp_inplace
 
 def split_heads(qkv: np.ndarray, n_head: int):
     """(B, T, 3C) fused projections -> q, k, v, each C-contiguous (B*NH, T, D), D = C / NH."""
@@ -32,6 +32,14 @@ def merge_heads(o: np.ndarray, B: int) -> np.ndarray:
 TILE = 64
 
 
+@njit(**_JIT)
+def _visible(a, i0, j0, bk, causal, q_offset):
+    """How many of the bk keys j0, j0+1, ... query row i0 + a may see (keys j <= i + q_offset)."""
+    if not causal:
+        return bk
+    return max(0, min(bk, i0 + a + q_offset - j0 + 1))
+
+
 @njit(parallel=True, **_JIT)
 def attention_forward(q, k, v, causal, q_offset):
     """q (BH, Tq, D), k, v (BH, Tk, D) -> o (BH, Tq, D), lse (BH, Tq) = log sum_j exp(S_ij)."""
@@ -45,28 +53,32 @@ def attention_forward(q, k, v, causal, q_offset):
         bh, i0 = w // n_qt, (w % n_qt) * TILE
         i1 = min(i0 + TILE, Tq)
         Qi = q[bh, i0:i1]                                          # (bq, D)
-        m = np.full(i1 - i0, -np.inf)
-        l = np.zeros(i1 - i0)
-        acc = np.zeros((i1 - i0, D), dtype=q.dtype)
+        m = np.full(i1 - i0, -np.inf)                              # running row max of S
+        l = np.zeros(i1 - i0)                                      # running sum of exp(S - m)
+        acc = np.zeros((i1 - i0, D), dtype=q.dtype)                # running sum of exp(S - m) V
+        row, work = np.empty(TILE), np.empty(TILE)
         k_end = min(Tk, i1 + q_offset) if causal else Tk           # keys any row of the tile sees
         for j0 in range(0, k_end, TILE):
             j1 = min(j0 + TILE, k_end)
             S = np.dot(Qi, k[bh, j0:j1].T)                         # (bq, bk)
             for a in range(i1 - i0):
+                nb = _visible(a, i0, j0, j1 - j0, causal, q_offset)
+                if nb == 0:
+                    S[a, :] = 0.0
+                    continue
                 row_max = -np.inf
-                for b in range(j1 - j0):
-                    if causal and j0 + b > i0 + a + q_offset:
-                        S[a, b] = -np.inf
-                    else:
-                        S[a, b] *= scale
-                        row_max = max(row_max, np.float64(S[a, b]))
-                m_new = max(m[a], row_max)
-                corr = np.exp(m[a] - m_new)                        # rescales what was summed so far
+                for b in range(nb):
+                    row_max = max(row_max, np.float64(S[a, b]))
+                m_new = max(m[a], row_max * scale)
+                for b in range(nb):
+                    row[b] = S[a, b] * scale - m_new
+                exp_inplace(row[:nb], work)                        # P = exp(S - m_new)
                 row_sum = 0.0
-                for b in range(j1 - j0):
-                    p = np.exp(S[a, b] - m_new)
-                    S[a, b] = p
-                    row_sum += p
+                for b in range(nb):
+                    S[a, b] = row[b]
+                    row_sum += row[b]
+                S[a, nb:] = 0.0
+                corr = np.exp(m[a] - m_new)                        # rescales what was summed so far
                 l[a] = l[a] * corr + row_sum
                 m[a] = m_new
                 for d in range(D):
@@ -119,6 +131,7 @@ def attention_backward(q, k, v, o, lse, do, causal, q_offset):
             for d in range(D):
                 s += np.float64(do[bh, i, d]) * o[bh, i, d]
             delta[i] = s
+        row, work = np.empty(TILE), np.empty(TILE)
         for j0 in range(0, Tk, TILE):
             j1 = min(j0 + TILE, Tk)
             Kj, Vj = k[bh, j0:j1], v[bh, j0:j1]                    # (bk, D)
@@ -130,11 +143,13 @@ def attention_backward(q, k, v, o, lse, do, causal, q_offset):
                 Qi, dOi = q[bh, i0:i1], do[bh, i0:i1]              # (bq, D)
                 P = np.dot(Qi, Kj.T)                               # (bq, bk): S, then P in place
                 for a in range(i1 - i0):
-                    for b in range(j1 - j0):
-                        if causal and j0 + b > i0 + a + q_offset:
-                            P[a, b] = 0.0
-                        else:
-                            P[a, b] = np.exp(P[a, b] * scale - lse[bh, i0 + a])
+                    nb = _visible(a, i0, j0, j1 - j0, causal, q_offset)
+                    for b in range(nb):
+                        row[b] = P[a, b] * scale - lse[bh, i0 + a]
+                    exp_inplace(row[:nb], work)
+                    for b in range(nb):
+                        P[a, b] = row[b]
+                    P[a, nb:] = 0.0
                 dVj += np.dot(P.T, dOi)                            # (bk, D)
                 dS = np.dot(dOi, Vj.T)                             # (bq, bk): dP, then dS in place
                 for a in range(i1 - i0):

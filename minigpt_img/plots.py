@@ -30,3 +30,74 @@ def save_png(array: np.ndarray, path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.asarray(array, dtype=np.uint8)).save(path)
     return path
+
+
+COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189),
+           (140, 86, 75)]
+
+
+def _nice_ticks(lo: float, hi: float, n: int = 5) -> list:
+    if hi <= lo:
+        hi = lo + 1.0
+    raw = (hi - lo) / n
+    step = 10 ** np.floor(np.log10(raw))
+    step *= min((m for m in (1, 2, 5, 10) if m * step >= raw), default=10)
+    return list(np.arange(np.ceil(lo / step) * step, hi + step * 1e-9, step))
+
+
+def line_chart(series: dict, path, title: str = "", xlabel: str = "", ylabel: str = "",
+               hlines: dict | None = None, size=(720, 440)) -> Path:
+    """Draw named (x, y) series as lines (a series of one point is drawn as a dot), optional
+    horizontal reference lines {label: y}, with axes, ticks and a legend, to a PNG."""
+    from PIL import ImageDraw, ImageFont
+    font = ImageFont.load_default()
+    W, H = size
+    left, right, top, bottom = 70, 20, 36, 50
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    xs = [np.asarray(x, float) for x, _ in series.values() if len(x)]
+    ys = [np.asarray(y, float) for _, y in series.values() if len(y)] + \
+         [np.asarray(list((hlines or {}).values()), float)]
+    x_all, y_all = np.concatenate(xs) if xs else np.zeros(1), np.concatenate(ys)
+    y_all = y_all[np.isfinite(y_all)] if np.isfinite(y_all).any() else np.zeros(1)
+    x0, x1 = float(x_all.min()), float(x_all.max()) if x_all.max() > x_all.min() else x_all.min() + 1
+    y0, y1 = float(y_all.min()), float(y_all.max())
+    pad = 0.05 * (y1 - y0 if y1 > y0 else 1.0)
+    y0, y1 = y0 - pad, y1 + pad
+
+    def px(x, y):
+        return (left + (x - x0) / (x1 - x0) * (W - left - right),
+                top + (y1 - y) / (y1 - y0) * (H - top - bottom))
+
+    d.rectangle([left, top, W - right, H - bottom], outline=(0, 0, 0))
+    for t in _nice_ticks(y0, y1):
+        _, yy = px(x0, t)
+        d.line([left - 4, yy, left, yy], fill=(0, 0, 0))
+        d.line([left + 1, yy, W - right - 1, yy], fill=(235, 235, 235))
+        d.text((left - 6, yy), f"{t:g}", fill=(0, 0, 0), font=font, anchor="rm")
+    for t in _nice_ticks(x0, x1):
+        xx, _ = px(t, y0)
+        d.line([xx, H - bottom, xx, H - bottom + 4], fill=(0, 0, 0))
+        d.text((xx, H - bottom + 6), f"{t:g}", fill=(0, 0, 0), font=font, anchor="mt")
+    for i, (label, y) in enumerate((hlines or {}).items()):
+        _, yy = px(x0, y)
+        for xx in range(left, W - right, 12):  # dashed
+            d.line([xx, yy, min(xx + 6, W - right), yy], fill=(120, 120, 120))
+        d.text((W - right - 4, yy - 2), label, fill=(90, 90, 90), font=font, anchor="rb")
+    for i, (label, (x, y)) in enumerate(series.items()):
+        colour = COLOURS[i % len(COLOURS)]
+        pts = [px(a, b) for a, b in zip(x, y) if np.isfinite(b)]
+        if len(pts) > 1:
+            d.line(pts, fill=colour, width=2)
+        for p in pts if len(pts) <= 40 else []:
+            d.ellipse([p[0] - 3, p[1] - 3, p[0] + 3, p[1] + 3], fill=colour)
+        ly = top + 12 + 14 * i
+        d.line([left + 10, ly, left + 26, ly], fill=colour, width=2)
+        d.text((left + 32, ly), label, fill=colour, font=font, anchor="lm")
+    d.text((W / 2, 10), title, fill=(0, 0, 0), font=font, anchor="mt")
+    d.text((W / 2, H - 18), xlabel, fill=(0, 0, 0), font=font, anchor="mt")
+    d.text((8, top - 22), ylabel, fill=(0, 0, 0), font=font)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path

@@ -1,0 +1,57 @@
+"""Sampling from the AR model: unconditional images and completions (the paper's Figure 1).
+
+Pixels are drawn one at a time in raster order, x_i ~ p(x_i | x_<i), with the KV cache (model.py) so
+each new pixel costs one position's forward pass plus an attention read over the earlier ones. All
+images in a batch are sampled together.
+
+    p(x_i = k | x_<i) = softmax(logits / temperature)_k, restricted to the top_k largest logits
+    temperature -> 0 is argmax decoding.
+A completion keeps the first `given` tokens (the top rows of a real image) and samples the rest.
+"""
+from __future__ import annotations
+
+import numpy as np
+from tqdm import tqdm
+
+from .model import KVCache
+from .tensor import no_grad
+
+
+def choose(logits: np.ndarray, rng: np.random.Generator, temperature: float = 1.0,
+           top_k: int | None = None) -> np.ndarray:
+    """One token per row of logits (B, V): argmax when temperature <= 0, else a draw from the
+    softmax of logits / temperature over the top_k largest logits (all when top_k is None)."""
+    logits = np.asarray(logits, dtype=np.float64)
+    if temperature <= 0:
+        return logits.argmax(axis=-1)
+    z = logits / temperature
+    if top_k is not None and top_k < z.shape[-1]:
+        kth = np.partition(z, -top_k, axis=-1)[:, -top_k][:, None]
+        z = np.where(z >= kth, z, -np.inf)
+    p = np.exp(z - z.max(axis=-1, keepdims=True))
+    p /= p.sum(axis=-1, keepdims=True)
+    u = rng.random((len(p), 1))
+    return np.minimum((np.cumsum(p, axis=-1) < u).sum(axis=-1), p.shape[-1] - 1)
+
+
+def generate(model, n: int, rng: np.random.Generator, temperature: float = 1.0,
+             top_k: int | None = None, prefix: np.ndarray | None = None, progress: bool = False):
+    """n token sequences (n, T) from the AR model. prefix (n, given) tokens are kept as they are and
+    the rest is sampled (a completion); without prefix, images are sampled from nothing."""
+    cfg = model.config
+    T = cfg.n_ctx
+    out = np.zeros((n, T), dtype=np.int64)
+    given = 0 if prefix is None else prefix.shape[1]
+    if given:
+        out[:, :given] = prefix
+    cache = KVCache(cfg, batch=n, dtype=model.lm_head.weight.dtype)
+    with no_grad():
+        # read SOS and the given pixels in one pass; the last logits predict the next pixel
+        first = np.concatenate([np.full((n, 1), cfg.sos), out[:, :given]], axis=1)[:, :T]
+        logits = model(first, cache=cache).data[:, -1]                        # (n, V)
+        steps = range(given, T)
+        for i in tqdm(steps, desc="sampling pixels", unit="px", disable=not progress):
+            out[:, i] = choose(logits, rng, temperature, top_k)
+            if i + 1 < T:
+                logits = model(out[:, i:i + 1], cache=cache).data[:, -1]
+    return out

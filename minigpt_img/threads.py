@@ -1,0 +1,22 @@
+"""CPU threads for numba and BLAS, set before NumPy loads (so: first thing in a script).
+
+Two thread pools share the cores: OpenBLAS's (matmuls) and numba's OpenMP (the kernels). Each, by
+default, keeps its threads spinning for a while after its work, and the spinners then steal the
+cores from the other pool's next call: measured here, a micro@16 training step took 1.13 s with the
+defaults and 0.57 s with short OpenBLAS spinning and passive OpenMP waiting. `configure` sets those
+two (unless the environment already sets them) and, when asked, the thread count of both pools.
+This module imports nothing heavy, so calling it before NumPy is possible.
+"""
+import os
+
+SPIN_SETTINGS = {"OPENBLAS_THREAD_TIMEOUT": "4", "OMP_WAIT_POLICY": "PASSIVE"}
+COUNT_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
+
+
+def configure(threads: int | None = None) -> None:
+    """Apply the spin settings (environment values win) and, if given, the thread count."""
+    for key, value in SPIN_SETTINGS.items():
+        os.environ.setdefault(key, value)
+    if threads:
+        for key in COUNT_VARIABLES:
+            os.environ[key] = str(threads)

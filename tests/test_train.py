@@ -1,0 +1,207 @@
+"""§2.1/§3.4 pre-training: objectives, Adam, schedule, and train.py's run: exact resume, Ctrl-C,
+divergence, bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from minigpt_img import Tensor, ops
+from minigpt_img.checkpoint import load_arrays
+from minigpt_img.model import GPTConfig, ImageGPT
+from minigpt_img.objectives import ar_inputs, ar_loss, bert_loss, bert_mask, unigram_entropy
+from minigpt_img.optim import Adam, lr_at
+from minigpt_img.trainer import ConfigError, Pretraining, RunConfig, TrainingDiverged, resolve_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_ar_inputs_shift_right_behind_sos():
+    x = np.array([[3, 1, 4, 1], [5, 9, 2, 6]])
+    np.testing.assert_array_equal(ar_inputs(x, sos=10), [[10, 3, 1, 4], [10, 5, 9, 2]])
+
+
+def test_ar_loss_predicts_each_token_from_the_ones_before():
+    cfg = GPTConfig(n_layer=1, n_embd=8, n_head=2, n_px=2, vocab=5)
+    m = ImageGPT(cfg, np.random.default_rng(0))
+    m.lm_head.weight.data = np.random.default_rng(1).standard_normal((8, 5)).astype(np.float32)
+    x = np.array([[0, 1, 2, 3], [4, 4, 0, 1]])
+    logits = m(ar_inputs(x, cfg.sos)).data
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    manual = -np.mean(np.take_along_axis(logp, x[..., None], -1))
+    assert ar_loss(m, x).item() == pytest.approx(manual, rel=1e-5)
+
+
+def test_bert_mask_rate_and_masked_only_loss():
+    mask = bert_mask((200, 256), 0.15, np.random.default_rng(0))
+    assert mask.mean() == pytest.approx(0.15, abs=0.005)
+    assert bert_mask((1, 1), 1e-9, np.random.default_rng(0)).sum() == 1  # never empty
+    cfg = GPTConfig(n_layer=1, n_embd=8, n_head=2, n_px=3, vocab=5)
+    m = ImageGPT(cfg, np.random.default_rng(0))
+    m.lm_head.weight.data = np.random.default_rng(1).standard_normal((8, 5)).astype(np.float32)
+    x = np.random.default_rng(2).integers(0, 5, (2, 9))
+    mask = np.zeros((2, 9), bool)
+    mask[0, [1, 4]] = mask[1, 7] = True
+    logits = m(x, causal=False, input_mask=mask).data
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(logp, x[..., None], -1)[..., 0]
+    assert bert_loss(m, x, mask).item() == pytest.approx(nll[mask].mean(), rel=1e-5)
+    y = x.copy()
+    y[~mask] = (y[~mask] + 1) % 5  # other targets differ, the masked ones' inputs are hidden anyway
+    y_logits = m(y, causal=False, input_mask=mask)
+    assert not np.allclose(y_logits.data, logits)  # unmasked inputs are seen...
+    w = mask.astype(float)
+    assert ops.cross_entropy(Tensor(logits), y, weights=w).item() == pytest.approx(nll[mask].mean(), rel=1e-5)
+
+
+def test_adam_matches_a_hand_computed_step():
+    p = Tensor(np.array([1.0, -2.0]), requires_grad=True)
+    opt = Adam([p], lr=0.1, betas=(0.9, 0.95), eps=1e-8)
+    grads = [np.array([0.5, -1.0]), np.array([0.1, 0.3])]
+    m = v = np.zeros(2)
+    expected = p.data.copy()
+    for t, g in enumerate(grads, 1):
+        p.grad = g.copy()
+        opt.step()
+        m = 0.9 * m + 0.1 * g
+        v = 0.95 * v + 0.05 * g * g
+        expected = expected - 0.1 * (m / (1 - 0.9 ** t)) / (np.sqrt(v / (1 - 0.95 ** t)) + 1e-8)
+        np.testing.assert_allclose(p.data, expected, rtol=1e-12)
+    # decoupled weight decay shrinks the weights too
+    q = Tensor(np.array([2.0]), requires_grad=True)
+    q.grad = np.zeros(1)
+    Adam([q], lr=0.1, weight_decay=0.5).step()
+    assert q.data[0] == pytest.approx(2.0 - 0.1 * 0.5 * 2.0)
+
+
+def test_schedule_values():
+    assert lr_at(0, 1.0, 10, 100) == pytest.approx(0.1)
+    assert lr_at(9, 1.0, 10, 100) == pytest.approx(1.0)
+    assert lr_at(10, 1.0, 10, 100) == pytest.approx(1.0)
+    assert lr_at(55, 1.0, 10, 100) == pytest.approx(0.5)
+    assert lr_at(100, 1.0, 10, 100) == pytest.approx(0.0)
+    assert lr_at(80, 1.0, 10, 100, decay="constant") == 1.0
+
+
+def test_unigram_entropy():
+    assert unigram_entropy(np.array([0, 1, 2, 3]), 8) == pytest.approx(np.log(4))
+
+
+# ---- the run ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        (root / f"c{c}").mkdir()
+        for i in range(12):
+            img = np.full((8, 8, 3), 60 * c, np.uint8) + rng.integers(0, 40, (8, 8, 3), dtype=np.uint8)
+            Image.fromarray(img).save(root / f"c{c}" / f"{i}.png")
+    return root
+
+
+def tiny(image_folder, out, **kw):
+    base = dict(size="nano", res=8, data=str(image_folder), palette_size=16, batch_size=4,
+                steps=6, eval_every=3, eval_images=8, log_every=1, out=str(out),
+                cache_dir=str(out.parent / "cache"), samples=4)
+    base.update(kw)
+    return RunConfig(**base)
+
+
+def test_run_writes_its_files_and_learns(image_folder, tmp_path):
+    run = Pretraining(tiny(image_folder, tmp_path / "run", steps=40, lr=1e-2), log=lambda *a: None)
+    assert run.train() == "done"
+    for name in ("ckpt.npz", "metrics.jsonl", "loss.png", "samples.png"):
+        assert (tmp_path / "run" / name).is_file(), name
+    records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r["loss"] for r in records if r["kind"] == "eval"]
+    assert evals[-1] < evals[0] and evals[-1] < run.entropy
+    assert Image.open(tmp_path / "run" / "samples.png").size[0] > 16
+
+
+def test_resume_is_bit_identical(image_folder, tmp_path):
+    straight = Pretraining(tiny(image_folder, tmp_path / "a"), log=lambda *a: None)
+    straight.train()
+
+    def stop_at_3(run):
+        if run.step == 3:
+            run.stop_reason = "interrupted"
+
+    first = Pretraining(tiny(image_folder, tmp_path / "b"), log=lambda *a: None)
+    assert first.train(on_step=stop_at_3) == "interrupted"
+    assert int(json.loads(str(load_arrays(tmp_path / "b" / "ckpt.npz")["config"]))["meta"]["step"]) == 3
+    cfg = resolve_config({"out": str(tmp_path / "b")}, resume=True)
+    second = Pretraining(cfg, resume=True, log=lambda *a: None)
+    assert second.step == 3 and second.train() == "done"
+    for (name, a), (_, b) in zip(straight.model.named_parameters(), second.model.named_parameters()):
+        assert np.array_equal(a.data, b.data), name
+    lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(l)["step"] for l in lines if json.loads(l)["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(image_folder, tmp_path):
+    out = tmp_path / "nan"
+    first = Pretraining(tiny(image_folder, out), log=lambda *a: None)
+    first.train(on_step=lambda r: setattr(r, "stop_reason", "interrupted") if r.step == 2 else None)
+    before = (out / "ckpt.npz").read_bytes()
+
+    def poison(run):
+        run.model.transformer.wte.weight.data[:] = np.nan
+
+    run = Pretraining(resolve_config({"out": str(out)}, True), resume=True, log=lambda *a: None)
+    with pytest.raises(TrainingDiverged, match="loss became nan at step 4"):
+        run.train(on_step=poison)
+    assert (out / "ckpt.npz").read_bytes() == before
+
+
+def test_configuration_errors(image_folder, tmp_path):
+    out = tmp_path / "cfg"
+    Pretraining(tiny(image_folder, out, steps=1), log=lambda *a: None).train()
+    with pytest.raises(ConfigError, match="exists: pass --resume"):
+        Pretraining(tiny(image_folder, out, steps=1), log=lambda *a: None)
+    with pytest.raises(ConfigError, match="trained with --palette-size 16, not 32"):
+        resolve_config({"out": str(out), "palette_size": 32}, resume=True)
+    with pytest.raises(ConfigError, match="unknown model size 'huge'"):
+        Pretraining(tiny(image_folder, tmp_path / "x", size="huge"), log=lambda *a: None)
+
+
+def run_script(*args, timeout=300, **kw):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, str(REPO / "train.py"), *args], capture_output=True,
+                          text=True, timeout=timeout, env=env, **kw)
+
+
+def test_script_bad_input_is_one_line(tmp_path):
+    r = run_script("--size", "huge", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0
+    assert "unknown model size 'huge'" in r.stderr and "Traceback" not in r.stderr
+    r = run_script("--data", "cifar10", "--data-dir", str(tmp_path), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "cifar10 not found" in r.stderr and "Traceback" not in r.stderr
+    r = run_script("--resume", "--out", str(tmp_path / "none"))
+    assert r.returncode == 2 and "no checkpoint at" in r.stderr
+
+
+def test_script_ctrl_c_saves_and_tells_how_to_resume(image_folder, tmp_path):
+    out = tmp_path / "sig"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), "--size", "nano", "--res", "8", "--data",
+         str(image_folder), "--palette-size", "16", "--batch-size", "4", "--steps", "100000",
+         "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--log-every", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (out / "metrics.jsonl").exists():
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert "python train.py --resume --out" in stdout
+    meta = json.loads(str(load_arrays(out / "ckpt.npz")["config"]))["meta"]
+    assert 0 < meta["step"] < 100000

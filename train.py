@@ -1,0 +1,75 @@
+"""Pre-train Image GPT (§2.1, §3.4) on a CPU.  python train.py --help
+
+    python train.py                                   # shapes, micro, 16x16: minutes
+    python train.py --size s --res 32 --data cifar10 --data-dir ../shared/data   # the paper's iGPT-S
+    python train.py --resume --out runs/default       # continue where a run stopped
+"""
+import argparse
+import sys
+
+S = argparse.SUPPRESS  # flags not given stay absent, so a resumed run keeps its checkpoint's values
+
+
+def parse(argv=None):
+    ap = argparse.ArgumentParser(description="Pre-train Image GPT on pixels (Ctrl-C saves and stops; "
+                                 "--resume continues).", argument_default=S)
+    a = ap.add_argument
+    a("--size", help="model size: nano, micro, mini, s, m, l, xl (default micro)")
+    a("--res", type=int, help="image side in pixels after box-filter downsampling (default 16)")
+    a("--data", help="shapes | cifar10 | cifar100 | stl10 | path to a folder of class folders (default shapes)")
+    a("--data-dir", help="folder holding the dataset files (default data)")
+    a("--download", action="store_true", help="fetch cifar10/cifar100/stl10 into --data-dir first")
+    a("--objective", choices=["ar", "bert"], help="ar (autoregressive) or bert (masked) (default ar)")
+    a("--mask-rate", type=float, help="BERT: probability a position is masked (default 0.15)")
+    a("--batch-size", type=int, help="images per micro-batch (default 16)")
+    a("--grad-accum", type=int, help="micro-batches per optimiser step (default 1)")
+    a("--lr", type=float, help="peak learning rate of Adam (default 3e-3)")
+    a("--steps", type=int, help="optimiser steps in the run (default: --epochs)")
+    a("--epochs", type=float, help="passes over the training split (default 2 when --steps is not given)")
+    a("--warmup-steps", type=int, help="linear warm-up steps (default: one epoch, at most 10%% of the run)")
+    a("--weight-decay", type=float, help="decoupled weight decay (default 0, as the paper)")
+    a("--clip", type=float, help="global gradient-norm clip, 0 for none (default 1.0)")
+    a("--palette-size", type=int, help="k-means colours, the vocabulary (default 512)")
+    a("--no-augment", dest="augment", action="store_false", help="no random crop/flip (default: on)")
+    a("--seed", type=int, help="seed of init, data order, augmentation, palette (default 0)")
+    a("--out", help="run folder for ckpt.npz, metrics.jsonl, loss.png, samples.png (default runs/default)")
+    a("--cache-dir", help="where quantised tokens are cached (default runs/cache)")
+    a("--resume", action="store_true", default=False, help="continue the run in --out from its ckpt.npz")
+    a("--eval-every", type=int, help="steps between validation evaluations (default: 10 per run)")
+    a("--eval-images", type=int, help="validation images per evaluation (default 1000)")
+    a("--log-every", type=int, help="steps between metrics.jsonl lines (default 10)")
+    a("--ckpt-every", type=float, help="minutes between checkpoints (default 10)")
+    a("--time-budget", type=float, help="stop cleanly after this many minutes (default: none)")
+    a("--samples", type=int, help="images in samples.png at the end (default 16)")
+    a("--threads", type=int, default=None, help="CPU threads for numba and BLAS (default: all cores)")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    from minigpt_img.threads import configure
+    configure(args.threads)  # before NumPy loads its BLAS
+    from minigpt_img.checkpoint import CheckpointError
+    from minigpt_img.data import DataError
+    from minigpt_img.download import download
+    from minigpt_img.trainer import ConfigError, Pretraining, TrainingDiverged, resolve_config
+
+    given = {k: v for k, v in vars(args).items() if k not in ("resume", "threads", "download")}
+    try:
+        cfg = resolve_config(given, args.resume)
+        if getattr(args, "download", False):
+            download(cfg.data, cfg.data_dir)
+        run = Pretraining(cfg, resume=args.resume)
+        print("config:", ", ".join(f"{k}={v}" for k, v in vars(cfg).items()))
+        run.train()
+    except (ConfigError, DataError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
