@@ -3,6 +3,7 @@
     python train.py                                   # shapes, micro, 16x16: minutes
     python train.py --size s --res 32 --data cifar10 --data-dir ../shared/data   # the paper's iGPT-S
     python train.py --resume --out runs/default       # continue where a run stopped
+    python train.py --finetune runs/default/ckpt.npz  # §2.3 fine-tuning, into runs/default-finetune
 """
 import argparse
 import sys
@@ -25,7 +26,7 @@ def parse(argv=None):
     a("--grad-accum", type=int, help="micro-batches per optimiser step (default 1)")
     a("--lr", type=float, help="peak learning rate of Adam (default 3e-3)")
     a("--steps", type=int, help="optimiser steps in the run (default: --epochs)")
-    a("--epochs", type=float, help="passes over the training split (default 2 when --steps is not given)")
+    a("--epochs", type=float, help="passes over the training split (default 1 when --steps is not given)")
     a("--warmup-steps", type=int, help="linear warm-up steps (default: one epoch, at most 10%% of the run)")
     a("--weight-decay", type=float, help="decoupled weight decay (default 0, as the paper)")
     a("--clip", type=float, help="global gradient-norm clip, 0 for none (default 1.0)")
@@ -36,11 +37,15 @@ def parse(argv=None):
     a("--cache-dir", help="where quantised tokens are cached (default runs/cache)")
     a("--resume", action="store_true", default=False, help="continue the run in --out from its ckpt.npz")
     a("--eval-every", type=int, help="steps between validation evaluations (default: 10 per run)")
-    a("--eval-images", type=int, help="validation images per evaluation (default 1000)")
+    a("--eval-images", type=int, help="validation images per evaluation (default 512)")
     a("--log-every", type=int, help="steps between metrics.jsonl lines (default 10)")
     a("--ckpt-every", type=float, help="minutes between checkpoints (default 10)")
     a("--time-budget", type=float, help="stop cleanly after this many minutes (default: none)")
     a("--samples", type=int, help="images in samples.png at the end (default 16)")
+    a("--finetune", help="§2.3: fine-tune this pre-trained ckpt.npz with a classifier (default: pre-train)")
+    a("--clf-only", action="store_true", help="fine-tuning: train on L_CLF alone, without L_GEN")
+    a("--patience", type=int, help="fine-tuning: stop after this many evaluations without a better "
+      "val accuracy (default 5)")
     a("--threads", type=int, default=None, help="CPU threads for numba and BLAS (default: all cores)")
     return ap.parse_args(argv)
 
@@ -52,6 +57,7 @@ def main(argv=None) -> int:
     from minigpt_img.checkpoint import CheckpointError
     from minigpt_img.data import DataError
     from minigpt_img.download import download
+    from minigpt_img.finetune import FineTuning
     from minigpt_img.trainer import ConfigError, Pretraining, TrainingDiverged, resolve_config
 
     given = {k: v for k, v in vars(args).items() if k not in ("resume", "threads", "download")}
@@ -59,7 +65,7 @@ def main(argv=None) -> int:
         cfg = resolve_config(given, args.resume)
         if getattr(args, "download", False):
             download(cfg.data, cfg.data_dir)
-        run = Pretraining(cfg, resume=args.resume)
+        run = (FineTuning if cfg.finetune else Pretraining)(cfg, resume=args.resume)
         print("config:", ", ".join(f"{k}={v}" for k, v in vars(cfg).items()))
         run.train()
     except (ConfigError, DataError, CheckpointError) as e:

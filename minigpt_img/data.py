@@ -214,7 +214,7 @@ def split_train_val(split: Split, seed: int, val_fraction: float = 0.1):
 
 
 def load_dataset(name: str, data_dir="data", res: int | None = None, seed: int = 0,
-                 val_fraction: float = 0.1, shapes_size: int = 20000) -> Dataset:
+                 val_fraction: float = 0.1, shapes_size: int = 14000) -> Dataset:
     """A dataset by name (or folder path), split into train / val (/ test), at resolution res."""
     if res is not None and res < 1:
         raise DataError(f"--res must be positive, got {res}")

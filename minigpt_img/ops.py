@@ -131,13 +131,18 @@ class MatMul(Function):
 
     def forward(self, a, b):
         self.a, self.b = a, b
+        if b.ndim == 2 and a.ndim > 2:  # one (rows, K) @ (K, N) GEMM, not one per batch entry
+            return (a.reshape(-1, a.shape[-1]) @ b).reshape(*a.shape[:-1], b.shape[1])
         return a @ b
 
     def backward(self, g):
         a, b = self.a, self.b
         ga = gb = None
         if self.needs_grad(0):
-            ga = _unbroadcast(g @ np.swapaxes(b, -1, -2), a.shape)
+            if b.ndim == 2 and g.ndim > 2:
+                ga = (g.reshape(-1, g.shape[-1]) @ b.T).reshape(a.shape)
+            else:
+                ga = _unbroadcast(g @ np.swapaxes(b, -1, -2), a.shape)
         if self.needs_grad(1):
             if b.ndim == 2:  # (..., K) rows times (..., N) rows -> (K, N)
                 gb = a.reshape(-1, a.shape[-1]).T @ g.reshape(-1, g.shape[-1])

@@ -55,3 +55,21 @@ def generate(model, n: int, rng: np.random.Generator, temperature: float = 1.0,
             if i + 1 < T:
                 logits = model(out[:, i:i + 1], cache=cache).data[:, -1]
     return out
+
+
+def completion_rows(model, palette, images: np.ndarray, per_image: int, frac: float,
+                    rng: np.random.Generator, temperature: float = 1.0, top_k: int | None = None,
+                    progress: bool = False) -> np.ndarray:
+    """The paper's completion figure as images: for each of the n images (n, H, W, 3) uint8 one row
+    of [original, the given top part (the rest grey), per_image completions] -> (n * (2 + per_image),
+    H, W, 3) uint8, row-major. The given part is the first round(frac * H) rows of pixels."""
+    n, H, W, _ = images.shape
+    tokens = palette.encode(images).astype(np.int64)                           # (n, T)
+    given = int(round(frac * H)) * W
+    prefix = np.repeat(tokens[:, :given], per_image, axis=0)                   # (n * k, given)
+    samples = generate(model, n * per_image, rng, temperature, top_k, prefix=prefix, progress=progress)
+    completed = palette.decode(samples).reshape(n, per_image, H, W, 3)
+    shown = palette.decode(tokens)                                             # quantised originals
+    half = shown.copy()
+    half.reshape(n, -1, 3)[:, given:] = 128
+    return np.concatenate([images[:, None], half[:, None], completed], axis=1).reshape(-1, H, W, 3)

@@ -99,6 +99,6 @@ def make_shapes(n: int, res: int = 32, seed: int = 0, batch: int = 500):
             mask[sel] = _mask(int(cls), fine[None, None, :], fine[None, :, None], cx[sel], cy[sel], r[sel])
         cover = mask.reshape(B, res, SUPERSAMPLE, res, SUPERSAMPLE).mean(axis=(2, 4))[..., None]
         img = _backgrounds(rng, B, coarse[None, None, :], coarse[None, :, None])  # (B, res, res, 3)
-        img = img * (1 - cover) + colour * cover + 8 * rng.standard_normal(img.shape, dtype=np.float32)
+        img = img * (1 - cover) + colour * cover + 3 * rng.standard_normal(img.shape, dtype=np.float32)
         images[s:s + B] = np.clip(np.round(img), 0, 255).astype(np.uint8)
     return images, labels

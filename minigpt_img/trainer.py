@@ -69,23 +69,41 @@ class RunConfig:
     out: str = "runs/default"
     cache_dir: str = "runs/cache"
     eval_every: int | None = None
-    eval_images: int = 1000
+    eval_images: int = 512
     log_every: int = 10
     ckpt_every: float = 10.0
     time_budget: float | None = None
     samples: int = 16
+    finetune: str | None = None      # §2.3: a pre-trained checkpoint to fine-tune (finetune.py)
+    clf_only: bool = False           # fine-tuning: L_CLF alone, without L_GEN
+    patience: int = 5                # fine-tuning: evaluations without a better val accuracy
 
 
 # Settings a resumed run must share with its checkpoint (the rest may change between sessions).
 FIXED_ON_RESUME = ("size", "res", "data", "objective", "mask_rate", "batch_size", "grad_accum", "lr",
-                   "warmup_steps", "weight_decay", "clip", "palette_size", "augment", "seed")
-DEFAULT_STEPS_EPOCHS = 2.0  # when neither --steps nor --epochs is given
+                   "warmup_steps", "weight_decay", "clip", "palette_size", "augment", "seed", "finetune",
+                   "clf_only")
+DEFAULT_EPOCHS = 1.0  # when neither --steps nor --epochs is given
 
 
 def resolve_config(given: dict, resume: bool) -> RunConfig:
     """Defaults, then the checkpoint's own settings when resuming, then the flags given."""
     values = dataclasses.asdict(RunConfig())
     values.update(given)
+    if given.get("finetune") and not resume:
+        path = Path(given["finetune"])
+        _, meta = ck.read_config(ck.load_arrays(path), path)
+        pre = meta.get("run")
+        if pre is None:
+            raise ConfigError(f"{path} is not a train.py checkpoint: fine-tune a pre-trained run")
+        for key in ("size", "res", "palette_size"):
+            if key in given and given[key] != pre[key]:
+                raise ConfigError(f"{path} fixes --{key.replace('_', '-')} {pre[key]}: drop that flag")
+        inherited = ("size", "res", "palette_size", "data", "data_dir", "objective", "mask_rate",
+                     "batch_size", "seed", "cache_dir")
+        values = {**dataclasses.asdict(RunConfig()), **{k: pre[k] for k in inherited if k in pre},
+                  "lr": pre["lr"] / 10,  # §2.3: fine-tuning uses a learning rate ~10x lower
+                  "out": str(path.parent) + "-finetune", **given}
     if resume:
         path = Path(values["out"]) / "ckpt.npz"
         _, meta = ck.read_config(ck.load_arrays(path), path)
@@ -103,7 +121,9 @@ def resolve_config(given: dict, resume: bool) -> RunConfig:
 class Pretraining:
     """One pre-training run: data, palette, model, optimiser, and the loop with its files."""
 
-    def __init__(self, cfg: RunConfig, resume: bool = False, log=print):
+    def __init__(self, cfg: RunConfig, resume: bool = False, log=print, init_from=None):
+        """resume: continue the run saved in cfg.out. init_from: a checkpoint whose palette and
+        weights start a new run (fine-tuning)."""
         self.cfg, self.log = cfg, log
         self.out = Path(cfg.out)
         self.ckpt_path = self.out / "ckpt.npz"
@@ -119,7 +139,7 @@ class Pretraining:
         except ValueError as e:
             raise ConfigError(str(e)) from None
 
-        arrays = ck.load_arrays(self.ckpt_path) if resume else None
+        arrays = ck.load_arrays(self.ckpt_path if resume else init_from) if resume or init_from else None
         t = time.time()
         self.ds = load_dataset(cfg.data, cfg.data_dir, res=cfg.res, seed=cfg.seed)
         if arrays is not None:
@@ -136,55 +156,82 @@ class Pretraining:
 
         self.model = ImageGPT(config_for(cfg.size, cfg.res, cfg.palette_size),
                               np.random.default_rng(cfg.seed))
-        self.opt = Adam(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.heads = self.make_heads(np.random.default_rng([cfg.seed, 1]))
+        self.params = self.model.parameters() + [p for h in self.heads.values() for p in h.parameters()]
+        self.decay = "cosine"  # §3.4: cosine decay to 0 after warm-up (fine-tuning: constant)
+        self.opt = Adam(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         per_step = cfg.batch_size * cfg.grad_accum
         self.steps_per_epoch = max(1, len(self.train_tokens) // per_step)
         if cfg.steps is not None:
             self.total = cfg.steps
         else:
-            self.total = max(1, math.ceil((cfg.epochs or DEFAULT_STEPS_EPOCHS) * self.steps_per_epoch))
+            self.total = max(1, math.ceil((cfg.epochs or DEFAULT_EPOCHS) * self.steps_per_epoch))
         # default warm-up: one epoch (§3.4), at most a tenth of the run so short CPU runs still decay
         self.warmup = (cfg.warmup_steps if cfg.warmup_steps is not None
                        else min(self.steps_per_epoch, max(1, self.total // 10)))
         self.eval_every = cfg.eval_every or max(1, self.total // 10)
         self.step = 0
-        if arrays is not None:
+        if resume:
             self._restore(arrays)
+        elif arrays is not None:
+            self._load_weights(arrays, init_from)
         self.stop_reason = None
 
+    def make_heads(self, rng) -> dict:
+        """Extra modules trained beside the model, by name (fine-tuning adds its classifier)."""
+        return {}
+
     # ---- checkpoints ---------------------------------------------------------------------------
+    def _load_weights(self, arrays, path, heads=False):
+        """The model's weights (and the heads', when saved with them) from checkpoint arrays."""
+        modules = {"model": self.model, **({f"head/{n}": h for n, h in self.heads.items()} if heads else {})}
+        for prefix, module in modules.items():
+            state = {k[len(prefix) + 1:]: v for k, v in arrays.items() if k.startswith(prefix + "/")}
+            try:
+                module.load_state_dict(state)
+            except (KeyError, ValueError) as e:
+                raise ConfigError(f"{path} holds another model ({e}): start a new --out") from None
+
     def _restore(self, arrays):
         _, meta = ck.read_config(arrays, self.ckpt_path)
         if meta.get("data_hash") != self.data_hash:
             raise ConfigError(f"{self.ckpt_path} was trained on other data (its tokens differ from "
                               f"{self.cfg.data}'s now): resume with the same data, or start a new --out")
-        state = {k[len("model/"):]: v for k, v in arrays.items() if k.startswith("model/")}
-        try:
-            self.model.load_state_dict(state)
-        except (KeyError, ValueError) as e:
-            raise ConfigError(f"{self.ckpt_path} holds another model ({e}): start a new --out") from None
+        self._load_weights(arrays, self.ckpt_path, heads=True)
         self.opt.load_state_dict({k[len("opt/"):]: v for k, v in arrays.items() if k.startswith("opt/")})
         self.step = int(meta["step"])
         self.log(f"resumed {self.ckpt_path} at step {self.step}")
 
-    def save(self) -> None:
+    kind = "pretrain"
+
+    def extra_state(self) -> dict:
+        """Arrays saved beside the model's: the optimiser's moments and any heads."""
+        state = {f"opt/{k}": v for k, v in self.opt.state_dict().items()}
+        for name, head in self.heads.items():
+            state.update({f"head/{name}/{k}": v for k, v in head.state_dict().items()})
+        return state
+
+    def save(self, path=None, **meta_extra) -> None:
         meta = {"run": dataclasses.asdict(self.cfg), "step": self.step, "total_steps": self.total,
-                "data_hash": self.data_hash, "unigram_entropy": self.entropy, "kind": "pretrain"}
-        extra = {f"opt/{k}": v for k, v in self.opt.state_dict().items()}
-        ck.save_model(self.ckpt_path, self.model, self.palette.centers, meta=meta, extra=extra)
+                "data_hash": self.data_hash, "unigram_entropy": self.entropy, "kind": self.kind,
+                "classes": list(self.ds.classes), **meta_extra}
+        ck.save_model(path or self.ckpt_path, self.model, self.palette.centers, meta=meta,
+                      extra=self.extra_state())
 
     # ---- data and objective --------------------------------------------------------------------
-    def batch(self, step: int, micro: int) -> np.ndarray:
-        """Token batch (B, T) of micro-batch `micro` of step `step`: a function of (seed, step)."""
+    def batch(self, step: int, micro: int):
+        """Tokens (B, T) and labels (B,) of micro-batch `micro` of step `step`: a function of
+        (seed, step)."""
         B, N = self.cfg.batch_size, len(self.train_tokens)
         start = (step * self.cfg.grad_accum + micro) * B
         idx = [self._order(g // N)[g % N] for g in range(start, start + B)]  # endless epochs
-        x = self.train_tokens[np.asarray(idx)]
+        idx = np.asarray(idx)
+        x = self.train_tokens[idx]
         if self.cfg.augment:
             res = self.cfg.res
             rng = np.random.default_rng([self.cfg.seed, step, micro, 1])
             x = augment(x.reshape(B, res, res), rng).reshape(B, -1)
-        return x.astype(np.int64)
+        return x.astype(np.int64), self.ds.train.labels[idx]
 
     def _order(self, epoch: int) -> np.ndarray:
         """The order in which epoch `epoch` visits the training images (the latest one is kept)."""
@@ -194,21 +241,34 @@ class Pretraining:
                 len(self.train_tokens))
         return self._order_cache
 
-    def loss(self, x: np.ndarray, rng: np.random.Generator):
+    def loss(self, x: np.ndarray, y: np.ndarray, rng: np.random.Generator):
+        """The objective on tokens x (B, T); the labels y are for fine-tuning."""
         if self.cfg.objective == "ar":
             return ar_loss(self.model, x)
         return bert_loss(self.model, x, bert_mask(x.shape, self.cfg.mask_rate, rng))
 
-    def evaluate(self, batch_size: int = 32) -> float:
-        """Mean validation loss in nats per token (BERT: per masked token, fixed masks)."""
+    def evaluate(self, batch_size: int = 64) -> dict:
+        """{"loss": mean validation loss in nats per token} (BERT: per masked token, fixed masks)."""
         total, count = 0.0, 0
         rng = np.random.default_rng([self.cfg.seed, 7919])
         with no_grad():
             for s in range(0, len(self.val_tokens), batch_size):
                 x = self.val_tokens[s:s + batch_size].astype(np.int64)
-                total += self.loss(x, rng).item() * len(x)
+                total += self.loss(x, None, rng).item() * len(x)
                 count += len(x)
-        return total / max(count, 1)
+        return {"loss": total / max(count, 1)}
+
+    def describe_eval(self, metrics: dict) -> str:
+        val = metrics["loss"]
+        return (f"step {self.step}: val loss {val:.4f} nats/token ({val * NATS_TO_BITS:.3f} bits), "
+                f"unigram {self.entropy:.3f}")
+
+    def after_eval(self, metrics: dict) -> None:
+        """Called after each evaluation (fine-tuning keeps its best checkpoint and stops early)."""
+
+    def finish(self) -> None:
+        """Called once the last step is done (pre-training draws samples.png)."""
+        self.write_samples()
 
     # ---- the loop ------------------------------------------------------------------------------
     def train(self, on_step=None) -> str:
@@ -217,7 +277,7 @@ class Pretraining:
         self.out.mkdir(parents=True, exist_ok=True)
         metrics_path = self.out / "metrics.jsonl"
         self._trim_metrics(metrics_path)
-        params = self.model.parameters()
+        params = self.params
         tokens_per_step = cfg.batch_size * cfg.grad_accum * self.model.config.n_ctx
         self.log(f"model: {cfg.size} ({self.model.num_parameters() / 1e6:.2f}M parameters), "
                  f"objective {cfg.objective}, {tokens_per_step} tokens per step "
@@ -226,16 +286,18 @@ class Pretraining:
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         t0 = last_ckpt = time.time()
         first_step = self.step
-        bar = tqdm(total=self.total, initial=self.step, unit="step", dynamic_ncols=True, desc="train")
+        bar = tqdm(total=self.total, initial=self.step, unit="step", dynamic_ncols=True, desc="train",
+                   smoothing=0)  # ETA from the whole run's rate, evaluations included
         try:
             with open(metrics_path, "a") as metrics:
                 while self.step < self.total and self.stop_reason is None:
                     t_step = time.time()
-                    lr = lr_at(self.step, cfg.lr, self.warmup, self.total)
+                    lr = lr_at(self.step, cfg.lr, self.warmup, self.total, self.decay)
                     loss_sum = 0.0
                     for micro in range(cfg.grad_accum):
                         rng = np.random.default_rng([cfg.seed, self.step, micro, 2])
-                        loss = self.loss(self.batch(self.step, micro), rng)
+                        x, y = self.batch(self.step, micro)
+                        loss = self.loss(x, y, rng)
                         loss.backward(np.array(1.0 / cfg.grad_accum, dtype=loss.dtype))
                         loss_sum += loss.item() / cfg.grad_accum
                         del loss  # free this graph before the next forward
@@ -259,9 +321,9 @@ class Pretraining:
                                     tokens_per_s=tok_s, elapsed_s=time.time() - t0)
                     if self.step % self.eval_every == 0 or self.step == self.total:
                         val = self.evaluate()
-                        self._write(metrics, kind="eval", loss=val, elapsed_s=time.time() - t0)
-                        bar.write(f"step {self.step}: val loss {val:.4f} nats/token "
-                                  f"({val * NATS_TO_BITS:.3f} bits), unigram {self.entropy:.3f}")
+                        self._write(metrics, kind="eval", **val, elapsed_s=time.time() - t0)
+                        bar.write(self.describe_eval(val))
+                        self.after_eval(val)
                     if on_step is not None:
                         on_step(self)
                     if cfg.time_budget is not None and time.time() - t0 > cfg.time_budget * 60:
@@ -275,8 +337,8 @@ class Pretraining:
                 signal.signal(s, handler)
         self.save()
         self.plot_loss()
-        if self.step >= self.total:
-            self.write_samples()
+        if self.step >= self.total or self.stop_reason == "early stop":
+            self.finish()
             self.log(f"done: {self.step} steps in {(time.time() - t0) / 60:.1f} min; wrote {self.ckpt_path}")
             return "done"
         self.log(f"stopped at step {self.step} of {self.total} ({self.stop_reason}); saved "

@@ -1,0 +1,270 @@
+"""§2.4 Linear probing: how good are the features the generative model learned, layer by layer?
+
+Legend: N images, L layers, C width, K classes, T positions.
+
+    f^l = (1/T) sum_t n^l_t          average-pooled normalised activations of layer l (0 <= l <= L):
+                                      n^l = norm(h^l), the input to block l's attention (l < L), and
+                                      the final norm n^L
+    p(y | f) = softmax(f W + b)       multinomial logistic regression on standardised f, W (C, K)
+    J(W, b)  = -(1/N) sum_i log p(y_i | f_i) + (lambda / 2) ||W||^2
+    dJ/dW = (1/N) F^T (P - Y) + lambda W,   dJ/db = (1/N) sum_i (p_i - y_i)
+
+fitted full-batch with L-BFGS (scipy.optimize.minimize). lambda is chosen from a small grid on a
+slice of the TRAINING images held out for that purpose, then the probe is refitted on all training
+features and scored on the evaluation split, so no choice is made on the reported number.
+
+For an AR model the images go in as in pre-training (SOS, then all but the last pixel); a BERT model
+sees its inputs masked as in pre-training (§4.6), optionally averaged over several random masks.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+from scipy.optimize import minimize
+from tqdm import tqdm
+
+from .objectives import ar_inputs, bert_mask
+from .tensor import no_grad
+
+L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+
+
+# ---- features ----------------------------------------------------------------------------------
+def extract_features(model, tokens: np.ndarray, objective: str = "ar", batch_size: int = 64,
+                     mask_rate: float = 0.15, n_masks: int = 1, seed: int = 0,
+                     desc: str = "features") -> np.ndarray:
+    """tokens (N, T) -> pooled features (N, L + 1, C) float32, one no-grad forward per batch."""
+    cfg = model.config
+    feats = np.empty((len(tokens), cfg.n_layer + 1, cfg.n_embd), np.float32)
+    rng = np.random.default_rng([seed, 4242])
+    with no_grad():
+        for s in tqdm(range(0, len(tokens), batch_size), desc=desc, unit="batch", leave=False):
+            x = np.asarray(tokens[s:s + batch_size], dtype=np.int64)
+            if objective == "ar":
+                _, ns = model(ar_inputs(x, cfg.sos), causal=True, features=True)
+                feats[s:s + len(x)] = np.stack([n.data.mean(axis=1) for n in ns], axis=1)
+            else:
+                acc = 0.0
+                for _ in range(n_masks):
+                    _, ns = model(x, causal=False, input_mask=bert_mask(x.shape, mask_rate, rng),
+                                  features=True)
+                    acc = acc + np.stack([n.data.mean(axis=1) for n in ns], axis=1)
+                feats[s:s + len(x)] = acc / n_masks
+    return feats
+
+
+def cached_features(path: Path, compute) -> np.ndarray:
+    """Features from `path` if it holds them, else compute() and store them there."""
+    if path.is_file():
+        try:
+            return np.load(path, allow_pickle=False)
+        except (OSError, ValueError):
+            pass  # damaged: recompute
+    feats = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npy")
+    np.save(tmp, feats)
+    tmp.replace(path)
+    return feats
+
+
+def file_digest(path, chunk=1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+# ---- multinomial logistic regression ----------------------------------------------------------
+def loss_and_grad(params: np.ndarray, F: np.ndarray, y: np.ndarray, K: int, lam: float):
+    """J and dJ/dparams for params = [W (C, K) flattened, b (K,)] (formulas in the docstring)."""
+    N, C = F.shape
+    W, b = params[:C * K].reshape(C, K), params[C * K:]
+    Z = F @ W + b                                                              # (N, K)
+    Z = Z - Z.max(axis=1, keepdims=True)
+    logsum = np.log(np.exp(Z).sum(axis=1))
+    J = float(np.mean(logsum - Z[np.arange(N), y]) + 0.5 * lam * np.sum(W * W))
+    P = np.exp(Z - logsum[:, None])
+    P[np.arange(N), y] -= 1.0                                                  # P - Y
+    gW = F.T @ P / N + lam * W
+    gb = P.sum(axis=0) / N
+    return J, np.concatenate([gW.ravel(), gb])
+
+
+class LogisticProbe:
+    """Standardise, then L-BFGS on J. predict() returns class indices."""
+
+    def __init__(self, lam: float = 1e-3, max_iter: int = 500):
+        self.lam, self.max_iter = lam, max_iter
+
+    def fit(self, F: np.ndarray, y: np.ndarray, n_classes: int) -> "LogisticProbe":
+        F = np.asarray(F, np.float64)
+        self.mean, self.std = F.mean(axis=0), F.std(axis=0) + 1e-6
+        X = (F - self.mean) / self.std
+        self.K, C = n_classes, X.shape[1]
+        res = minimize(loss_and_grad, np.zeros(C * n_classes + n_classes), args=(X, y, n_classes, self.lam),
+                       jac=True, method="L-BFGS-B", options={"maxiter": self.max_iter})
+        self.W, self.b = res.x[:C * n_classes].reshape(C, n_classes), res.x[C * n_classes:]
+        self.result = res
+        return self
+
+    def predict(self, F: np.ndarray) -> np.ndarray:
+        return (((np.asarray(F, np.float64) - self.mean) / self.std) @ self.W + self.b).argmax(axis=1)
+
+    def accuracy(self, F, y) -> float:
+        return float(np.mean(self.predict(F) == y))
+
+
+def probe_layer(F_train, y_train, F_eval, y_eval, n_classes: int, seed: int = 0,
+                grid=L2_GRID, holdout: float = 0.1) -> dict:
+    """Choose lambda on a held-out slice of the training features, refit on all of them, score the
+    evaluation features. -> {lam, holdout_acc, eval_acc}."""
+    rng = np.random.default_rng([seed, 77])
+    order = rng.permutation(len(y_train))
+    n_hold = max(1, int(round(holdout * len(y_train))))
+    hold, fit = order[:n_hold], order[n_hold:]
+    scores = [LogisticProbe(lam).fit(F_train[fit], y_train[fit], n_classes)
+              .accuracy(F_train[hold], y_train[hold]) for lam in grid]
+    best = int(np.argmax(scores))
+    final = LogisticProbe(grid[best]).fit(F_train, y_train, n_classes)
+    return {"lam": grid[best], "holdout_acc": scores[best], "eval_acc": final.accuracy(F_eval, y_eval)}
+
+
+def balanced_subsets(y: np.ndarray, per_class: int, n_subsets: int, seed: int) -> list:
+    """n_subsets index arrays, each with `per_class` images of every class, drawn with a seed."""
+    classes = np.unique(y)
+    out = []
+    for s in range(n_subsets):
+        rng = np.random.default_rng([seed, per_class, s])
+        picks = []
+        for c in classes:
+            members = np.flatnonzero(y == c)
+            if len(members) < per_class:
+                raise ValueError(f"class {c} has {len(members)} training images, fewer than {per_class}")
+            picks.append(rng.choice(members, per_class, replace=False))
+        out.append(np.sort(np.concatenate(picks)))
+    return out
+
+
+def low_data_probe(F_train, y_train, F_eval, y_eval, n_classes, per_class: int, lam: float,
+                   n_subsets: int = 5, seed: int = 0) -> dict:
+    """§4.7: probes fitted on `per_class` labelled images of each class, n_subsets random draws."""
+    accs = [LogisticProbe(lam).fit(F_train[idx], y_train[idx], n_classes).accuracy(F_eval, y_eval)
+            for idx in balanced_subsets(y_train, per_class, n_subsets, seed)]
+    return {"per_class": per_class, "mean": float(np.mean(accs)), "std": float(np.std(accs)),
+            "accs": accs}
+
+
+# ---- the report behind probe.py ---------------------------------------------------------------
+def _best(rows: list) -> dict:
+    """The layer whose probe did best on the held-out training slice (never on the eval split)."""
+    return max(rows, key=lambda r: r["holdout_acc"])
+
+
+def probe_report(ckpt, data=None, data_dir=None, eval_split="test", layers=None, max_train=None,
+                 max_eval=None, batch_size=64, labels_per_class=(), bert_masks=1, seed=0,
+                 baselines=True, cache_dir="runs/cache", log=print) -> dict:
+    """Probe every layer of a checkpoint; see probe.py for the options. Returns the report dict."""
+    from .checkpoint import load_model
+    from .data import DataError, cached_tokens, load_dataset
+    from .model import ImageGPT
+    from .palette import Palette
+
+    ckpt = Path(ckpt)
+    model, centers, meta, _ = load_model(ckpt)
+    run, cfg = meta.get("run", {}), model.config
+    name = data or run.get("data")
+    if name is None:
+        raise DataError(f"{ckpt} does not say which data it was trained on: pass --data")
+    ds = load_dataset(name, data_dir or run.get("data_dir", "data"), res=cfg.n_px, seed=run.get("seed", 0))
+    if eval_split == "test" and ds.test is None:
+        raise DataError(f"{name} has no test set in {data_dir or run.get('data_dir', 'data')}: "
+                        "use --eval-split val (the held-out 10% of the training set)")
+    train, ev = ds.train, (ds.test if eval_split == "test" else ds.val)
+    tr_n, ev_n = min(len(train), max_train or len(train)), min(len(ev), max_eval or len(ev))
+    x_tr, y_tr = train.images[:tr_n], train.labels[:tr_n]
+    x_ev, y_ev = ev.images[:ev_n], ev.labels[:ev_n]
+    K = len(ds.classes)
+    palette = Palette(centers)
+    t_tr, t_ev = cached_tokens(x_tr, palette, cache_dir), cached_tokens(x_ev, palette, cache_dir)
+    objective = run.get("objective", "ar")
+    feat_dir = ckpt.parent / "features"
+    key = f"{file_digest(ckpt)}-{Path(str(name)).name}-{cfg.n_px}-{objective}{bert_masks}"
+
+    def features(m, tokens, split, tag):
+        return cached_features(feat_dir / f"{tag}-{key}-{split}{len(tokens)}.npy", lambda: extract_features(
+            m, tokens, objective, batch_size, run.get("mask_rate", 0.15), bert_masks, seed,
+            desc=f"{tag} {split} features"))
+
+    log(f"probing {ckpt} ({cfg.n_layer} layers, width {cfg.n_embd}) on {name}: {tr_n} train images, "
+        f"{ev_n} {eval_split} images, {K} classes")
+    F_tr, F_ev = features(model, t_tr, "train", "trained"), features(model, t_ev, eval_split, "trained")
+    chosen = list(range(cfg.n_layer + 1)) if layers is None else list(layers)
+    rows = []
+    for l in tqdm(chosen, desc="probing layers", unit="layer"):
+        rows.append({"layer": l, **probe_layer(F_tr[:, l], y_tr, F_ev[:, l], y_ev, K, seed)})
+    best = _best(rows)
+    report = {"checkpoint": str(ckpt), "data": str(name), "eval_split": eval_split, "n_train": tr_n,
+              "n_eval": ev_n, "layers": rows, "best": best, "objective": objective}
+
+    if baselines:
+        log("baselines: raw pixels, palette-token histogram, random-init model")
+        pix_tr = x_tr.reshape(tr_n, -1).astype(np.float32) / 255.0
+        pix_ev = x_ev.reshape(ev_n, -1).astype(np.float32) / 255.0
+        report["raw_pixels"] = probe_layer(pix_tr, y_tr, pix_ev, y_ev, K, seed)
+        V = cfg.vocab
+        hist_tr = np.stack([np.bincount(t, minlength=V) for t in t_tr]) / t_tr.shape[1]
+        hist_ev = np.stack([np.bincount(t, minlength=V) for t in t_ev]) / t_ev.shape[1]
+        report["token_histogram"] = probe_layer(hist_tr, y_tr, hist_ev, y_ev, K, seed)
+        random_model = ImageGPT(cfg, np.random.default_rng([seed, 31337]))
+        random_model.lm_head.weight.data[:] = 0  # irrelevant to features; as initialised
+        R_tr, R_ev = features(random_model, t_tr, "train", "random"), features(random_model, t_ev, eval_split, "random")
+        rand_rows = [{"layer": l, **probe_layer(R_tr[:, l], y_tr, R_ev[:, l], y_ev, K, seed)} for l in chosen]
+        report["random_init"] = {"layers": rand_rows, "best": _best(rand_rows)}
+
+    if labels_per_class:
+        l = best["layer"]
+        report["low_data"] = [low_data_probe(F_tr[:, l], y_tr, F_ev[:, l], y_ev, K, n, best["lam"],
+                                             seed=seed) for n in labels_per_class]
+    return report
+
+
+def format_report(report: dict) -> str:
+    lines = [f"linear probe of {report['checkpoint']} on {report['data']} "
+             f"(accuracy on {report['n_eval']} {report['eval_split']} images; lambda chosen on held-out "
+             "training images)", "", "layer  held-out acc  eval acc  lambda"]
+    rand = {r["layer"]: r for r in report.get("random_init", {}).get("layers", [])}
+    for r in report["layers"]:
+        extra = f"   random init {rand[r['layer']]['eval_acc']:.2%}" if r["layer"] in rand else ""
+        lines.append(f"{r['layer']:>5}  {r['holdout_acc']:>12.2%}  {r['eval_acc']:>8.2%}  "
+                     f"{r['lam']:<7g}{extra}")
+    b = report["best"]
+    lines.append(f"best layer {b['layer']}: {b['eval_acc']:.2%}")
+    for key, label in (("raw_pixels", "raw pixels"), ("token_histogram", "palette-token histogram")):
+        if key in report:
+            lines.append(f"baseline, {label}: {report[key]['eval_acc']:.2%}")
+    if "random_init" in report:
+        rb = report["random_init"]["best"]
+        lines.append(f"baseline, same model at random init (best layer {rb['layer']}): {rb['eval_acc']:.2%}")
+    for d in report.get("low_data", []):
+        lines.append(f"low data, {d['per_class']} labels per class (layer {b['layer']}, 5 draws): "
+                     f"{d['mean']:.2%} +- {d['std']:.2%}")
+    return "\n".join(lines)
+
+
+def plot_report(report: dict, path) -> None:
+    from .plots import line_chart
+    series = {"trained model": ([r["layer"] for r in report["layers"]],
+                                [100 * r["eval_acc"] for r in report["layers"]])}
+    if "random_init" in report:
+        rows = report["random_init"]["layers"]
+        series["random init"] = ([r["layer"] for r in rows], [100 * r["eval_acc"] for r in rows])
+    hlines = {}
+    if "raw_pixels" in report:
+        hlines[f"raw pixels {100 * report['raw_pixels']['eval_acc']:.1f}%"] = 100 * report["raw_pixels"]["eval_acc"]
+    line_chart(series, path, title=f"linear probe accuracy by layer ({report['data']}, "
+               f"{report['eval_split']} split)", xlabel="layer l (features n^l)",
+               ylabel="accuracy %", hlines=hlines)

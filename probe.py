@@ -1,0 +1,62 @@
+"""Linear probes at every layer (§2.4) and with few labels (§4.7).  python probe.py --help
+
+    python probe.py --ckpt runs/default/ckpt.npz
+    python probe.py --ckpt runs/c10/ckpt.npz --data cifar10 --data-dir ../shared/data --eval-split val
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def parse(argv=None):
+    ap = argparse.ArgumentParser(description="Average-pool every layer's features, fit an L2 logistic "
+                                 "regression per layer, report accuracy by layer beside baselines.")
+    a = ap.add_argument
+    a("--ckpt", default="runs/default/ckpt.npz", help="checkpoint from train.py (default runs/default/ckpt.npz)")
+    a("--data", default=None, help="dataset (default: the one the checkpoint was trained on)")
+    a("--data-dir", default=None, help="folder holding the dataset files (default: the checkpoint's)")
+    a("--eval-split", choices=["test", "val"], default="test",
+      help="score on the official test set, or on the held-out 10%% of the training set (default test)")
+    a("--layers", type=int, nargs="+", default=None, help="layers to probe (default: all, 0..L)")
+    a("--max-train", type=int, default=None, help="use at most this many training images (default: all)")
+    a("--max-eval", type=int, default=None, help="score on at most this many images (default: all)")
+    a("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    a("--labels-per-class", type=int, nargs="*", default=[], help="also probe with this many labels per "
+      "class, 5 random draws each, e.g. 4 25 400 (default: none)")
+    a("--bert-masks", type=int, default=1, help="BERT checkpoints: average features over this many "
+      "random masks (default 1)")
+    a("--no-baselines", action="store_true", help="skip the raw-pixel, histogram and random-init probes")
+    a("--seed", type=int, default=0, help="seed for masks, held-out slice, subsets (default 0)")
+    a("--cache-dir", default="runs/cache", help="where quantised tokens are cached (default runs/cache)")
+    a("--out", default=None, help="folder for probe.json and probe.png (default: beside the checkpoint)")
+    a("--threads", type=int, default=None, help="CPU threads for numba and BLAS (default: all cores)")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    from minigpt_img.threads import configure
+    configure(args.threads)
+    from minigpt_img.checkpoint import CheckpointError
+    from minigpt_img.data import DataError
+    from minigpt_img.linear_probe import format_report, plot_report, probe_report
+
+    try:
+        report = probe_report(args.ckpt, args.data, args.data_dir, args.eval_split, args.layers,
+                              args.max_train, args.max_eval, args.batch_size, args.labels_per_class,
+                              args.bert_masks, args.seed, not args.no_baselines, args.cache_dir)
+    except (CheckpointError, DataError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out or Path(args.ckpt).parent)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "probe.json").write_text(json.dumps(report, indent=2))
+    plot_report(report, out / "probe.png")
+    print(format_report(report))
+    print(f"wrote {out / 'probe.json'} and {out / 'probe.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

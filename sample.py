@@ -1,0 +1,97 @@
+"""Sample from a trained (or imported) Image GPT.  python sample.py --help
+
+    python sample.py --ckpt runs/default/ckpt.npz                       # samples.png
+    python sample.py --ckpt runs/default/ckpt.npz --complete --data cifar10 --data-dir ../shared/data
+    python sample.py --init-from path/to/imagegpt-small --complete ...  # OpenAI's released weights
+"""
+import argparse
+import sys
+from pathlib import Path
+
+
+def parse(argv=None):
+    ap = argparse.ArgumentParser(description="Unconditional samples or half-image completions as a "
+                                 "PNG grid.")
+    a = ap.add_argument
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--ckpt", default="runs/default/ckpt.npz",
+                     help="checkpoint written by train.py (default runs/default/ckpt.npz)")
+    src.add_argument("--init-from", help="a Hugging Face ImageGPT folder instead of --ckpt")
+    a("--complete", action="store_true", help="complete evaluation images instead of sampling from nothing")
+    a("--data", default=None, help="dataset for --complete (default: the checkpoint's training data)")
+    a("--data-dir", default=None, help="folder holding the dataset files (default: the checkpoint's)")
+    a("--n", type=int, default=None, help="samples, or images to complete (default 16, or 8 with --complete)")
+    a("--per-image", type=int, default=4, help="completions per image (default 4)")
+    a("--frac", type=float, default=0.5, help="fraction of image rows given to --complete (default 0.5)")
+    a("--temperature", type=float, default=1.0, help="softmax temperature, 0 for argmax (default 1.0)")
+    a("--top-k", type=int, default=None, help="sample among the k likeliest colours only (default: all)")
+    a("--seed", type=int, default=0, help="sampling seed (default 0)")
+    a("--scale", type=int, default=None, help="nearest-neighbour upscaling of the grid (default: ~96 px per image)")
+    a("--out", default=None, help="output PNG (default samples.png or completions.png beside the checkpoint)")
+    a("--threads", type=int, default=None, help="CPU threads for numba and BLAS (default: all cores)")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    from minigpt_img.threads import configure
+    configure(args.threads)
+    import numpy as np
+
+    from minigpt_img.checkpoint import CheckpointError, load_hf, load_model
+    from minigpt_img.data import DataError, load_dataset
+    from minigpt_img.palette import Palette
+    from minigpt_img.plots import image_grid, save_png
+    from minigpt_img.sampling import completion_rows, generate
+
+    try:
+        if args.init_from:
+            model, centers = load_hf(args.init_from)
+            if centers is None:
+                raise CheckpointError(f"{args.init_from} has no preprocessor_config.json with the "
+                                      "palette ('clusters'): sampled tokens cannot become colours")
+            run, where = {}, Path(args.init_from)
+        else:
+            model, centers, meta, _ = load_model(args.ckpt)
+            run, where = meta.get("run", {}), Path(args.ckpt).parent
+            if run.get("objective") == "bert":
+                raise CheckpointError(f"{args.ckpt} is a BERT model: it defines no raster-order sampler; "
+                                      "sample from an AR checkpoint (train.py --objective ar)")
+            if centers is None:
+                raise CheckpointError(f"{args.ckpt} holds no palette: it was not written by train.py")
+        if args.temperature < 0 or (args.top_k is not None and args.top_k < 1):
+            raise ValueError("--temperature must be >= 0 and --top-k >= 1")
+        if not 0 <= args.frac < 1:
+            raise ValueError("--frac must lie in [0, 1)")
+        palette, cfg = Palette(centers), model.config
+        rng = np.random.default_rng(args.seed)
+        scale = args.scale or max(1, 96 // cfg.n_px)
+        if args.complete:
+            n = args.n or 8
+            name = args.data or run.get("data")
+            if name is None:
+                raise ValueError("--complete needs --data for weights imported with --init-from")
+            ds = load_dataset(name, args.data_dir or run.get("data_dir", "data"), res=cfg.n_px,
+                              seed=run.get("seed", 0))
+            split = ds.test if ds.test is not None else ds.val
+            images = split.images[:n]
+            print(f"completing {len(images)} {name} {'test' if ds.test is not None else 'validation'} "
+                  f"images from their top {args.frac:.0%}, {args.per_image} completions each")
+            rows = completion_rows(model, palette, images, args.per_image, args.frac, rng,
+                                   args.temperature, args.top_k, progress=True)
+            out = Path(args.out or where / "completions.png")
+            save_png(image_grid(rows, ncols=2 + args.per_image, scale=scale), out)
+        else:
+            n = args.n or 16
+            tokens = generate(model, n, rng, args.temperature, args.top_k, progress=True)
+            out = Path(args.out or where / "samples.png")
+            save_png(image_grid(palette.decode(tokens), ncols=min(8, n), scale=scale), out)
+    except (CheckpointError, DataError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""§2.4/§4.7 linear probes and §2.3 fine-tuning."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from scipy.optimize import minimize
+
+from minigpt_img import ops
+from minigpt_img.checkpoint import load_arrays
+from minigpt_img.finetune import FineTuning
+from minigpt_img.linear_probe import (LogisticProbe, balanced_subsets, extract_features,
+                                      loss_and_grad, probe_layer)
+from minigpt_img.model import GPTConfig, ImageGPT
+from minigpt_img.objectives import ar_inputs
+from minigpt_img.trainer import Pretraining, RunConfig, resolve_config
+
+from helpers import numeric_grad, relative_error
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_features_are_the_models_pooled_n_l():
+    cfg = GPTConfig(n_layer=3, n_embd=16, n_head=2, n_px=4, vocab=9)
+    m = ImageGPT(cfg, np.random.default_rng(0))
+    x = np.random.default_rng(1).integers(0, 9, (5, 16))
+    F = extract_features(m, x, batch_size=2)
+    assert F.shape == (5, 4, 16) and F.dtype == np.float32
+    _, ns = m(ar_inputs(x, cfg.sos), features=True)
+    for l in range(4):
+        np.testing.assert_allclose(F[:, l], ns[l].data.mean(axis=1), rtol=1e-6, atol=1e-7)
+    Fb = extract_features(m, x, objective="bert", n_masks=2)
+    assert Fb.shape == F.shape and not np.allclose(Fb, F)
+
+
+def test_probe_gradient_matches_finite_differences():
+    rng = np.random.default_rng(0)
+    F, y = rng.standard_normal((20, 4)), rng.integers(0, 3, 20)
+    params = rng.standard_normal(4 * 3 + 3)
+    _, g = loss_and_grad(params, F, y, 3, 0.1)
+    num = numeric_grad(lambda p: np.array(loss_and_grad(p, F, y, 3, 0.1)[0]), [params], 0, np.array(1.0))
+    assert relative_error(g, num) < 1e-6
+
+
+def test_lbfgs_reaches_the_optimum_on_a_separable_problem():
+    rng = np.random.default_rng(0)
+    centres = np.array([[10.0, 0, 0], [-10.0, 0, 0], [0, 10.0, 0]])  # far apart: separable
+    y = rng.integers(0, 3, 300)
+    F = centres[y] + rng.standard_normal((300, 3))
+    probe = LogisticProbe(lam=1e-2).fit(F, y, 3)
+    assert probe.accuracy(F, y) == 1.0
+    X = (F - probe.mean) / probe.std
+    params = np.concatenate([probe.W.ravel(), probe.b])
+    J, g = loss_and_grad(params, X, y, 3, 1e-2)
+    assert np.linalg.norm(g) < 1e-4  # first-order optimal; the objective is strictly convex in W
+    tight = minimize(loss_and_grad, np.zeros_like(params), args=(X, y, 3, 1e-2), jac=True,
+                     method="BFGS", options={"gtol": 1e-10, "maxiter": 5000})
+    assert J == pytest.approx(tight.fun, abs=1e-7)
+
+
+def test_low_data_subsets_are_balanced_and_seeded():
+    y = np.repeat(np.arange(4), 30)
+    a = balanced_subsets(y, 5, 3, seed=1)
+    b = balanced_subsets(y, 5, 3, seed=1)
+    assert len(a) == 3 and all(np.array_equal(u, v) for u, v in zip(a, b))
+    assert all(np.bincount(y[idx]).tolist() == [5] * 4 for idx in a)
+    assert not np.array_equal(a[0], a[1])
+    assert not np.array_equal(a[0], balanced_subsets(y, 5, 1, seed=2)[0])
+    with pytest.raises(ValueError, match="fewer than 31"):
+        balanced_subsets(y, 31, 1, seed=0)
+
+
+def test_probe_layer_picks_lambda_without_the_eval_split():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 200)
+    F = y[:, None] * 2.0 + rng.standard_normal((200, 3))
+    r = probe_layer(F[:150], y[:150], F[150:], y[150:], 2)
+    assert r["eval_acc"] > 0.8 and r["holdout_acc"] > 0.8 and r["lam"] > 0
+
+
+# ---- on a tiny trained checkpoint ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("probe")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 16), ("test", 5)):
+        for c in range(3):
+            (root / "imgs" / split / f"c{c}").mkdir(parents=True)
+            for i in range(n):
+                img = np.full((8, 8, 3), 80 * c, np.uint8) + rng.integers(0, 30, (8, 8, 3), dtype=np.uint8)
+                Image.fromarray(img).save(root / "imgs" / split / f"c{c}" / f"{i}.png")
+    cfg = RunConfig(size="nano", res=8, data=str(root / "imgs"), palette_size=16, batch_size=4,
+                    steps=8, eval_every=4, eval_images=8, out=str(root / "run"),
+                    cache_dir=str(root / "cache"), samples=2)
+    Pretraining(cfg, log=lambda *a: None).train()
+    return root
+
+
+def test_probe_script_writes_the_report(tiny_run):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, str(REPO / "probe.py"), "--ckpt", str(tiny_run / "run" / "ckpt.npz"),
+                        "--cache-dir", str(tiny_run / "cache"), "--labels-per-class", "2", "4"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr
+    report = json.loads((tiny_run / "run" / "probe.json").read_text())
+    assert [row["layer"] for row in report["layers"]] == [0, 1, 2]
+    assert {"raw_pixels", "token_histogram", "random_init", "low_data"} <= set(report)
+    assert report["eval_split"] == "test" and report["n_eval"] == 15
+    assert [d["per_class"] for d in report["low_data"]] == [2, 4]
+    assert (tiny_run / "run" / "probe.png").is_file() and "best layer" in r.stdout
+    assert list((tiny_run / "run" / "features").glob("*.npy"))  # cached for the next probe
+
+
+def test_probe_without_test_set_says_use_val(tmp_path, tiny_run):
+    import shutil
+    shutil.copytree(tiny_run / "imgs" / "train", tmp_path / "flat")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, str(REPO / "probe.py"), "--ckpt", str(tiny_run / "run" / "ckpt.npz"),
+                        "--data", str(tmp_path / "flat"), "--no-baselines"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 2 and "--eval-split val" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_finetuning_head_starts_at_zero_and_loss_is_the_sum(tiny_run, tmp_path):
+    cfg = resolve_config({"finetune": str(tiny_run / "run" / "ckpt.npz"), "out": str(tmp_path / "ft"),
+                          "steps": 6, "eval_every": 2}, resume=False)
+    pre = json.loads(str(load_arrays(tiny_run / "run" / "ckpt.npz")["config"]))["meta"]["run"]
+    assert cfg.lr == pytest.approx(pre["lr"] / 10) and cfg.size == "nano" and cfg.res == 8
+    ft = FineTuning(cfg, log=lambda *a: None)
+    assert np.all(ft.heads["score"].weight.data == 0) and ft.heads["score"].weight.shape == (32, 3)
+    x, y = ft.batch(0, 0)
+    rng_a, rng_b = np.random.default_rng(0), np.random.default_rng(0)
+    gen, clf_logits = ft.forward(x, rng_a)
+    total = ft.loss(x, y, rng_b)
+    assert total.item() == pytest.approx(gen.item() + ops.cross_entropy(clf_logits, y).item(), rel=1e-6)
+    assert ops.cross_entropy(clf_logits, y).item() == pytest.approx(np.log(3), rel=1e-6)  # zero head
+    assert ft.train() == "done"
+    summary = json.loads((tmp_path / "ft" / "finetune.json").read_text())
+    assert summary["eval_split"] == "test" and summary["n_eval"] == 15
+    assert (tmp_path / "ft" / "best.npz").is_file()
+
+
+def test_finetuning_early_stops(tiny_run, tmp_path):
+    cfg = resolve_config({"finetune": str(tiny_run / "run" / "ckpt.npz"), "out": str(tmp_path / "es"),
+                          "steps": 1000, "eval_every": 1, "patience": 2, "lr": 0.0}, resume=False)
+    ft = FineTuning(cfg, log=lambda *a: None)
+    assert ft.train() == "done" and ft.step == 3  # accuracy never improves after the first eval

@@ -1,0 +1,104 @@
+"""Sampling: determinism, temperature 0 = argmax, top-k, completions keep the given pixels, grids,
+and sample.py end to end."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from minigpt_img import no_grad
+from minigpt_img.checkpoint import save_model
+from minigpt_img.model import GPTConfig, ImageGPT
+from minigpt_img.objectives import ar_inputs
+from minigpt_img.palette import Palette
+from minigpt_img.plots import image_grid
+from minigpt_img.sampling import choose, completion_rows, generate
+
+REPO = Path(__file__).resolve().parent.parent
+CFG = GPTConfig(n_layer=2, n_embd=16, n_head=2, n_px=4, vocab=6)
+
+
+def model(seed=0):
+    m = ImageGPT(CFG, np.random.default_rng(seed))
+    m.lm_head.weight.data = np.random.default_rng(seed + 1).standard_normal((16, 6)).astype(np.float32)
+    return m
+
+
+def test_sampling_is_deterministic_given_a_seed():
+    m = model()
+    a = generate(m, 3, np.random.default_rng(5))
+    b = generate(m, 3, np.random.default_rng(5))
+    c = generate(m, 3, np.random.default_rng(6))
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    assert a.shape == (3, CFG.n_ctx) and a.min() >= 0 and a.max() < CFG.vocab
+
+
+def test_temperature_zero_is_argmax_decoding():
+    m = model()
+    out = generate(m, 2, np.random.default_rng(0), temperature=0.0)
+    greedy = np.zeros((2, CFG.n_ctx), dtype=np.int64)
+    with no_grad():
+        for i in range(CFG.n_ctx):  # full forward each time: no cache involved
+            logits = m(ar_inputs(greedy, CFG.sos)).data
+            greedy[:, i] = logits[:, i].argmax(-1)
+    np.testing.assert_array_equal(out, greedy)
+
+
+def test_top_k_never_leaves_the_top_k():
+    logits = np.random.default_rng(0).standard_normal((2000, 50))
+    picks = choose(logits, np.random.default_rng(1), temperature=2.0, top_k=3)
+    top3 = np.argsort(-logits, axis=1)[:, :3]
+    assert all(p in row for p, row in zip(picks, top3))
+    assert len(set(picks.tolist())) > 3  # it does sample
+    full = choose(logits, np.random.default_rng(1), temperature=1.0)
+    assert not all(p in row for p, row in zip(full, top3))
+
+
+def test_choose_follows_the_softmax():
+    logits = np.log(np.array([[0.7, 0.2, 0.1]] * 20000))
+    picks = choose(logits, np.random.default_rng(0))
+    np.testing.assert_allclose(np.bincount(picks, minlength=3) / 20000, [0.7, 0.2, 0.1], atol=0.015)
+
+
+def test_completion_keeps_the_given_pixels():
+    m = model()
+    prefix = np.random.default_rng(3).integers(0, 6, (4, 7))
+    out = generate(m, 4, np.random.default_rng(0), prefix=prefix)
+    np.testing.assert_array_equal(out[:, :7], prefix)
+    rng = np.random.default_rng(0)
+    pal = Palette(rng.uniform(-1, 1, (6, 3)))
+    images = pal.decode(rng.integers(0, 6, (2, 16)))            # images made of palette colours
+    rows = completion_rows(m, pal, images, per_image=3, frac=0.5, rng=rng)
+    assert rows.shape == (2 * 5, 4, 4, 3)
+    rows = rows.reshape(2, 5, 4, 4, 3)
+    np.testing.assert_array_equal(rows[:, 0], images)            # the original
+    assert np.all(rows[:, 1, 2:] == 128)                         # the hidden half is grey
+    for k in range(2, 5):
+        np.testing.assert_array_equal(rows[:, k, :2], images[:, :2])  # given rows kept
+
+
+def test_grid_layout():
+    images = np.arange(5 * 2 * 3 * 3).reshape(5, 2, 3, 3).astype(np.uint8)
+    g = image_grid(images, ncols=2, scale=2, pad=1)
+    assert g.shape == (3 * (4 + 1) + 1, 2 * (6 + 1) + 1, 3)
+    np.testing.assert_array_equal(g[1:5, 8:14], images[1].repeat(2, 0).repeat(2, 1))
+    assert np.all(g[11:15, 8:14] == 255)  # the empty sixth cell stays background
+
+
+def test_sample_script(tmp_path):
+    m = model()
+    pal = np.random.default_rng(0).uniform(-1, 1, (6, 3))
+    save_model(tmp_path / "ckpt.npz", m, pal, meta={"run": {"objective": "ar"}})
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, str(REPO / "sample.py"), "--ckpt", str(tmp_path / "ckpt.npz"),
+                        "--n", "4", "--scale", "2"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert Image.open(tmp_path / "samples.png").size == (4 * 9 + 1, 9 + 1)  # 4 images of 8 px, 1 px gaps
+    save_model(tmp_path / "bert.npz", m, pal, meta={"run": {"objective": "bert"}})
+    r = subprocess.run([sys.executable, str(REPO / "sample.py"), "--ckpt", str(tmp_path / "bert.npz")],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 2 and "BERT" in r.stderr and "Traceback" not in r.stderr
