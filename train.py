@@ -22,7 +22,7 @@ def parse(argv=None):
     a("--download", action="store_true", help="fetch cifar10/cifar100/stl10 into --data-dir first")
     a("--objective", choices=["ar", "bert"], help="ar (autoregressive) or bert (masked) (default ar)")
     a("--mask-rate", type=float, help="BERT: probability a position is masked (default 0.15)")
-    a("--batch-size", type=int, help="images per micro-batch (default 16)")
+    a("--batch-size", type=int, help="images per micro-batch (default by size: 16 up to micro, 8 mini, 4 s, 1 m/l/xl)")
     a("--grad-accum", type=int, help="micro-batches per optimiser step (default 1)")
     a("--lr", type=float, help="peak learning rate of Adam (default 3e-3)")
     a("--steps", type=int, help="optimiser steps in the run (default: --epochs)")

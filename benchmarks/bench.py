@@ -1,8 +1,18 @@
 """Benchmarks, measured as ratios within one run (this machine is shared and noisy).
 
     python benchmarks/bench.py                      # every case
-    python benchmarks/bench.py --cases attention    # a subset
+    python benchmarks/bench.py --cases train        # a subset: train forward sampling attention palette
+    python benchmarks/bench.py --compare-torch      # also PyTorch on the same model (if installed)
     python benchmarks/bench.py --json out.json      # also write the results
+
+train / forward: a training step (forward, backward, Adam) or a forward pass of micro@16 batch 16,
+mini@32 batch 4 and s@32 batch 1, on random tokens. Per case: the median time over the timed steps
+after two warm-up steps, tokens/s, model FLOP/s (matmuls and attention; x3 for a training step) and
+its fraction of the fp32 GEMM peak measured in the same run, and peak memory (RSS of a child process
+doing the same). With --compare-torch the same model in PyTorch (benchmarks/torch_ref.py: iGPT norm,
+gelu2, SDPA, AdamW) is timed alternately with ours, and the ratio ours/PyTorch is printed.
+
+sampling: tokens per second generating 16 images with the KV cache (micro@16 and mini@32).
 
 attention: multi-head causal attention forward+backward, T=1024, 8 heads, head size 32, batch 4, the
 numba flash kernel against the materialised NumPy reference (the same float32 math with the whole
@@ -25,9 +35,16 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from minigpt_img.threads import configure  # noqa: E402  (imports nothing heavy)
+
+_pre = argparse.ArgumentParser(add_help=False)
+_pre.add_argument("--threads", type=int, default=None)
+configure(_pre.parse_known_args()[0].threads)  # before NumPy loads its BLAS
+
+import numpy as np  # noqa: E402
 
 from minigpt_img import attention  # noqa: E402
 
@@ -142,7 +159,143 @@ def bench_palette(repeats: int, data: str = "shapes", data_dir: str = "data") ->
     return result
 
 
-CASES = {"attention": bench_attention, "palette": bench_palette}
+# ---- whole-model steps ------------------------------------------------------------------------
+MODEL_CASES = [("micro", 16, 16), ("mini", 32, 4), ("s", 32, 1)]
+
+
+class OursStep:
+    """Our model with the same interface as torch_ref.TorchStep."""
+
+    def __init__(self, cfg, batch, seed=0):
+        from minigpt_img.model import ImageGPT
+        from minigpt_img.optim import Adam
+        self.model = ImageGPT(cfg, np.random.default_rng(seed))
+        self.opt = Adam(self.model.parameters(), lr=3e-4)
+        self.x = np.random.default_rng(seed).integers(0, cfg.vocab, (batch, cfg.n_ctx))
+
+    def train_step(self):
+        from minigpt_img.objectives import ar_loss
+        loss = ar_loss(self.model, self.x)
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad()
+
+    def forward(self):
+        from minigpt_img import no_grad
+        from minigpt_img.objectives import ar_inputs
+        with no_grad():
+            self.model(ar_inputs(self.x, self.model.config.sos))
+
+
+def model_flops(cfg, batch: int, train: bool) -> float:
+    """Matmul and attention FLOPs of one forward pass (x3 with backward): 2 per multiply-add."""
+    L, C, V, T = cfg.n_layer, cfg.n_embd, cfg.vocab, cfg.n_ctx
+    tokens = batch * T
+    fwd = 2 * tokens * (12 * L * C * C + C * V) + 2 * batch * L * T * T * C  # causal QK^T and PV
+    return 3 * fwd if train else fwd
+
+
+def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
+    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    a @ a
+    best = min(_timed(lambda: a @ a) for _ in range(repeats))
+    return 2 * n ** 3 / best / 1e9
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def _make_step(impl, cfg, batch, threads):
+    if impl == "ours":
+        return OursStep(cfg, batch)
+    from torch_ref import TorchStep
+    return TorchStep(cfg, batch, threads)
+
+
+def model_memory_child(spec: str) -> None:
+    """Child process: peak-RSS rise of one case, spec = kind:size:res:batch:impl."""
+    from minigpt_img.sizes import config_for
+    kind, size, res, batch, impl = spec.split(":")
+    step = _make_step(impl, config_for(size, int(res)), int(batch), _threads())
+    fn = step.train_step if kind == "train" else step.forward
+    base = peak_rss_mb()
+    fn()
+    fn()
+    print(json.dumps({"peak_rise_mb": peak_rss_mb() - base, "peak_mb": peak_rss_mb()}))
+
+
+def _threads() -> int:
+    import numba
+    return numba.get_num_threads()
+
+
+def bench_model(kind: str, repeats: int, compare_torch: bool, peak: float) -> dict:
+    from minigpt_img.sizes import config_for
+    impls = ["ours"] + (["torch"] if compare_torch else [])
+    results = {}
+    print(f"{kind} ({'forward, backward, Adam' if kind == 'train' else 'forward only'}), "
+          f"fp32 GEMM peak {peak:.0f} GFLOP/s, {_threads()} threads")
+    for size, res, batch in MODEL_CASES:
+        cfg = config_for(size, res)
+        steps = {impl: _make_step(impl, cfg, batch, _threads()) for impl in impls}
+        fns = {impl: (st.train_step if kind == "train" else st.forward) for impl, st in steps.items()}
+        for fn in fns.values():
+            fn()
+            fn()
+        times = {impl: [] for impl in impls}
+        for _ in range(max(repeats, 5)):
+            for impl in impls:  # alternate, so load changes hit both alike
+                times[impl].append(_timed(fns[impl]))
+        del steps, fns
+        case = {}
+        flops = model_flops(cfg, batch, kind == "train")
+        for impl in impls:
+            t = float(np.median(times[impl]))
+            out = subprocess.run([sys.executable, __file__, "--memory-child",
+                                  f"{kind}:{size}:{res}:{batch}:{impl}"],
+                                 capture_output=True, text=True, check=True)
+            mem = json.loads(out.stdout.strip().splitlines()[-1])
+            case[impl] = {"step_s": t, "tokens_per_s": batch * cfg.n_ctx / t,
+                          "gflops": flops / t / 1e9, "peak_fraction": flops / t / 1e9 / peak,
+                          "peak_rss_mb": mem["peak_mb"]}
+        line = (f"  {size}@{res} b{batch}: ours {case['ours']['step_s'] * 1e3:8.1f} ms, "
+                f"{case['ours']['tokens_per_s']:9,.0f} tok/s, {case['ours']['gflops']:6.1f} GFLOP/s "
+                f"({case['ours']['peak_fraction']:.0%} of peak), peak RSS {case['ours']['peak_rss_mb']:,.0f} MB")
+        if compare_torch:
+            case["ratio_ours_over_torch"] = case["ours"]["step_s"] / case["torch"]["step_s"]
+            line += (f" | torch {case['torch']['step_s'] * 1e3:8.1f} ms, peak RSS "
+                     f"{case['torch']['peak_rss_mb']:,.0f} MB | ours/torch {case['ratio_ours_over_torch']:.2f}")
+        print(line)
+        results[f"{size}@{res}_b{batch}"] = case
+    return results
+
+
+def bench_sampling(repeats: int) -> dict:
+    from minigpt_img.model import ImageGPT
+    from minigpt_img.sampling import generate
+    from minigpt_img.sizes import config_for
+    results = {}
+    print("sampling with the KV cache, 16 images")
+    for size, res in (("micro", 16), ("mini", 32)):
+        cfg = config_for(size, res)
+        model = ImageGPT(cfg, np.random.default_rng(0))
+        generate(model, 2, np.random.default_rng(0))  # warm-up
+        t = min(_timed(lambda: generate(model, 16, np.random.default_rng(1))) for _ in range(max(1, repeats // 3)))
+        results[f"{size}@{res}"] = {"seconds_16_images": t, "tokens_per_s": 16 * cfg.n_ctx / t}
+        print(f"  {size}@{res}: 16 images in {t:.1f} s, {16 * cfg.n_ctx / t:,.0f} tokens/s")
+    return results
+
+
+CASES = {  # name -> function of (arguments, fp32 GEMM peak)
+    "train": lambda a, peak: bench_model("train", a.repeats, a.compare_torch, peak),
+    "forward": lambda a, peak: bench_model("forward", a.repeats, a.compare_torch, peak),
+    "sampling": lambda a, peak: bench_sampling(a.repeats),
+    "attention": lambda a, peak: bench_attention(a.repeats),
+    "palette": lambda a, peak: bench_palette(a.repeats, a.data, a.data_dir),
+}
 
 
 def main() -> None:
@@ -150,21 +303,32 @@ def main() -> None:
     ap.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
     ap.add_argument("--repeats", type=int, default=5, help="timed repeats per case (default 5)")
     ap.add_argument("--json", help="also write the results to this JSON file")
+    ap.add_argument("--compare-torch", action="store_true", help="also time PyTorch on the same model")
+    ap.add_argument("--threads", type=int, default=None, help="threads for numba and BLAS (default: all)")
     ap.add_argument("--data", default="shapes", help="pixel source for the palette case (default shapes)")
     ap.add_argument("--data-dir", default="data", help="folder holding --data's files (default data)")
     ap.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_child:
-        attention_memory_child(args.memory_child)
+        if args.memory_child.count(":") == 4:
+            model_memory_child(args.memory_child)
+        else:
+            attention_memory_child(args.memory_child)
         return
+    if args.compare_torch:
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            sys.exit("--compare-torch needs PyTorch: pip install torch==2.13.0 (never a dependency)")
     import numba
     results = {"machine": {"cpu": platform.processor() or platform.machine(),
                            "threads": numba.get_num_threads(), "python": platform.python_version(),
                            "numpy": np.__version__, "numba": numba.__version__,
                            "date": time.strftime("%Y-%m-%d")}}
+    peak = matmul_peak_gflops() if {"train", "forward"} & set(args.cases) else None
+    results["machine"]["fp32_gemm_peak_gflops"] = peak
     for name in args.cases:
-        extra = {"data": args.data, "data_dir": args.data_dir} if name == "palette" else {}
-        results[name] = CASES[name](args.repeats, **extra)
+        results[name] = CASES[name](args, peak)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

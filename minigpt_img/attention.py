@@ -56,31 +56,36 @@ def attention_forward(q, k, v, causal, q_offset):
         m = np.full(i1 - i0, -np.inf)                              # running row max of S
         l = np.zeros(i1 - i0)                                      # running sum of exp(S - m)
         acc = np.zeros((i1 - i0, D), dtype=q.dtype)                # running sum of exp(S - m) V
-        row, work = np.empty(TILE), np.empty(TILE)
+        buf, work = np.empty(TILE * TILE), np.empty(TILE * TILE)
+        m_new = np.empty(i1 - i0)
         k_end = min(Tk, i1 + q_offset) if causal else Tk           # keys any row of the tile sees
         for j0 in range(0, k_end, TILE):
             j1 = min(j0 + TILE, k_end)
+            bk = j1 - j0
             S = np.dot(Qi, k[bh, j0:j1].T)                         # (bq, bk)
-            for a in range(i1 - i0):
-                nb = _visible(a, i0, j0, j1 - j0, causal, q_offset)
-                if nb == 0:
-                    S[a, :] = 0.0
-                    continue
+            for a in range(i1 - i0):                               # S * scale - new running max
+                nb = _visible(a, i0, j0, bk, causal, q_offset)
                 row_max = -np.inf
                 for b in range(nb):
                     row_max = max(row_max, np.float64(S[a, b]))
-                m_new = max(m[a], row_max * scale)
+                m_new[a] = max(m[a], row_max * scale)
                 for b in range(nb):
-                    row[b] = S[a, b] * scale - m_new
-                exp_inplace(row[:nb], work)                        # P = exp(S - m_new)
+                    buf[a * bk + b] = S[a, b] * scale - m_new[a]
+                for b in range(nb, bk):
+                    buf[a * bk + b] = -np.inf                      # masked: exp gives ~0, zeroed below
+            exp_inplace(buf[:(i1 - i0) * bk], work)                # P = exp(S - m_new), one call per tile
+            for a in range(i1 - i0):
+                nb = _visible(a, i0, j0, bk, causal, q_offset)
                 row_sum = 0.0
                 for b in range(nb):
-                    S[a, b] = row[b]
-                    row_sum += row[b]
+                    S[a, b] = buf[a * bk + b]
+                    row_sum += buf[a * bk + b]
                 S[a, nb:] = 0.0
-                corr = np.exp(m[a] - m_new)                        # rescales what was summed so far
+                if nb == 0:
+                    continue
+                corr = np.exp(m[a] - m_new[a])                     # rescales what was summed so far
                 l[a] = l[a] * corr + row_sum
-                m[a] = m_new
+                m[a] = m_new[a]
                 for d in range(D):
                     acc[a, d] *= corr
             acc += np.dot(S, v[bh, j0:j1])                         # (bq, bk) @ (bk, D)
@@ -131,7 +136,7 @@ def attention_backward(q, k, v, o, lse, do, causal, q_offset):
             for d in range(D):
                 s += np.float64(do[bh, i, d]) * o[bh, i, d]
             delta[i] = s
-        row, work = np.empty(TILE), np.empty(TILE)
+        buf, work = np.empty(TILE * TILE), np.empty(TILE * TILE)
         for j0 in range(0, Tk, TILE):
             j1 = min(j0 + TILE, Tk)
             Kj, Vj = k[bh, j0:j1], v[bh, j0:j1]                    # (bk, D)
@@ -142,13 +147,18 @@ def attention_backward(q, k, v, o, lse, do, causal, q_offset):
                 i1 = min(i0 + TILE, Tq)
                 Qi, dOi = q[bh, i0:i1], do[bh, i0:i1]              # (bq, D)
                 P = np.dot(Qi, Kj.T)                               # (bq, bk): S, then P in place
+                bk = j1 - j0
                 for a in range(i1 - i0):
-                    nb = _visible(a, i0, j0, j1 - j0, causal, q_offset)
+                    nb = _visible(a, i0, j0, bk, causal, q_offset)
                     for b in range(nb):
-                        row[b] = P[a, b] * scale - lse[bh, i0 + a]
-                    exp_inplace(row[:nb], work)
+                        buf[a * bk + b] = P[a, b] * scale - lse[bh, i0 + a]
+                    for b in range(nb, bk):
+                        buf[a * bk + b] = -np.inf
+                exp_inplace(buf[:(i1 - i0) * bk], work)            # one call per tile
+                for a in range(i1 - i0):
+                    nb = _visible(a, i0, j0, bk, causal, q_offset)
                     for b in range(nb):
-                        P[a, b] = row[b]
+                        P[a, b] = buf[a * bk + b]
                     P[a, nb:] = 0.0
                 dVj += np.dot(P.T, dOi)                            # (bk, D)
                 dS = np.dot(dOi, Vj.T)                             # (bq, bk): dP, then dS in place

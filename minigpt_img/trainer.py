@@ -35,7 +35,7 @@ from .optim import Adam, clip_grad_norm, lr_at
 from .palette import Palette, fit_palette
 from .plots import image_grid, line_chart, save_png
 from .sampling import generate
-from .sizes import config_for
+from .sizes import config_for, default_batch
 from .tensor import no_grad
 
 
@@ -55,7 +55,7 @@ class RunConfig:
     data_dir: str = "data"
     objective: str = "ar"
     mask_rate: float = 0.15
-    batch_size: int = 16
+    batch_size: int | None = None   # None: the size's default (sizes.py)
     grad_accum: int = 1
     lr: float = 3e-3
     steps: int | None = None
@@ -115,6 +115,8 @@ def resolve_config(given: dict, resume: bool) -> RunConfig:
                 raise ConfigError(f"{path} was trained with --{key.replace('_', '-')} {saved[key]}, not "
                                   f"{given[key]}: drop that flag to resume, or start a new --out")
         values = {**dataclasses.asdict(RunConfig()), **saved, **given}
+    if values["batch_size"] is None:
+        values["batch_size"] = default_batch(values["size"])
     return RunConfig(**values)
 
 
@@ -129,6 +131,9 @@ class Pretraining:
         self.ckpt_path = self.out / "ckpt.npz"
         if cfg.objective not in ("ar", "bert"):
             raise ConfigError(f"--objective must be ar or bert, not {cfg.objective}")
+        if cfg.batch_size is None:
+            cfg = dataclasses.replace(cfg, batch_size=default_batch(cfg.size))
+            self.cfg = cfg
         if cfg.batch_size < 1 or cfg.grad_accum < 1:
             raise ConfigError("--batch-size and --grad-accum must be at least 1")
         if self.ckpt_path.exists() and not resume:
