@@ -66,7 +66,8 @@ def main(argv=None) -> int:
         if getattr(args, "download", False):
             download(cfg.data, cfg.data_dir)
         run = (FineTuning if cfg.finetune else Pretraining)(cfg, resume=args.resume)
-        print("config:", ", ".join(f"{k}={v}" for k, v in vars(cfg).items()))
+        print("config:", ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                                   for k, v in vars(cfg).items()))
         run.train()
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)

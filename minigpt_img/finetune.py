@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+from tqdm import tqdm
 
 from . import checkpoint as ck
 from . import nn, ops
@@ -66,11 +67,13 @@ class FineTuning(Pretraining):
         clf = ops.cross_entropy(clf_logits, y)
         return clf if self.cfg.clf_only else gen + clf
 
-    def accuracy(self, tokens: np.ndarray, labels: np.ndarray, batch_size: int = 64) -> dict:
+    def accuracy(self, tokens: np.ndarray, labels: np.ndarray, batch_size: int = 64,
+                 progress: bool = False) -> dict:
         rng = np.random.default_rng([self.cfg.seed, 7919])
         correct, gen_total, clf_total = 0, 0.0, 0.0
         with no_grad():
-            for s in range(0, len(tokens), batch_size):
+            for s in tqdm(range(0, len(tokens), batch_size), desc="scoring", unit="batch",
+                          disable=not progress, leave=False):
                 x, y = tokens[s:s + batch_size].astype(np.int64), labels[s:s + batch_size]
                 gen, clf_logits = self.forward(x, rng)
                 correct += int(np.sum(clf_logits.data.argmax(axis=1) == y))
@@ -102,7 +105,7 @@ class FineTuning(Pretraining):
         self._load_weights(ck.load_arrays(self.best_path), self.best_path, heads=True)
         split, name = (self.ds.test, "test") if self.ds.test is not None else (self.ds.val, "validation")
         tokens = cached_tokens(split.images, self.palette, self.cfg.cache_dir)
-        result = self.accuracy(tokens, split.labels)
+        result = self.accuracy(tokens, split.labels, progress=True)
         self.log(f"best checkpoint (val accuracy {self.best_acc:.2%}): {name} accuracy "
                  f"{result['acc']:.2%} on {len(split)} images")
         summary = {"best_val_acc": self.best_acc, "eval_split": name, "eval_acc": result["acc"],

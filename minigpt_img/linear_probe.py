@@ -28,7 +28,7 @@ from tqdm import tqdm
 from .objectives import ar_inputs, bert_mask
 from .tensor import no_grad
 
-L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+L2_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
 
 # ---- features ----------------------------------------------------------------------------------
@@ -211,19 +211,26 @@ def probe_report(ckpt, data=None, data_dir=None, eval_split="test", layers=None,
               "n_eval": ev_n, "layers": rows, "best": best, "objective": objective}
 
     if baselines:
-        log("baselines: raw pixels, palette-token histogram, random-init model")
-        pix_tr = x_tr.reshape(tr_n, -1).astype(np.float32) / 255.0
-        pix_ev = x_ev.reshape(ev_n, -1).astype(np.float32) / 255.0
-        report["raw_pixels"] = probe_layer(pix_tr, y_tr, pix_ev, y_ev, K, seed)
-        V = cfg.vocab
-        hist_tr = np.stack([np.bincount(t, minlength=V) for t in t_tr]) / t_tr.shape[1]
-        hist_ev = np.stack([np.bincount(t, minlength=V) for t in t_ev]) / t_ev.shape[1]
-        report["token_histogram"] = probe_layer(hist_tr, y_tr, hist_ev, y_ev, K, seed)
-        random_model = ImageGPT(cfg, np.random.default_rng([seed, 31337]))
-        random_model.lm_head.weight.data[:] = 0  # irrelevant to features; as initialised
-        R_tr, R_ev = features(random_model, t_tr, "train", "random"), features(random_model, t_ev, eval_split, "random")
-        rand_rows = [{"layer": l, **probe_layer(R_tr[:, l], y_tr, R_ev[:, l], y_ev, K, seed)} for l in chosen]
-        report["random_init"] = {"layers": rand_rows, "best": _best(rand_rows)}
+        with tqdm(total=3, desc="baselines", unit="baseline") as bar:
+            bar.set_postfix_str("raw pixels")
+            pix_tr = x_tr.reshape(tr_n, -1).astype(np.float32) / 255.0
+            pix_ev = x_ev.reshape(ev_n, -1).astype(np.float32) / 255.0
+            report["raw_pixels"] = probe_layer(pix_tr, y_tr, pix_ev, y_ev, K, seed)
+            bar.update()
+            bar.set_postfix_str("palette-token histogram")
+            V = cfg.vocab
+            hist_tr = np.stack([np.bincount(t, minlength=V) for t in t_tr]) / t_tr.shape[1]
+            hist_ev = np.stack([np.bincount(t, minlength=V) for t in t_ev]) / t_ev.shape[1]
+            report["token_histogram"] = probe_layer(hist_tr, y_tr, hist_ev, y_ev, K, seed)
+            bar.update()
+            bar.set_postfix_str("random-init model")
+            random_model = ImageGPT(cfg, np.random.default_rng([seed, 31337]))
+            R_tr = features(random_model, t_tr, "train", "random")
+            R_ev = features(random_model, t_ev, eval_split, "random")
+            rand_rows = [{"layer": l, **probe_layer(R_tr[:, l], y_tr, R_ev[:, l], y_ev, K, seed)}
+                         for l in chosen]
+            report["random_init"] = {"layers": rand_rows, "best": _best(rand_rows)}
+            bar.update()
 
     if labels_per_class:
         l = best["layer"]

@@ -287,7 +287,7 @@ class Pretraining:
         self.log(f"model: {cfg.size} ({self.model.num_parameters() / 1e6:.2f}M parameters), "
                  f"objective {cfg.objective}, {tokens_per_step} tokens per step "
                  f"({cfg.batch_size} x {cfg.grad_accum} images), {self.total} steps "
-                 f"({self.total / self.steps_per_epoch:.2f} epochs), warm-up {self.warmup}, lr {cfg.lr}")
+                 f"({self.total / self.steps_per_epoch:.2f} epochs), warm-up {self.warmup}, lr {cfg.lr:g}")
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         t0 = last_ckpt = time.time()
         first_step = self.step

@@ -159,3 +159,11 @@ def test_tiny_model_overfits_one_batch():
         loss.backward()
         opt.step()
     assert loss.item() < 0.05, loss.item()  # from log(8) = 2.08 nats
+
+
+def test_default_batch_by_size():
+    from minigpt_img.sizes import default_batch
+    from minigpt_img.trainer import resolve_config
+    assert [default_batch(s) for s in ("nano", "micro", "mini", "s", "m")] == [16, 16, 8, 4, 1]
+    assert resolve_config({"size": "s"}, resume=False).batch_size == 4
+    assert resolve_config({"size": "s", "batch_size": 2}, resume=False).batch_size == 2
