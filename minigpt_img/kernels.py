@@ -32,9 +32,11 @@ GELU2_K = 1.702  # the iGPT activation x * sigmoid(1.702 x)
 # r is taken with ln 2 split in a high part (exact times any k here) and a low part, exp(r) is its
 # Taylor series to r^13 (relative error < 1e-16 on that range), and 2^k is written straight into the
 # exponent bits of a double: (k + 1023) << 52. k goes through int32, a conversion SIMD units have
-# (a libm floor call would stop the loop from vectorising). Stays right under fast-math
-# reassociation, which numba applies to a callee inlined into a fast-math kernel. About 1 ulp; NaN
-# stays NaN; inputs beyond [-708, 709] are clamped.
+# (a libm floor call would stop the loop from vectorising). numba compiles this function with the
+# fast-math flags of the kernel that first calls it, and reassociation would merge the two parts of
+# k ln 2; so the first loop stores the exact x - k ln2_hi and the second subtracts k ln2_lo from it,
+# one operation, leaving nothing to reassociate. About 1 ulp; NaN stays NaN; inputs beyond
+# [-708, 709] are clamped.
 # ---------------------------------------------------------------------------------------------
 _LOG2E = 1.4426950408889634
 _LN2_HI = 6.93147180369123816490e-01
@@ -46,7 +48,7 @@ def exp_inplace(a, work):
     """a[:] = exp(a) for a 1-D float64 array; work: float64 scratch of at least a.size."""
     n = a.size
     scale_bits = work[:n].view(np.int64)
-    for i in range(n):
+    for i in range(n):  # k, the exact high part of r, and 2^k
         x = a[i]
         if x < -708.0:
             x = -708.0
@@ -54,8 +56,11 @@ def exp_inplace(a, work):
             x = 709.0
         y = x * _LOG2E
         ki = np.int32(y + 0.5) if y >= 0.0 else np.int32(y - 0.5)    # round half away from zero
-        k = np.float64(ki)
-        r = (x - k * _LN2_HI) - k * _LN2_LO
+        a[i] = x - np.float64(ki) * _LN2_HI                          # exact: k * ln2_hi has spare bits
+        scale_bits[i] = (np.int64(ki) + 1023) << 52                   # the double 2^k
+    for i in range(n):  # r = high - k ln2_lo in ONE subtraction: nothing left to reassociate
+        k = np.float64((scale_bits[i] >> 52) - 1023)
+        r = a[i] - k * _LN2_LO
         p = 1.0 / 6227020800.0
         p = p * r + 1.0 / 479001600.0
         p = p * r + 1.0 / 39916800.0
@@ -69,10 +74,7 @@ def exp_inplace(a, work):
         p = p * r + 1.0 / 6.0
         p = p * r + 0.5
         p = p * r + 1.0
-        a[i] = p * r + 1.0
-        scale_bits[i] = (np.int64(ki) + 1023) << 52                   # the double 2^k
-    for i in range(n):
-        a[i] *= work[i]
+        a[i] = (p * r + 1.0) * work[i]
 
 
 # ---------------------------------------------------------------------------------------------
