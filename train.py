@@ -31,6 +31,8 @@ def parse(argv=None):
     a("--weight-decay", type=float, help="decoupled weight decay (default 0, as the paper)")
     a("--clip", type=float, help="global gradient-norm clip, 0 for none (default 1.0)")
     a("--palette-size", type=int, help="k-means colours, the vocabulary (default 512)")
+    a("--palette", help="use this palette instead of fitting one: a (k, 3) .npy in [-1, 1] or a Hugging "
+      "Face preprocessor_config.json with 'clusters' (OpenAI's released palette) (default: fit)")
     a("--no-augment", dest="augment", action="store_false", help="no random crop/flip (default: on)")
     a("--seed", type=int, help="seed of init, data order, augmentation, palette (default 0)")
     a("--out", help="run folder for ckpt.npz, metrics.jsonl, loss.png, samples.png (default runs/default)")

@@ -32,7 +32,7 @@ from .data import augment, cached_tokens, load_dataset
 from .model import ImageGPT
 from .objectives import NATS_TO_BITS, ar_loss, bert_loss, bert_mask, unigram_entropy
 from .optim import Adam, clip_grad_norm, lr_at
-from .palette import Palette, fit_palette
+from .palette import Palette, fit_palette, load_palette
 from .plots import image_grid, line_chart, save_png
 from .sampling import generate
 from .sizes import config_for, default_batch
@@ -64,6 +64,7 @@ class RunConfig:
     weight_decay: float = 0.0
     clip: float = 1.0
     palette_size: int = 512
+    palette: str | None = None       # a palette file to use instead of fitting one (palette.load_palette)
     augment: bool = True
     seed: int = 0
     out: str = "runs/default"
@@ -78,17 +79,26 @@ class RunConfig:
     clf_only: bool = False           # fine-tuning: L_CLF alone, without L_GEN
     patience: int = 5                # fine-tuning: evaluations without a better val accuracy
 
+    def __post_init__(self):
+        if self.batch_size is None:
+            self.batch_size = default_batch(self.size)
+
 
 # Settings a resumed run must share with its checkpoint (the rest may change between sessions).
 FIXED_ON_RESUME = ("size", "res", "data", "objective", "mask_rate", "batch_size", "grad_accum", "lr",
-                   "warmup_steps", "weight_decay", "clip", "palette_size", "augment", "seed", "finetune",
-                   "clf_only")
+                   "warmup_steps", "weight_decay", "clip", "palette_size", "palette", "augment", "seed",
+                   "finetune", "clf_only")
 DEFAULT_EPOCHS = 1.0  # when neither --steps nor --epochs is given
+
+
+def _field_defaults() -> dict:
+    """The declared defaults (batch_size stays None, to be filled in for the size finally chosen)."""
+    return {f.name: f.default for f in dataclasses.fields(RunConfig)}
 
 
 def resolve_config(given: dict, resume: bool) -> RunConfig:
     """Defaults, then the checkpoint's own settings when resuming, then the flags given."""
-    values = dataclasses.asdict(RunConfig())
+    values = _field_defaults()
     values.update(given)
     if given.get("finetune") and not resume:
         path = Path(given["finetune"])
@@ -101,7 +111,7 @@ def resolve_config(given: dict, resume: bool) -> RunConfig:
                 raise ConfigError(f"{path} fixes --{key.replace('_', '-')} {pre[key]}: drop that flag")
         inherited = ("size", "res", "palette_size", "data", "data_dir", "objective", "mask_rate",
                      "batch_size", "seed", "cache_dir")
-        values = {**dataclasses.asdict(RunConfig()), **{k: pre[k] for k in inherited if k in pre},
+        values = {**_field_defaults(), **{k: pre[k] for k in inherited if k in pre},
                   "lr": pre["lr"] / 10,  # §2.3: fine-tuning uses a learning rate ~10x lower
                   "out": str(path.parent) + "-finetune", **given}
     if resume:
@@ -114,9 +124,7 @@ def resolve_config(given: dict, resume: bool) -> RunConfig:
             if key in given and given[key] != saved[key]:
                 raise ConfigError(f"{path} was trained with --{key.replace('_', '-')} {saved[key]}, not "
                                   f"{given[key]}: drop that flag to resume, or start a new --out")
-        values = {**dataclasses.asdict(RunConfig()), **saved, **given}
-    if values["batch_size"] is None:
-        values["batch_size"] = default_batch(values["size"])
+        values = {**_field_defaults(), **saved, **given}
     return RunConfig(**values)
 
 
@@ -131,9 +139,6 @@ class Pretraining:
         self.ckpt_path = self.out / "ckpt.npz"
         if cfg.objective not in ("ar", "bert"):
             raise ConfigError(f"--objective must be ar or bert, not {cfg.objective}")
-        if cfg.batch_size is None:
-            cfg = dataclasses.replace(cfg, batch_size=default_batch(cfg.size))
-            self.cfg = cfg
         if cfg.batch_size < 1 or cfg.grad_accum < 1:
             raise ConfigError("--batch-size and --grad-accum must be at least 1")
         if self.ckpt_path.exists() and not resume:
@@ -148,7 +153,19 @@ class Pretraining:
         t = time.time()
         self.ds = load_dataset(cfg.data, cfg.data_dir, res=cfg.res, seed=cfg.seed)
         if arrays is not None:
+            if "palette" not in arrays:
+                raise ConfigError(f"{self.ckpt_path if resume else init_from} holds no palette: use a "
+                                  "checkpoint written by train.py")
             self.palette = Palette(arrays["palette"])
+        elif cfg.palette:
+            try:
+                centers = load_palette(cfg.palette)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+            if len(centers) != cfg.palette_size:
+                raise ConfigError(f"{cfg.palette} holds {len(centers)} colours, not --palette-size "
+                                  f"{cfg.palette_size}: pass --palette-size {len(centers)}")
+            self.palette = Palette(centers)
         else:
             self.palette = Palette(fit_palette(self.ds.train.images, k=cfg.palette_size, seed=cfg.seed))
         self.train_tokens = cached_tokens(self.ds.train.images, self.palette, cfg.cache_dir)  # (N, T)

@@ -102,3 +102,20 @@ def test_sample_script(tmp_path):
     r = subprocess.run([sys.executable, str(REPO / "sample.py"), "--ckpt", str(tmp_path / "bert.npz")],
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 2 and "BERT" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_sample_from_hugging_face_folder(tmp_path):
+    from minigpt_img.checkpoint import export_hf
+    pal = np.random.default_rng(0).uniform(-1, 1, (6, 3)).astype(np.float32)
+    export_hf(model(), tmp_path / "hf", pal)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = tmp_path / "hf_samples.png"
+    r = subprocess.run([sys.executable, str(REPO / "sample.py"), "--init-from", str(tmp_path / "hf"),
+                        "--n", "2", "--scale", "1", "--out", str(out)],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert Image.open(out).size == (2 * 5 + 1, 5 + 1)
+    (tmp_path / "hf" / "preprocessor_config.json").unlink()
+    r = subprocess.run([sys.executable, str(REPO / "sample.py"), "--init-from", str(tmp_path / "hf")],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 2 and "palette" in r.stderr and "Traceback" not in r.stderr

@@ -205,3 +205,14 @@ def test_script_ctrl_c_saves_and_tells_how_to_resume(image_folder, tmp_path):
     assert "python train.py --resume --out" in stdout
     meta = json.loads(str(load_arrays(out / "ckpt.npz")["config"]))["meta"]
     assert 0 < meta["step"] < 100000
+
+
+def test_released_palette_file_is_used_instead_of_fitting(image_folder, tmp_path):
+    clusters = np.random.default_rng(3).uniform(-1, 1, (16, 3)).round(4)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"clusters": clusters.tolist()}))
+    run = Pretraining(tiny(image_folder, tmp_path / "pal", palette=str(tmp_path / "preprocessor_config.json"),
+                           steps=1), log=lambda *a: None)
+    np.testing.assert_allclose(run.palette.centers, clusters, rtol=1e-6)
+    with pytest.raises(ConfigError, match="holds 16 colours, not --palette-size 32"):
+        Pretraining(tiny(image_folder, tmp_path / "pal2", palette_size=32,
+                         palette=str(tmp_path / "preprocessor_config.json")), log=lambda *a: None)
