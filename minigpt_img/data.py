@@ -92,6 +92,10 @@ class _Source:
     def has(self, member: str) -> bool:
         return (self.folder / member).is_file() if self.folder else member in self.members
 
+    def close(self) -> None:
+        if self.tar is not None:
+            self.tar.close()
+
     def read(self, member: str) -> bytes:
         if not self.has(member):
             raise DataError(f"{self.where} has no {member}: the download is incomplete; "
@@ -130,8 +134,15 @@ def _stl_split(src: _Source, x_file: str, y_file: str) -> Split:
 
 
 def _load_binary(name: str, data_dir: Path):
-    folder, archive, train_files, test_files, label_bytes, label_at, classes_file = BINARY[name]
     src = _Source(name, data_dir)
+    try:
+        return _read_binary(name, src)
+    finally:
+        src.close()
+
+
+def _read_binary(name: str, src: _Source):
+    folder, archive, train_files, test_files, label_bytes, label_at, classes_file = BINARY[name]
     if name == "stl10":
         train = _stl_split(src, *train_files)
         test = _stl_split(src, *test_files) if all(src.has(f) for f in test_files) else None
