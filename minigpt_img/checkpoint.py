@@ -36,14 +36,15 @@ class CheckpointError(Exception):
 
 
 # ---- our .npz ---------------------------------------------------------------------------------
-def save_arrays(path, arrays: dict[str, np.ndarray]) -> None:
-    """Write arrays to `path` (.npz) atomically: temp file in the same folder, fsync, rename."""
+def write_atomic(path, write) -> None:
+    """Call write(f) on a temporary file beside `path`, flush it to disk, then rename it over `path`:
+    readers see the old file or the new one, never half of one, whatever interrupts the write."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -51,6 +52,11 @@ def save_arrays(path, arrays: dict[str, np.ndarray]) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def save_arrays(path, arrays: dict[str, np.ndarray]) -> None:
+    """Write arrays to `path` (.npz) atomically."""
+    write_atomic(path, lambda f: np.savez(f, **arrays))
 
 
 def load_arrays(path) -> dict[str, np.ndarray]:

@@ -18,7 +18,6 @@ pixel, cropping and flipping token grids equals quantising augmented images, so 
 from __future__ import annotations
 
 import hashlib
-import io
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from .checkpoint import write_atomic
 from .shapes import CLASSES as SHAPE_CLASSES, make_shapes
 
 
@@ -283,11 +283,6 @@ def cached_tokens(images: np.ndarray, palette, cache_dir) -> np.ndarray:
         except (OSError, ValueError):
             pass  # damaged: fall through and rebuild
     tokens = palette.encode(images).astype(np.uint16)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    np.save(buf, tokens, allow_pickle=False)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(buf.getvalue())
-    tmp.replace(path)
-    digest_path.write_text(hashlib.sha256(tokens.data).hexdigest())
+    write_atomic(path, lambda f: np.save(f, tokens, allow_pickle=False))
+    write_atomic(digest_path, lambda f: f.write(hashlib.sha256(tokens.data).hexdigest().encode()))
     return tokens

@@ -25,6 +25,7 @@ import numpy as np
 from scipy.optimize import minimize
 from tqdm import tqdm
 
+from .checkpoint import write_atomic
 from .objectives import ar_inputs, bert_mask
 from .tensor import no_grad
 
@@ -63,10 +64,7 @@ def cached_features(path: Path, compute) -> np.ndarray:
         except (OSError, ValueError):
             pass  # damaged: recompute
     feats = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npy")
-    np.save(tmp, feats)
-    tmp.replace(path)
+    write_atomic(path, lambda f: np.save(f, feats, allow_pickle=False))
     return feats
 
 
