@@ -27,7 +27,7 @@ from tqdm import tqdm
 from . import checkpoint as ck
 from . import nn, ops
 from .data import cached_tokens
-from .objectives import ar_inputs, bert_mask
+from .objectives import generative_loss
 from .tensor import no_grad
 from .trainer import Pretraining
 
@@ -51,14 +51,8 @@ class FineTuning(Pretraining):
 
     def forward(self, x: np.ndarray, rng):
         """-> (L_GEN, class logits (B, K)) for tokens x (B, T)."""
-        cfg = self.cfg
-        if cfg.objective == "ar":
-            logits, feats = self.model(ar_inputs(x, self.model.config.sos), causal=True, features=True)
-            gen = ops.cross_entropy(logits, x)
-        else:
-            mask = bert_mask(x.shape, cfg.mask_rate, rng)
-            logits, feats = self.model(x, causal=False, input_mask=mask, features=True)
-            gen = ops.cross_entropy(logits, x, weights=mask.astype(np.float64))
+        gen, feats = generative_loss(self.model, x, self.cfg.objective, self.cfg.mask_rate, rng,
+                                     features=True)
         pooled = ops.mean(feats[-1], axis=1)                                   # (B, C)
         return gen, self.heads["score"](pooled)                                # (B, K)
 

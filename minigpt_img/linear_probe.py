@@ -26,7 +26,7 @@ from scipy.optimize import minimize
 from tqdm import tqdm
 
 from .checkpoint import write_atomic
-from .objectives import ar_inputs, bert_mask
+from .objectives import model_inputs
 from .tensor import no_grad
 
 L2_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
@@ -40,19 +40,16 @@ def extract_features(model, tokens: np.ndarray, objective: str = "ar", batch_siz
     cfg = model.config
     feats = np.empty((len(tokens), cfg.n_layer + 1, cfg.n_embd), np.float32)
     rng = np.random.default_rng([seed, 4242])
+    repeats = n_masks if objective == "bert" else 1  # AR inputs are not random: one pass is the mean
     with no_grad():
         for s in tqdm(range(0, len(tokens), batch_size), desc=desc, unit="batch", leave=False):
             x = np.asarray(tokens[s:s + batch_size], dtype=np.int64)
-            if objective == "ar":
-                _, ns = model(ar_inputs(x, cfg.sos), causal=True, features=True)
-                feats[s:s + len(x)] = np.stack([n.data.mean(axis=1) for n in ns], axis=1)
-            else:
-                acc = 0.0
-                for _ in range(n_masks):
-                    _, ns = model(x, causal=False, input_mask=bert_mask(x.shape, mask_rate, rng),
-                                  features=True)
-                    acc = acc + np.stack([n.data.mean(axis=1) for n in ns], axis=1)
-                feats[s:s + len(x)] = acc / n_masks
+            acc = 0.0
+            for _ in range(repeats):
+                inputs, causal, mask = model_inputs(x, cfg.sos, objective, mask_rate, rng)
+                _, ns = model(inputs, causal=causal, input_mask=mask, features=True)
+                acc = acc + np.stack([n.data.mean(axis=1) for n in ns], axis=1)     # (B, L+1, C)
+            feats[s:s + len(x)] = acc / repeats
     return feats
 
 

@@ -34,12 +34,6 @@ def ar_inputs(x: np.ndarray, sos: int) -> np.ndarray:
     return np.concatenate([np.full((len(x), 1), sos, dtype=np.int64), x[:, :-1]], axis=1)
 
 
-def ar_loss(model, x: np.ndarray):
-    """L_AR in nats per token, a scalar Tensor."""
-    logits = model(ar_inputs(x, model.config.sos), causal=True)               # (B, T, V)
-    return ops.cross_entropy(logits, x)
-
-
 def bert_mask(shape, rate: float, rng: np.random.Generator) -> np.ndarray:
     """Each position masked independently with probability `rate`. A batch that draws no masked
     position at all (possible only for tiny batches) gets one, so the loss is defined."""
@@ -49,10 +43,38 @@ def bert_mask(shape, rate: float, rng: np.random.Generator) -> np.ndarray:
     return mask
 
 
+def model_inputs(x: np.ndarray, sos: int, objective: str, mask_rate: float = 0.15, rng=None,
+                 mask=None):
+    """How an objective shows tokens x (B, T) to the model -> (inputs, causal, input_mask):
+    AR reads [SOS, x_1 .. x_{T-1}] under the causal mask; BERT reads x with the positions of `mask`
+    (drawn with bert_mask when not given) hidden, without a mask on attention."""
+    if objective == "ar":
+        return ar_inputs(x, sos), True, None
+    if mask is None:
+        mask = bert_mask(x.shape, mask_rate, rng)
+    return x, False, mask
+
+
+def generative_loss(model, x: np.ndarray, objective: str = "ar", mask_rate: float = 0.15, rng=None,
+                    mask=None, features: bool = False):
+    """L_AR (nats per token) or L_BERT (nats per masked token), a scalar Tensor; with
+    features=True also the per-layer n^l of the same forward pass (fine-tuning pools n^L)."""
+    inputs, causal, input_mask = model_inputs(x, model.config.sos, objective, mask_rate, rng, mask)
+    out = model(inputs, causal=causal, input_mask=input_mask, features=features)
+    logits, feats = out if features else (out, None)                          # (B, T, V)
+    weights = None if input_mask is None else input_mask.astype(np.float64)   # BERT: masked only
+    loss = ops.cross_entropy(logits, x, weights=weights)
+    return (loss, feats) if features else loss
+
+
+def ar_loss(model, x: np.ndarray):
+    """L_AR in nats per token, a scalar Tensor."""
+    return generative_loss(model, x, "ar")
+
+
 def bert_loss(model, x: np.ndarray, mask: np.ndarray):
     """L_BERT in nats per masked token, a scalar Tensor; mask (B, T) bool from bert_mask."""
-    logits = model(x, causal=False, input_mask=mask)                           # (B, T, V)
-    return ops.cross_entropy(logits, x, weights=mask.astype(np.float64))
+    return generative_loss(model, x, "bert", mask=mask)
 
 
 def unigram_entropy(tokens: np.ndarray, vocab: int) -> float:

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from . import checkpoint as ck
 from .data import augment, cached_tokens, load_dataset
 from .model import ImageGPT
-from .objectives import NATS_TO_BITS, ar_loss, bert_loss, bert_mask, unigram_entropy
+from .objectives import NATS_TO_BITS, generative_loss, unigram_entropy
 from .optim import Adam, clip_grad_norm, lr_at
 from .palette import Palette, fit_palette, load_palette
 from .plots import image_grid, line_chart, save_png
@@ -265,9 +265,7 @@ class Pretraining:
 
     def loss(self, x: np.ndarray, y: np.ndarray, rng: np.random.Generator):
         """The objective on tokens x (B, T); the labels y are for fine-tuning."""
-        if self.cfg.objective == "ar":
-            return ar_loss(self.model, x)
-        return bert_loss(self.model, x, bert_mask(x.shape, self.cfg.mask_rate, rng))
+        return generative_loss(self.model, x, self.cfg.objective, self.cfg.mask_rate, rng)
 
     def evaluate(self, batch_size: int = 64) -> dict:
         """{"loss": mean validation loss in nats per token} (BERT: per masked token, fixed masks)."""
