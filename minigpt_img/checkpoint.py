@@ -59,16 +59,22 @@ def save_arrays(path, arrays: dict[str, np.ndarray]) -> None:
     write_atomic(path, lambda f: np.savez(f, **arrays))
 
 
-def load_arrays(path) -> dict[str, np.ndarray]:
+def load_arrays(path, keys=None) -> dict[str, np.ndarray]:
+    """The arrays of a .npz checkpoint (only `keys`, when given: the others are not read)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}: pass the ckpt.npz a training run wrote")
     try:
         with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
+            return {k: z[k] for k in z.files if keys is None or k in keys}
     except Exception as e:  # zipfile/format errors: a truncated or foreign file
         raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e}); "
                               "it may be truncated: use an intact copy or retrain") from None
+
+
+def read_meta(path) -> tuple[GPTConfig, dict]:
+    """(model config, meta) of a checkpoint, reading only its small `config` entry, not the weights."""
+    return read_config(load_arrays(path, keys=("config",)), path)
 
 
 def save_model(path, model: ImageGPT, palette=None, meta: dict | None = None,

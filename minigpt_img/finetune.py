@@ -42,7 +42,7 @@ class FineTuning(Pretraining):
         self.val_labels = self.ds.val.labels[:cfg.eval_images]
         self.best_acc, self.evals_since_best = -1.0, 0
         if resume and self.best_path.exists():
-            _, meta = ck.read_config(ck.load_arrays(self.best_path), self.best_path)
+            _, meta = ck.read_meta(self.best_path)
             self.best_acc = meta.get("val_acc", -1.0)
 
     def make_heads(self, rng) -> dict:

@@ -102,7 +102,7 @@ def resolve_config(given: dict, resume: bool) -> RunConfig:
     values.update(given)
     if given.get("finetune") and not resume:
         path = Path(given["finetune"])
-        _, meta = ck.read_config(ck.load_arrays(path), path)
+        _, meta = ck.read_meta(path)
         pre = meta.get("run")
         if pre is None:
             raise ConfigError(f"{path} is not a train.py checkpoint: fine-tune a pre-trained run")
@@ -116,7 +116,7 @@ def resolve_config(given: dict, resume: bool) -> RunConfig:
                   "out": str(path.parent) + "-finetune", **given}
     if resume:
         path = Path(values["out"]) / "ckpt.npz"
-        _, meta = ck.read_config(ck.load_arrays(path), path)
+        _, meta = ck.read_meta(path)
         saved = meta.get("run")
         if saved is None:
             raise ConfigError(f"{path} is not a pre-training checkpoint: resume a train.py run")

@@ -135,3 +135,12 @@ def test_parity_with_live_transformers_both_ways(tmp_path):
     back = ImageGPTForCausalImageModeling.from_pretrained(tmp_path / "export").eval()
     x = tokens(mine.config)
     np.testing.assert_allclose(hf_logits(back, x), mine(x).data, atol=1e-4)
+
+
+def test_read_meta_reads_only_the_config(tmp_path):
+    ck.save_model(tmp_path / "ckpt.npz", small_model(), meta={"step": 3}, extra={"big": np.zeros(10)})
+    assert ck.load_arrays(tmp_path / "ckpt.npz", keys=("config",)).keys() == {"config"}
+    cfg, meta = ck.read_meta(tmp_path / "ckpt.npz")
+    assert cfg == small_model().config and meta == {"step": 3}
+    with pytest.raises(ck.CheckpointError, match="no checkpoint at"):
+        ck.read_meta(tmp_path / "missing.npz")
