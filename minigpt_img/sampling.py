@@ -69,7 +69,6 @@ def completion_rows(model, palette, images: np.ndarray, per_image: int, frac: fl
     prefix = np.repeat(tokens[:, :given], per_image, axis=0)                   # (n * k, given)
     samples = generate(model, n * per_image, rng, temperature, top_k, prefix=prefix, progress=progress)
     completed = palette.decode(samples).reshape(n, per_image, H, W, 3)
-    shown = palette.decode(tokens)                                             # quantised originals
-    half = shown.copy()
-    half.reshape(n, -1, 3)[:, given:] = 128
+    half = palette.decode(tokens)                                              # quantised originals
+    half.reshape(n, -1, 3)[:, given:] = 128                                    # hide all but the given rows
     return np.concatenate([images[:, None], half[:, None], completed], axis=1).reshape(-1, H, W, 3)
