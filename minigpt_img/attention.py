@@ -13,7 +13,7 @@ Legend: BH = B * NH rows of heads, T tokens, D = C / NH head size.
 import numpy as np
 from numba import njit, prange
 
-from .kernels import _JIT, exp_inplace
+from .kernels import _JIT, exp_inplace, row_max
 
 def split_heads(qkv: np.ndarray, n_head: int):
     """(B, T, 3C) fused projections -> q, k, v, each C-contiguous (B*NH, T, D), D = C / NH."""
@@ -29,7 +29,17 @@ def merge_heads(o: np.ndarray, B: int) -> np.ndarray:
     return np.ascontiguousarray(o.reshape(B, BH // B, T, D).transpose(0, 2, 1, 3)).reshape(B, T, -1)
 
 
-TILE = 64
+# Tiles: TQ query rows by TK keys. Every tile product is a BLAS GEMM of TQ * TK * D multiply-adds,
+# called from inside our own parallel loop; OpenBLAS runs a GEMM on one thread only up to
+# m * n * k = 2^18 and beyond that starts its own threads inside ours (measured 60x slower), so the
+# key tile shrinks as the head grows: TK = 128 for D <= 32, 64 for D = 64.
+TQ = 64
+GEMM_ONE_THREAD = 1 << 18
+
+
+@njit(**_JIT)
+def _key_tile(D):
+    return max(8, min(128, GEMM_ONE_THREAD // (TQ * D)))
 
 
 @njit(**_JIT)
@@ -42,54 +52,58 @@ def _visible(a, i0, j0, bk, causal, q_offset):
 
 @njit(parallel=True, **_JIT)
 def attention_forward(q, k, v, causal, q_offset):
-    """q (BH, Tq, D), k, v (BH, Tk, D) -> o (BH, Tq, D), lse (BH, Tq) = log sum_j exp(S_ij)."""
+    """q (BH, Tq, D), k, v (BH, Tk, D) -> o (BH, Tq, D), lse (BH, Tq) = log sum_j exp(S_ij).
+    Tiles are computed in the inputs' precision (float32 SIMD for float32); row statistics m, l
+    in float64."""
     BH, Tq, D = q.shape
     Tk = k.shape[1]
-    scale = 1.0 / np.sqrt(D)
+    TK = _key_tile(D)
+    scale = q.dtype.type(1.0 / np.sqrt(D))
     o = np.empty_like(q)
     lse = np.empty((BH, Tq), dtype=q.dtype)
-    n_qt = (Tq + TILE - 1) // TILE
+    n_qt = (Tq + TQ - 1) // TQ
     for w in prange(BH * n_qt):  # head-major: each thread gets whole heads, so causal work balances
-        bh, i0 = w // n_qt, (w % n_qt) * TILE
-        i1 = min(i0 + TILE, Tq)
+        bh, i0 = w // n_qt, (w % n_qt) * TQ
+        i1 = min(i0 + TQ, Tq)
+        bq = i1 - i0
         Qi = q[bh, i0:i1]                                          # (bq, D)
-        m = np.full(i1 - i0, -np.inf)                              # running row max of S
-        l = np.zeros(i1 - i0)                                      # running sum of exp(S - m)
-        acc = np.zeros((i1 - i0, D), dtype=q.dtype)                # running sum of exp(S - m) V
-        buf, work = np.empty(TILE * TILE), np.empty(TILE * TILE)
-        m_new = np.empty(i1 - i0)
+        m = np.full(bq, -np.inf)                                   # running row max of S
+        l = np.zeros(bq)                                           # running sum of exp(S - m)
+        acc = np.zeros((bq, D), dtype=q.dtype)                     # running sum of exp(S - m) V
+        PV = np.empty((bq, D), dtype=q.dtype)
+        S_buf, work = np.empty(TQ * TK, dtype=q.dtype), np.empty(TQ * TK, dtype=q.dtype)
         k_end = min(Tk, i1 + q_offset) if causal else Tk           # keys any row of the tile sees
-        for j0 in range(0, k_end, TILE):
-            j1 = min(j0 + TILE, k_end)
+        for j0 in range(0, k_end, TK):
+            j1 = min(j0 + TK, k_end)
             bk = j1 - j0
-            S = np.dot(Qi, k[bh, j0:j1].T)                         # (bq, bk)
-            for a in range(i1 - i0):                               # S * scale - new running max
+            S = S_buf[:bq * bk].reshape(bq, bk)
+            np.dot(Qi, k[bh, j0:j1].T, S)                          # (bq, bk) = Q_i K_j^T
+            for a in range(bq):                                    # S * scale - new running max
                 nb = _visible(a, i0, j0, bk, causal, q_offset)
-                row_max = -np.inf
+                row = S[a]
+                if nb == 0:
+                    row[:] = -np.inf
+                    continue
+                m_new = max(m[a], np.float64(row_max(row, nb)) * scale)
+                corr = np.exp(m[a] - m_new)                        # rescales what was summed so far
+                m[a], l[a] = m_new, l[a] * corr
+                acc[a] *= q.dtype.type(corr)
+                shift = q.dtype.type(m_new)
                 for b in range(nb):
-                    row_max = max(row_max, np.float64(S[a, b]))
-                m_new[a] = max(m[a], row_max * scale)
-                for b in range(nb):
-                    buf[a * bk + b] = S[a, b] * scale - m_new[a]
-                for b in range(nb, bk):
-                    buf[a * bk + b] = -np.inf                      # masked: exp gives ~0, zeroed below
-            exp_inplace(buf[:(i1 - i0) * bk], work)                # P = exp(S - m_new), one call per tile
-            for a in range(i1 - i0):
+                    row[b] = row[b] * scale - shift
+                row[nb:] = -np.inf
+            exp_inplace(S_buf[:bq * bk], work)                     # P = exp(S - m_new), one call per tile
+            for a in range(bq):
                 nb = _visible(a, i0, j0, bk, causal, q_offset)
+                row = S[a]
                 row_sum = 0.0
                 for b in range(nb):
-                    S[a, b] = buf[a * bk + b]
-                    row_sum += buf[a * bk + b]
-                S[a, nb:] = 0.0
-                if nb == 0:
-                    continue
-                corr = np.exp(m[a] - m_new[a])                     # rescales what was summed so far
-                l[a] = l[a] * corr + row_sum
-                m[a] = m_new[a]
-                for d in range(D):
-                    acc[a, d] *= corr
-            acc += np.dot(S, v[bh, j0:j1])                         # (bq, bk) @ (bk, D)
-        for a in range(i1 - i0):
+                    row_sum += row[b]
+                row[nb:] = 0.0                                     # masked keys: exactly zero
+                l[a] += row_sum
+            np.dot(S, v[bh, j0:j1], PV)                            # (bq, D) = P V_j
+            acc += PV
+        for a in range(bq):
             inv = 1.0 / l[a]
             for d in range(D):
                 o[bh, i0 + a, d] = acc[a, d] * inv
@@ -125,7 +139,8 @@ def attention_backward(q, k, v, o, lse, do, causal, q_offset):
     """
     BH, Tq, D = q.shape
     Tk = k.shape[1]
-    scale = 1.0 / np.sqrt(D)
+    TK = _key_tile(D)
+    scale = q.dtype.type(1.0 / np.sqrt(D))
     dq = np.zeros_like(q)
     dk = np.empty_like(k)
     dv = np.empty_like(v)
@@ -136,37 +151,45 @@ def attention_backward(q, k, v, o, lse, do, causal, q_offset):
             for d in range(D):
                 s += np.float64(do[bh, i, d]) * o[bh, i, d]
             delta[i] = s
-        buf, work = np.empty(TILE * TILE), np.empty(TILE * TILE)
-        for j0 in range(0, Tk, TILE):
-            j1 = min(j0 + TILE, Tk)
+        P_buf, dS_buf = np.empty(TQ * TK, dtype=q.dtype), np.empty(TQ * TK, dtype=q.dtype)
+        work = np.empty(TQ * TK, dtype=q.dtype)
+        tmp_k, tmp_q = np.empty((TK, D), dtype=q.dtype), np.empty((TQ, D), dtype=q.dtype)
+        for j0 in range(0, Tk, TK):
+            j1 = min(j0 + TK, Tk)
+            bk = j1 - j0
             Kj, Vj = k[bh, j0:j1], v[bh, j0:j1]                    # (bk, D)
-            dKj = np.zeros((j1 - j0, D), dtype=q.dtype)
-            dVj = np.zeros((j1 - j0, D), dtype=q.dtype)
+            dKj = np.zeros((bk, D), dtype=q.dtype)
+            dVj = np.zeros((bk, D), dtype=q.dtype)
+            tk = tmp_k[:bk]
             i_first = max(0, j0 - q_offset) if causal else 0       # earlier queries never see tile j
-            for i0 in range(i_first, Tq, TILE):
-                i1 = min(i0 + TILE, Tq)
+            for i0 in range(i_first - i_first % TQ, Tq, TQ):
+                i1 = min(i0 + TQ, Tq)
+                bq = i1 - i0
                 Qi, dOi = q[bh, i0:i1], do[bh, i0:i1]              # (bq, D)
-                P = np.dot(Qi, Kj.T)                               # (bq, bk): S, then P in place
-                bk = j1 - j0
-                for a in range(i1 - i0):
+                P = P_buf[:bq * bk].reshape(bq, bk)
+                np.dot(Qi, Kj.T, P)                                # S, then P in place
+                for a in range(bq):
                     nb = _visible(a, i0, j0, bk, causal, q_offset)
+                    row, lse_a = P[a], lse[bh, i0 + a]
                     for b in range(nb):
-                        buf[a * bk + b] = P[a, b] * scale - lse[bh, i0 + a]
-                    for b in range(nb, bk):
-                        buf[a * bk + b] = -np.inf
-                exp_inplace(buf[:(i1 - i0) * bk], work)            # one call per tile
-                for a in range(i1 - i0):
-                    nb = _visible(a, i0, j0, bk, causal, q_offset)
-                    for b in range(nb):
-                        P[a, b] = buf[a * bk + b]
-                    P[a, nb:] = 0.0
-                dVj += np.dot(P.T, dOi)                            # (bk, D)
-                dS = np.dot(dOi, Vj.T)                             # (bq, bk): dP, then dS in place
-                for a in range(i1 - i0):
-                    for b in range(j1 - j0):
-                        dS[a, b] = P[a, b] * (dS[a, b] - delta[i0 + a]) * scale
-                dq[bh, i0:i1] += np.dot(dS, Kj)
-                dKj += np.dot(dS.T, Qi)
+                        row[b] = row[b] * scale - lse_a
+                    row[nb:] = -np.inf
+                exp_inplace(P_buf[:bq * bk], work)                 # one call per tile
+                for a in range(bq):
+                    P[a, _visible(a, i0, j0, bk, causal, q_offset):] = 0.0
+                np.dot(P.T, dOi, tk)                               # (bk, D)
+                dVj += tk
+                dS = dS_buf[:bq * bk].reshape(bq, bk)
+                np.dot(dOi, Vj.T, dS)                              # dP, then dS in place
+                for a in range(bq):
+                    delta_a = delta[i0 + a]
+                    for b in range(bk):
+                        dS[a, b] = P[a, b] * (dS[a, b] - delta_a) * scale
+                tq = tmp_q[:bq]
+                np.dot(dS, Kj, tq)                                 # (bq, D)
+                dq[bh, i0:i1] += tq
+                np.dot(dS.T, Qi, tk)                               # (bk, D)
+                dKj += tk
             dk[bh, j0:j1] = dKj
             dv[bh, j0:j1] = dVj
     return dq, dk, dv

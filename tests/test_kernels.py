@@ -92,8 +92,9 @@ def test_norm_backward_does_not_depend_on_thread_count():
         assert np.array_equal(dx, results[0][0]) and np.array_equal(dg, results[0][1])
 
 
-ATTN_SHAPES = [  # (BH, T, D): T = 1, T not a multiple of the tile, head sizes 8/32/64, one head
+ATTN_SHAPES = [  # (BH, T, D): T = 1, T not a multiple of the tile, head sizes 8/32/64/128, one head
     (1, 1, 8), (1, 1, 64), (3, 65, 32), (2, 130, 64), (1, 100, 8), (4, 64, 32), (2, 7, 32),
+    (1, 70, 128),  # a head size whose key tile is 32 wide (attention._key_tile)
 ]
 
 
@@ -157,3 +158,28 @@ def test_exp_inplace_special_values():
     a = np.array([np.nan, -np.inf, -1000.0, 0.0, 1e-300])
     kernels.exp_inplace(a, np.empty(5))
     assert np.isnan(a[0]) and 0 <= a[1] < 1e-300 and 0 <= a[2] < 1e-300 and a[3] == 1.0 and a[4] == 1.0
+
+
+@pytest.mark.parametrize("n", [1, 3, 64, 100_003])
+def test_exp_inplace_float32_matches_numpy(n):
+    """The float32 path: computed in float32 (16 SIMD lanes), about 1 ulp on [-87, 88]."""
+    x = np.concatenate([np.linspace(-87, 88, n), np.random.default_rng(n).uniform(-30, 30, n)])
+    a = x.astype(np.float32)
+    kernels.exp_inplace(a, np.empty_like(a))
+    assert a.dtype == np.float32
+    exact = np.exp(x.astype(np.float32).astype(np.float64))
+    np.testing.assert_allclose(a, exact, rtol=1.2e-7, atol=0)
+
+
+def test_exp_inplace_float32_special_values():
+    a = np.array([np.nan, -np.inf, -1000.0, 0.0, 1e-30], dtype=np.float32)
+    kernels.exp_inplace(a, np.empty_like(a))
+    assert np.isnan(a[0]) and 0 <= a[1] < 1e-37 and 0 <= a[2] < 1e-37 and a[3] == 1.0 and a[4] == 1.0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1, 2, 15, 16, 17, 33, 513])
+def test_row_max(n, dtype):
+    row = np.random.default_rng(n).standard_normal(n + 3).astype(dtype)
+    row[n:] = 1e9  # beyond n: must not be read
+    assert kernels.row_max(row, n) == row[:n].max()
