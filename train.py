@@ -42,7 +42,10 @@ def parse(argv=None):
     a("--eval-images", type=int, help="validation images per evaluation (default 512)")
     a("--log-every", type=int, help="steps between metrics.jsonl lines (default 10)")
     a("--ckpt-every", type=float, help="minutes between checkpoints (default 10)")
-    a("--time-budget", type=float, help="stop cleanly after this many minutes (default: none)")
+    a("--time-budget", type=float, help="stop cleanly after this many minutes of training, counted over "
+      "all sessions of a resumed run (default: none)")
+    a("--snapshots", action="store_true", help="also keep the weights at every evaluation in "
+      "--out/snapshots, to probe them along the run (§4.2) (default: off)")
     a("--samples", type=int, help="images in samples.png at the end (default 16)")
     a("--finetune", help="§2.3: fine-tune this pre-trained ckpt.npz with a classifier (default: pre-train)")
     a("--clf-only", action="store_true", help="fine-tuning: train on L_CLF alone, without L_GEN")

@@ -4,7 +4,7 @@
 
 Q, K, V are (BH, T, D): batch and heads flattened, each head's rows contiguous. The forward walks
 key tiles with an online softmax (running max m and denominator l per query row), so only a
-(TILE, TILE) block of S exists at any time, and saves lse = m + log(l) per row for backward.
+(TQ, TK) block of S exists at any time, and saves lse = m + log(l) per row for backward.
 q_offset places the queries after q_offset earlier positions (incremental decoding with a KV cache).
 The *_ref twins materialise the whole (Tq, Tk) matrix per head: the specification the tests check.
 

@@ -11,7 +11,10 @@ permutation(seed, e), and the crops, flips and BERT masks of step s come from a 
 configuration, and a resumed run reaches bit-identical weights (same thread count).
 
 Files in --out: ckpt.npz (atomic, every --ckpt-every minutes, at the end, on Ctrl-C), metrics.jsonl
-(one JSON line per log step and per evaluation), loss.png, samples.png.
+(one JSON line per log step and per evaluation), loss.png, samples.png; with --snapshots also
+snapshots/step<N>.npz, the weights at every evaluation (no optimiser state), for probing checkpoints
+along the run against their validation loss (§4.2). The checkpoint counts the training time of all
+sessions so far, so --time-budget bounds a run continued with --resume as a whole.
 """
 from __future__ import annotations
 
@@ -73,7 +76,8 @@ class RunConfig:
     eval_images: int = 512
     log_every: int = 10
     ckpt_every: float = 10.0
-    time_budget: float | None = None
+    time_budget: float | None = None  # minutes of training, summed over the sessions of a resumed run
+    snapshots: bool = False            # keep the weights of every evaluation step (§4.2 probes along a run)
     samples: int = 16
     finetune: str | None = None      # §2.3: a pre-trained checkpoint to fine-tune (finetune.py)
     clf_only: bool = False           # fine-tuning: L_CLF alone, without L_GEN
@@ -193,6 +197,8 @@ class Pretraining:
                        else min(self.steps_per_epoch, max(1, self.total // 10)))
         self.eval_every = cfg.eval_every or max(1, self.total // 10)
         self.step = 0
+        self.seconds_before = 0.0  # training time of earlier sessions of this run (from the checkpoint)
+        self._t0 = None
         if resume:
             self._restore(arrays)
         elif arrays is not None:
@@ -222,7 +228,8 @@ class Pretraining:
         self._load_weights(arrays, self.ckpt_path, heads=True)
         self.opt.load_state_dict({k[len("opt/"):]: v for k, v in arrays.items() if k.startswith("opt/")})
         self.step = int(meta["step"])
-        self.log(f"resumed {self.ckpt_path} at step {self.step}")
+        self.seconds_before = float(meta.get("train_seconds", 0.0))
+        self.log(f"resumed {self.ckpt_path} at step {self.step} ({self.seconds_before / 60:.1f} min trained)")
 
     kind = "pretrain"
 
@@ -233,12 +240,16 @@ class Pretraining:
             state.update({f"head/{name}/{k}": v for k, v in head.state_dict().items()})
         return state
 
-    def save(self, path=None, **meta_extra) -> None:
+    def train_seconds(self) -> float:
+        """Training time of this run so far, earlier sessions included."""
+        return self.seconds_before + (time.time() - self._t0 if self._t0 is not None else 0.0)
+
+    def save(self, path=None, weights_only=False, **meta_extra) -> None:
         meta = {"run": dataclasses.asdict(self.cfg), "step": self.step, "total_steps": self.total,
                 "data_hash": self.data_hash, "unigram_entropy": self.entropy, "kind": self.kind,
-                "classes": list(self.ds.classes), **meta_extra}
+                "classes": list(self.ds.classes), "train_seconds": self.train_seconds(), **meta_extra}
         ck.save_model(path or self.ckpt_path, self.model, self.palette.centers, meta=meta,
-                      extra=self.extra_state())
+                      extra={} if weights_only else self.extra_state())
 
     # ---- data and objective --------------------------------------------------------------------
     def batch(self, step: int, micro: int):
@@ -304,7 +315,7 @@ class Pretraining:
                  f"({cfg.batch_size} x {cfg.grad_accum} images), {self.total} steps "
                  f"({self.total / self.steps_per_epoch:.2f} epochs), warm-up {self.warmup}, lr {cfg.lr:g}")
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        t0 = last_ckpt = time.time()
+        t0 = last_ckpt = self._t0 = time.time()
         first_step = self.step
         bar = tqdm(total=self.total, initial=self.step, unit="step", dynamic_ncols=True, desc="train",
                    smoothing=0)  # ETA from the whole run's rate, evaluations included
@@ -343,10 +354,13 @@ class Pretraining:
                         val = self.evaluate()
                         self._write(metrics, kind="eval", **val, elapsed_s=time.time() - t0)
                         bar.write(self.describe_eval(val))
+                        if cfg.snapshots:
+                            self.save(self.out / "snapshots" / f"step{self.step:07d}.npz", weights_only=True,
+                                      val_loss=val["loss"])
                         self.after_eval(val)
                     if on_step is not None:
                         on_step(self)
-                    if cfg.time_budget is not None and time.time() - t0 > cfg.time_budget * 60:
+                    if cfg.time_budget is not None and self.train_seconds() > cfg.time_budget * 60:
                         self.stop_reason = "time budget"
                     if time.time() - last_ckpt > cfg.ckpt_every * 60 and self.stop_reason is None:
                         self.save()

@@ -145,6 +145,33 @@ def test_resume_is_bit_identical(image_folder, tmp_path):
     assert [json.loads(l)["step"] for l in lines if json.loads(l)["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
 
 
+def test_time_budget_counts_every_session_of_a_resumed_run(image_folder, tmp_path):
+    out = tmp_path / "budget"
+    first = Pretraining(tiny(image_folder, out, steps=50), log=lambda *a: None)
+    first.train(on_step=lambda r: setattr(r, "stop_reason", "interrupted") if r.step == 2 else None)
+    trained = json.loads(str(load_arrays(out / "ckpt.npz")["config"]))["meta"]["train_seconds"]
+    assert trained > 0
+    # a budget smaller than what the first session already used: the resumed run stops at once
+    cfg = resolve_config({"out": str(out), "time_budget": trained / 2 / 60}, resume=True)
+    second = Pretraining(cfg, resume=True, log=lambda *a: None)
+    assert second.train() == "time budget" and second.step == 3
+    again = json.loads(str(load_arrays(out / "ckpt.npz")["config"]))["meta"]["train_seconds"]
+    assert again > trained
+
+
+def test_snapshots_keep_the_weights_of_every_evaluation(image_folder, tmp_path):
+    run = Pretraining(tiny(image_folder, tmp_path / "snap", snapshots=True), log=lambda *a: None)
+    run.train()
+    snaps = sorted((tmp_path / "snap" / "snapshots").glob("step*.npz"))
+    assert [p.name for p in snaps] == ["step0000003.npz", "step0000006.npz"]
+    arrays = load_arrays(snaps[-1])
+    assert not any(k.startswith("opt/") for k in arrays)  # weights only
+    meta = json.loads(str(arrays["config"]))["meta"]
+    assert meta["step"] == 6 and meta["val_loss"] > 0
+    last = load_arrays(tmp_path / "snap" / "ckpt.npz")
+    assert np.array_equal(arrays["model/transformer.wte.weight"], last["model/transformer.wte.weight"])
+
+
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(image_folder, tmp_path):
     out = tmp_path / "nan"
     first = Pretraining(tiny(image_folder, out), log=lambda *a: None)
