@@ -2,6 +2,7 @@
 
     python probe.py --ckpt runs/default/ckpt.npz
     python probe.py --ckpt runs/c10/ckpt.npz --data cifar10 --data-dir ../shared/data --eval-split val
+    python probe.py --along runs/c10/snapshots --eval-split val   # §4.2: probe vs validation loss
 """
 import argparse
 import json
@@ -18,6 +19,8 @@ def parse(argv=None):
     a("--data-dir", default=None, help="folder holding the dataset files (default: the checkpoint's)")
     a("--eval-split", choices=["test", "val"], default="test",
       help="score on the official test set, or on the held-out 10%% of the training set (default test)")
+    a("--along", default=None, help="§4.2: probe every snapshot in this folder (train.py --snapshots) "
+      "and plot best-layer accuracy against validation loss into along.json/along.png (default: off)")
     a("--layers", type=int, nargs="+", default=None, help="layers to probe (default: all, 0..L)")
     a("--max-train", type=int, default=None, help="use at most this many training images (default: all)")
     a("--max-eval", type=int, default=None, help="score on at most this many images (default: all)")
@@ -40,21 +43,44 @@ def main(argv=None) -> int:
     configure(args.threads)
     from minigpt_img.checkpoint import CheckpointError
     from minigpt_img.data import DataError
-    from minigpt_img.linear_probe import format_report, plot_report, probe_report
 
     try:
-        report = probe_report(args.ckpt, args.data, args.data_dir, args.eval_split, args.layers,
-                              args.max_train, args.max_eval, args.batch_size, args.labels_per_class,
-                              args.bert_masks, args.seed, not args.no_baselines, args.cache_dir)
+        return along(args) if args.along else probe(args)
     except (CheckpointError, DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def probe(args) -> int:
+    from minigpt_img.linear_probe import format_report, plot_report, probe_report
+
+    report = probe_report(args.ckpt, args.data, args.data_dir, args.eval_split, args.layers,
+                          args.max_train, args.max_eval, args.batch_size, args.labels_per_class,
+                          args.bert_masks, args.seed, not args.no_baselines, args.cache_dir)
     out = Path(args.out or Path(args.ckpt).parent)
     out.mkdir(parents=True, exist_ok=True)
     (out / "probe.json").write_text(json.dumps(report, indent=2))
     plot_report(report, out / "probe.png")
     print(format_report(report))
     print(f"wrote {out / 'probe.json'} and {out / 'probe.png'}")
+    return 0
+
+
+def along(args) -> int:
+    from minigpt_img.linear_probe import plot_along, probe_along
+
+    snaps = sorted(Path(args.along).glob("*.npz"))
+    if not snaps:
+        raise ValueError(f"no snapshots (*.npz) in {args.along}: train with --snapshots")
+    result = probe_along(snaps, data=args.data, data_dir=args.data_dir, eval_split=args.eval_split,
+                         layers=args.layers, max_train=args.max_train, max_eval=args.max_eval,
+                         batch_size=args.batch_size, bert_masks=args.bert_masks, seed=args.seed,
+                         cache_dir=args.cache_dir)
+    out = Path(args.out or Path(args.along).parent)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "along.json").write_text(json.dumps(result, indent=2))
+    plot_along(result, out / "along.png")
+    print(f"wrote {out / 'along.json'} and {out / 'along.png'}")
     return 0
 
 

@@ -234,6 +234,35 @@ def probe_report(ckpt, data=None, data_dir=None, eval_split="test", layers=None,
     return report
 
 
+def probe_along(snapshots: list, log=print, **kw) -> dict:
+    """§4.2: probe checkpoints taken along one run (train.py --snapshots) and pair each one's best
+    probe accuracy with its validation loss. The paper finds them tightly related: a better
+    generative model gives better features. kw: probe_report's options (baselines are skipped)."""
+    from .checkpoint import read_meta
+
+    points = []
+    for path in sorted(Path(p) for p in snapshots):
+        _, meta = read_meta(path)
+        if "val_loss" not in meta:
+            raise ValueError(f"{path} holds no validation loss: probe the snapshots/ of a run trained "
+                             "with --snapshots")
+        report = probe_report(path, baselines=False, labels_per_class=(), log=log, **kw)
+        points.append({"checkpoint": str(path), "step": meta["step"], "val_loss": meta["val_loss"],
+                       "best": report["best"], "layers": report["layers"]})
+        log(f"step {meta['step']}: val loss {meta['val_loss']:.4f}, best probe "
+            f"{report['best']['eval_acc']:.2%} (layer {report['best']['layer']})")
+    return {"points": points, "eval_split": kw.get("eval_split", "test")}
+
+
+def plot_along(along: dict, path) -> None:
+    from .plots import line_chart
+    pts = sorted(along["points"], key=lambda p: p["val_loss"])
+    line_chart({"checkpoints along the run": ([p["val_loss"] for p in pts],
+                                              [100 * p["best"]["eval_acc"] for p in pts])},
+               path, title=f"best-layer probe accuracy vs validation loss ({along['eval_split']} split)",
+               xlabel="validation loss (nats per token)", ylabel="accuracy %")
+
+
 def format_report(report: dict) -> str:
     lines = [f"linear probe of {report['checkpoint']} on {report['data']} "
              f"(accuracy on {report['n_eval']} {report['eval_split']} images; lambda chosen on held-out "

@@ -95,7 +95,7 @@ def tiny_run(tmp_path_factory):
                 Image.fromarray(img).save(root / "imgs" / split / f"c{c}" / f"{i}.png")
     cfg = RunConfig(size="nano", res=8, data=str(root / "imgs"), palette_size=16, batch_size=4,
                     steps=8, eval_every=4, eval_images=8, out=str(root / "run"),
-                    cache_dir=str(root / "cache"), samples=2)
+                    cache_dir=str(root / "cache"), samples=2, snapshots=True)
     Pretraining(cfg, log=lambda *a: None).train()
     return root
 
@@ -123,6 +123,22 @@ def test_probe_without_test_set_says_use_val(tmp_path, tiny_run):
                         "--data", str(tmp_path / "flat"), "--no-baselines"],
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 2 and "--eval-split val" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_probe_along_the_run_pairs_accuracy_with_validation_loss(tiny_run, tmp_path):
+    """§4.2: every snapshot of the run probed; each point carries its step and validation loss."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, str(REPO / "probe.py"), "--along", str(tiny_run / "run" / "snapshots"),
+                        "--cache-dir", str(tiny_run / "cache"), "--layers", "1", "--out", str(tmp_path)],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr
+    along = json.loads((tmp_path / "along.json").read_text())
+    assert [p["step"] for p in along["points"]] == [4, 8]
+    assert all(p["val_loss"] > 0 and 0 <= p["best"]["eval_acc"] <= 1 for p in along["points"])
+    assert (tmp_path / "along.png").is_file()
+    empty = subprocess.run([sys.executable, str(REPO / "probe.py"), "--along", str(tmp_path)],
+                           capture_output=True, text=True, env=env, timeout=600)
+    assert empty.returncode == 2 and "--snapshots" in empty.stderr and "Traceback" not in empty.stderr
 
 
 def test_finetuning_head_starts_at_zero_and_loss_is_the_sum(tiny_run, tmp_path):
