@@ -69,7 +69,7 @@ def probe(args) -> int:
 def along(args) -> int:
     from minigpt_img.linear_probe import plot_along, probe_along
 
-    snaps = sorted(Path(args.along).glob("*.npz"))
+    snaps = list(Path(args.along).glob("*.npz"))
     if not snaps:
         raise ValueError(f"no snapshots (*.npz) in {args.along}: train with --snapshots")
     result = probe_along(snaps, data=args.data, data_dir=args.data_dir, eval_split=args.eval_split,

@@ -240,18 +240,19 @@ def probe_along(snapshots: list, log=print, **kw) -> dict:
     generative model gives better features. kw: probe_report's options (baselines are skipped)."""
     from .checkpoint import read_meta
 
-    points = []
+    points, split = [], None
     for path in sorted(Path(p) for p in snapshots):
         _, meta = read_meta(path)
         if "val_loss" not in meta:
             raise ValueError(f"{path} holds no validation loss: probe the snapshots/ of a run trained "
                              "with --snapshots")
         report = probe_report(path, baselines=False, labels_per_class=(), log=log, **kw)
+        split = report["eval_split"]
         points.append({"checkpoint": str(path), "step": meta["step"], "val_loss": meta["val_loss"],
                        "best": report["best"], "layers": report["layers"]})
         log(f"step {meta['step']}: val loss {meta['val_loss']:.4f}, best probe "
             f"{report['best']['eval_acc']:.2%} (layer {report['best']['layer']})")
-    return {"points": points, "eval_split": kw.get("eval_split", "test")}
+    return {"points": points, "eval_split": split}
 
 
 def plot_along(along: dict, path) -> None:
