@@ -55,6 +55,17 @@ def test_interrupted_write_leaves_old_checkpoint(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.npz"]  # no temp file left behind
 
 
+def test_written_files_get_the_usual_permissions(tmp_path):
+    """Atomic writes go through a private temporary file; the result has open()'s mode, 0666 - umask."""
+    import os
+    umask = os.umask(0o022)
+    try:
+        ck.save_arrays(tmp_path / "a.npz", {"x": np.zeros(2)})
+        assert (tmp_path / "a.npz").stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(umask)
+
+
 def test_bad_checkpoints_give_clear_errors(tmp_path):
     with pytest.raises(ck.CheckpointError, match="no checkpoint at"):
         ck.load_arrays(tmp_path / "missing.npz")
