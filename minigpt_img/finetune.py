@@ -96,6 +96,8 @@ class FineTuning(Pretraining):
 
     def finish(self) -> None:
         """Score the best checkpoint on the test set (or the validation split) and record it."""
+        if self.stop_reason == "time budget" or not self.best_path.exists():
+            self.after_eval(self.evaluate())  # the weights since the last evaluation count too
         self._load_weights(ck.load_arrays(self.best_path), self.best_path, heads=True)
         split, name = (self.ds.test, "test") if self.ds.test is not None else (self.ds.val, "validation")
         tokens = cached_tokens(split.images, self.palette, self.cfg.cache_dir)

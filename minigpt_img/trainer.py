@@ -371,8 +371,9 @@ class Pretraining:
                 signal.signal(s, handler)
         self.save()
         self.plot_loss()
+        if self.step >= self.total or self.stop_reason in ("early stop", "time budget"):
+            self.finish()  # a spent budget ends the run as planned: its results are written too
         if self.step >= self.total or self.stop_reason == "early stop":
-            self.finish()
             self.log(f"done: {self.step} steps in {(time.time() - t0) / 60:.1f} min; wrote {self.ckpt_path}")
             return "done"
         self.log(f"stopped at step {self.step} of {self.total} ({self.stop_reason}); saved "

@@ -160,6 +160,16 @@ def test_finetuning_head_starts_at_zero_and_loss_is_the_sum(tiny_run, tmp_path):
     assert (tmp_path / "ft" / "best.npz").is_file()
 
 
+def test_finetuning_stopped_by_its_time_budget_still_scores_the_best_checkpoint(tiny_run, tmp_path):
+    cfg = resolve_config({"finetune": str(tiny_run / "run" / "ckpt.npz"), "out": str(tmp_path / "tb"),
+                          "steps": 1000, "eval_every": 500, "time_budget": 1e-9}, resume=False)
+    ft = FineTuning(cfg, log=lambda *a: None)
+    assert ft.train() == "time budget" and ft.step == 1  # stopped before its first evaluation
+    summary = json.loads((tmp_path / "tb" / "finetune.json").read_text())
+    assert summary["steps"] == 1 and summary["n_eval"] == 15
+    assert (tmp_path / "tb" / "best.npz").is_file()
+
+
 def test_finetuning_early_stops(tiny_run, tmp_path):
     cfg = resolve_config({"finetune": str(tiny_run / "run" / "ckpt.npz"), "out": str(tmp_path / "es"),
                           "steps": 1000, "eval_every": 1, "patience": 2, "lr": 0.0}, resume=False)
