@@ -9,6 +9,8 @@ import json
 import sys
 from pathlib import Path
 
+from minigpt_img.cli import add_threads_flag, run
+
 
 def parse(argv=None):
     ap = argparse.ArgumentParser(description="Average-pool every layer's features, fit an L2 logistic "
@@ -33,22 +35,13 @@ def parse(argv=None):
     a("--seed", type=int, default=0, help="seed for masks, held-out slice, subsets (default 0)")
     a("--cache-dir", default="runs/cache", help="where quantised tokens are cached (default runs/cache)")
     a("--out", default=None, help="folder for probe.json and probe.png (default: beside the checkpoint)")
-    a("--threads", type=int, default=None, help="CPU threads for numba and BLAS (default: all cores)")
+    add_threads_flag(ap)
     return ap.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse(argv)
-    from minigpt_img.threads import configure
-    configure(args.threads)
-    from minigpt_img.checkpoint import CheckpointError
-    from minigpt_img.data import DataError
-
-    try:
-        return along(args) if args.along else probe(args)
-    except (CheckpointError, DataError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run(along if args.along else probe, args)
 
 
 def probe(args) -> int:

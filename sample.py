@@ -8,6 +8,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from minigpt_img.cli import add_threads_flag, run
+
 
 def parse(argv=None):
     ap = argparse.ArgumentParser(description="Unconditional samples or half-image completions as a "
@@ -28,69 +30,63 @@ def parse(argv=None):
     a("--seed", type=int, default=0, help="sampling seed (default 0)")
     a("--scale", type=int, default=None, help="nearest-neighbour upscaling of the grid (default: ~96 px per image)")
     a("--out", default=None, help="output PNG (default samples.png or completions.png beside the checkpoint)")
-    a("--threads", type=int, default=None, help="CPU threads for numba and BLAS (default: all cores)")
+    add_threads_flag(ap)
     return ap.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    args = parse(argv)
-    from minigpt_img.threads import configure
-    configure(args.threads)
+def sample(args) -> int:
     import numpy as np
 
     from minigpt_img.checkpoint import CheckpointError, load_hf, load_model
-    from minigpt_img.data import DataError, load_dataset
+    from minigpt_img.data import trained_on
     from minigpt_img.palette import Palette
     from minigpt_img.plots import image_grid, save_png
     from minigpt_img.sampling import completion_rows, generate
 
-    try:
-        if args.init_from:
-            model, centers = load_hf(args.init_from)
-            if centers is None:
-                raise CheckpointError(f"{args.init_from} has no preprocessor_config.json with the "
-                                      "palette ('clusters'): sampled tokens cannot become colours")
-            run, where = {}, Path(args.init_from)
-        else:
-            model, centers, meta, _ = load_model(args.ckpt)
-            run, where = meta.get("run", {}), Path(args.ckpt).parent
-            if run.get("objective") == "bert":
-                raise CheckpointError(f"{args.ckpt} is a BERT model: it defines no raster-order sampler; "
-                                      "sample from an AR checkpoint (train.py --objective ar)")
-            if centers is None:
-                raise CheckpointError(f"{args.ckpt} holds no palette: it was not written by train.py")
-        if args.temperature < 0 or (args.top_k is not None and args.top_k < 1):
-            raise ValueError("--temperature must be >= 0 and --top-k >= 1")
-        if not 0 <= args.frac < 1:
-            raise ValueError("--frac must lie in [0, 1)")
-        palette, cfg = Palette(centers), model.config
-        rng = np.random.default_rng(args.seed)
-        scale = args.scale or max(1, 96 // cfg.n_px)
-        if args.complete:
-            n = args.n or 8
-            name = args.data or run.get("data")
-            if name is None:
-                raise ValueError("--complete needs --data for weights imported with --init-from")
-            ds = load_dataset(name, args.data_dir or run.get("data_dir", "data"), res=cfg.n_px,
-                              seed=run.get("seed", 0))
-            split = ds.test if ds.test is not None else ds.val
-            images = split.images[:n]
-            print(f"completing {len(images)} {name} {'test' if ds.test is not None else 'validation'} "
-                  f"images from their top {args.frac:.0%}, {args.per_image} completions each")
-            rows = completion_rows(model, palette, images, args.per_image, args.frac, rng,
-                                   args.temperature, args.top_k, progress=True)
-            out = Path(args.out or where / "completions.png")
-            save_png(image_grid(rows, ncols=2 + args.per_image, scale=scale), out)
-        else:
-            n = args.n or 16
-            tokens = generate(model, n, rng, args.temperature, args.top_k, progress=True)
-            out = Path(args.out or where / "samples.png")
-            save_png(image_grid(palette.decode(tokens), ncols=min(8, n), scale=scale), out)
-    except (CheckpointError, DataError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.init_from:
+        model, centers = load_hf(args.init_from)
+        if centers is None:
+            raise CheckpointError(f"{args.init_from} has no preprocessor_config.json with the "
+                                  "palette ('clusters'): sampled tokens cannot become colours")
+        run_settings, where = {}, Path(args.init_from)
+    else:
+        model, centers, meta, _ = load_model(args.ckpt)
+        run_settings, where = meta.get("run", {}), Path(args.ckpt).parent
+        if run_settings.get("objective") == "bert":
+            raise CheckpointError(f"{args.ckpt} is a BERT model: it defines no raster-order sampler; "
+                                  "sample from an AR checkpoint (train.py --objective ar)")
+        if centers is None:
+            raise CheckpointError(f"{args.ckpt} holds no palette: it was not written by train.py")
+    if args.temperature < 0 or (args.top_k is not None and args.top_k < 1):
+        raise ValueError("--temperature must be >= 0 and --top-k >= 1")
+    if not 0 <= args.frac < 1:
+        raise ValueError("--frac must lie in [0, 1)")
+    palette, cfg = Palette(centers), model.config
+    rng = np.random.default_rng(args.seed)  # the user's own sampling seed
+    scale = args.scale or max(1, 96 // cfg.n_px)
+    if args.complete:
+        n = args.n or 8
+        ds = trained_on(run_settings, cfg.n_px, args.data, args.data_dir,
+                        where=f"{args.init_from} (imported weights)" if args.init_from else args.ckpt)
+        split = ds.test if ds.test is not None else ds.val
+        images = split.images[:n]
+        print(f"completing {len(images)} {ds.name} {'test' if ds.test is not None else 'validation'} "
+              f"images from their top {args.frac:.0%}, {args.per_image} completions each")
+        rows = completion_rows(model, palette, images, args.per_image, args.frac, rng,
+                               args.temperature, args.top_k, progress=True)
+        out = Path(args.out or where / "completions.png")
+        save_png(image_grid(rows, ncols=2 + args.per_image, scale=scale), out)
+    else:
+        n = args.n or 16
+        tokens = generate(model, n, rng, args.temperature, args.top_k, progress=True)
+        out = Path(args.out or where / "samples.png")
+        save_png(image_grid(palette.decode(tokens), ncols=min(8, n), scale=scale), out)
     print(f"wrote {out}")
     return 0
+
+
+def main(argv=None) -> int:
+    return run(sample, parse(argv))
 
 
 if __name__ == "__main__":

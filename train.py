@@ -8,6 +8,8 @@
 import argparse
 import sys
 
+from minigpt_img.cli import add_threads_flag, run
+
 S = argparse.SUPPRESS  # flags not given stay absent, so a resumed run keeps its checkpoint's values
 
 
@@ -51,36 +53,28 @@ def parse(argv=None):
     a("--clf-only", action="store_true", help="fine-tuning: train on L_CLF alone, without L_GEN")
     a("--patience", type=int, help="fine-tuning: stop after this many evaluations without a better "
       "val accuracy (default 5)")
-    a("--threads", type=int, default=None, help="CPU threads for numba and BLAS (default: all cores)")
+    add_threads_flag(ap)
     return ap.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    args = parse(argv)
-    from minigpt_img.threads import configure
-    configure(args.threads)  # before NumPy loads its BLAS
-    from minigpt_img.checkpoint import CheckpointError
-    from minigpt_img.data import DataError
+def train(args) -> int:
     from minigpt_img.download import download
-    from minigpt_img.finetune import FineTuning
-    from minigpt_img.trainer import ConfigError, Pretraining, TrainingDiverged, resolve_config
+    from minigpt_img.runconfig import resolve_config
+    from minigpt_img.trainer import Trainer
 
     given = {k: v for k, v in vars(args).items() if k not in ("resume", "threads", "download")}
-    try:
-        cfg = resolve_config(given, args.resume)
-        if getattr(args, "download", False):
-            download(cfg.data, cfg.data_dir)
-        run = (FineTuning if cfg.finetune else Pretraining)(cfg, resume=args.resume)
-        print("config:", ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
-                                   for k, v in vars(cfg).items()))
-        run.train()
-    except (ConfigError, DataError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    cfg = resolve_config(given, args.resume)
+    if getattr(args, "download", False):
+        download(cfg.data, cfg.data_dir)
+    trainer = Trainer(cfg, resume=args.resume)
+    print("config:", ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                               for k, v in vars(cfg).items()))
+    trainer.train()
     return 0
+
+
+def main(argv=None) -> int:
+    return run(train, parse(argv))
 
 
 if __name__ == "__main__":

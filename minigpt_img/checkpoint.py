@@ -4,9 +4,12 @@ Our checkpoints are one .npz (read with allow_pickle=False; the config is stored
     config            JSON of GPTConfig (plus whatever the caller adds under "meta")
     model/<name>      every parameter, by its Hugging Face name
     palette           (V, 3) float32 colours in [-1, 1], when known
-    <other keys>      whatever the caller adds (optimiser state, step, RNG state ...)
-Writes are atomic: a temporary file in the same folder, flushed to disk, then renamed over the old
-one, so a crash mid-write leaves the previous checkpoint intact.
+    <other keys>      whatever the caller adds: train.py adds opt/<name> (Adam's moments and step
+                      count) and head/<name>/<param> (fine-tuning's classifier); the step, the run's
+                      settings and its training time go into the config's "meta". No random state is
+                      saved: every random stream is a function of (seed, step) (streams.py).
+Writes are atomic (files.write_atomic): a temporary file in the same folder, flushed to disk, then
+renamed over the old one, so a crash mid-write leaves the previous checkpoint intact.
 
 Hugging Face ImageGPT (`config.json` + `model.safetensors` + `preprocessor_config.json`): the same
 parameter names. Its blocks use GPT-2's Conv1D (weights stored (in, out), as here) but its lm_head is
@@ -21,14 +24,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import struct
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from .files import write_atomic
 from .model import GPTConfig, ImageGPT
+from .streams import generator
 
 
 class CheckpointError(Exception):
@@ -36,32 +39,16 @@ class CheckpointError(Exception):
 
 
 # ---- our .npz ---------------------------------------------------------------------------------
-def write_atomic(path, write) -> None:
-    """Call write(f) on a temporary file beside `path`, flush it to disk, then rename it over `path`:
-    readers see the old file or the new one, never half of one, whatever interrupts the write."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        # mkstemp makes the file private (0600); give it the mode open() would: 0666 minus the umask
-        # (which can only be read by setting it, so it is set back at once)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_arrays(path, arrays: dict[str, np.ndarray]) -> None:
     """Write arrays to `path` (.npz) atomically."""
     write_atomic(path, lambda f: np.savez(f, **arrays))
+
+
+def sub_state(arrays: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
+    """The entries under `prefix/`, with the prefix taken off: sub_state(arrays, "model") is the
+    model's state dict, sub_state(arrays, "opt") the optimiser's."""
+    cut = len(prefix) + 1
+    return {k[cut:]: v for k, v in arrays.items() if k.startswith(prefix + "/")}
 
 
 def load_arrays(path, keys=None) -> dict[str, np.ndarray]:
@@ -106,10 +93,9 @@ def load_model(path, dtype=np.float32):
     """-> (model, palette or None, meta dict, all arrays) from one of our checkpoints."""
     arrays = load_arrays(path)
     cfg, meta = read_config(arrays, path)
-    model = ImageGPT(cfg, np.random.default_rng(0), dtype=dtype)
-    state = {k[len("model/"):]: v for k, v in arrays.items() if k.startswith("model/")}
+    model = ImageGPT(cfg, generator(0, "init"), dtype=dtype)  # weights overwritten below
     try:
-        model.load_state_dict(state)
+        model.load_state_dict(sub_state(arrays, "model"))
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"{path}: weights do not fit its own config ({e})") from None
     return model, arrays.get("palette"), meta, arrays
@@ -205,7 +191,7 @@ def load_hf(directory, dtype=np.float32):
         tensors = {k: v for k, v in tensors.items() if not k.endswith(".bias")}
     cfg = GPTConfig(n_layer=hf["n_layer"], n_embd=hf["n_embd"], n_head=hf["n_head"], n_px=n_px,
                     vocab=hf["vocab_size"] - 1, bias=has_bias)
-    model = ImageGPT(cfg, np.random.default_rng(0), dtype=dtype)
+    model = ImageGPT(cfg, generator(0, "init"), dtype=dtype)  # weights overwritten below
     try:
         model.load_state_dict(tensors)
     except (KeyError, ValueError) as e:

@@ -11,9 +11,14 @@ set is used when its files are present.
     <folder>            one sub-folder of images per class (or train/ and test/ holding those)
 
 Resolution (§3.2 downsampling): an area (box) filter to --res, applied only when --res differs from
-the data's own size. Augmentation (§3.1): reflection-pad 4 pixels (scaled with the resolution), take a
-random crop of the original size, flip horizontally with probability 1/2. Because quantising is per
-pixel, cropping and flipping token grids equals quantising augmented images, so it runs on tokens.
+the data's own size.
+
+Augmentation (`augment`): reflection-pad 4 pixels (scaled with the resolution), take a random crop of
+the original size, flip horizontally with probability 1/2. This is the Wide-ResNet augmentation the
+paper uses when fine-tuning on CIFAR (§3.4). Departure: train.py also applies it during pre-training
+(--no-augment turns it off), where the paper, pre-training on ImageNet, uses lightweight random-resized
+crops. Because quantising is per pixel, cropping and flipping token grids equals quantising augmented
+images, so it runs on tokens.
 """
 from __future__ import annotations
 
@@ -25,8 +30,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .checkpoint import write_atomic
+from .files import cached_array
 from .shapes import CLASSES as SHAPE_CLASSES, make_shapes
+from .streams import generator
 
 
 class DataError(Exception):
@@ -218,7 +224,7 @@ def resize(images: np.ndarray, res: int, name: str = "the data") -> np.ndarray:
 
 def split_train_val(split: Split, seed: int, val_fraction: float = 0.1):
     """Seeded shuffle of the training set; the last val_fraction becomes validation."""
-    order = np.random.default_rng(seed).permutation(len(split))
+    order = generator(seed, "split").permutation(len(split))
     n_val = int(round(len(split) * val_fraction))
     tr, va = order[:len(split) - n_val], order[len(split) - n_val:]
     return Split(split.images[tr], split.labels[tr]), Split(split.images[va], split.labels[va])
@@ -231,8 +237,8 @@ def load_dataset(name: str, data_dir="data", res: int | None = None, seed: int =
         raise DataError(f"--res must be positive, got {res}")
     if name == "shapes":
         r = res or 32
-        train = Split(*make_shapes(shapes_size, r, seed=1_000_003 + seed))
-        test = Split(*make_shapes(max(shapes_size // 5, 10), r, seed=2_000_003))  # fixed test set
+        train = Split(*make_shapes(shapes_size, r, generator(seed, "shapes", 0)))
+        test = Split(*make_shapes(max(shapes_size // 5, 10), r, generator(0, "shapes", 1)))  # fixed
         classes = list(SHAPE_CLASSES)
     elif name in BINARY:
         classes, train, test = _load_binary(name, Path(data_dir))
@@ -247,7 +253,8 @@ def load_dataset(name: str, data_dir="data", res: int | None = None, seed: int =
 
 def augment(grids: np.ndarray, rng: np.random.Generator, pad: int | None = None) -> np.ndarray:
     """Random crop after reflection padding, and random horizontal flip, of (B, H, W, ...) grids
-    (images or token grids). pad defaults to 4 pixels at 32x32, scaled with the resolution."""
+    (images or token grids): the Wide-ResNet augmentation of the paper's CIFAR fine-tuning. pad
+    defaults to 4 pixels at 32x32, scaled with the resolution."""
     B, H, W = grids.shape[:3]
     pad = max(1, round(4 * H / 32)) if pad is None else pad
     widths = [(0, 0), (pad, pad), (pad, pad)] + [(0, 0)] * (grids.ndim - 3)
@@ -264,25 +271,22 @@ def augment(grids: np.ndarray, rng: np.random.Generator, pad: int | None = None)
 # ---- quantised tokens, cached on disk ----------------------------------------------------------
 def cached_tokens(images: np.ndarray, palette, cache_dir) -> np.ndarray:
     """palette.encode(images) as (N, H*W) uint16, kept in cache_dir under a hash of the images, the
-    palette and the resolution, so a second run does not quantise again. A cache file whose contents
-    do not match its recorded digest (stale or damaged) is rebuilt."""
+    palette and the resolution, so a second run does not quantise again (files.cached_array: a file
+    whose contents do not match its recorded digest is rebuilt)."""
     h = hashlib.sha256()
     h.update(np.asarray(images.shape).tobytes())
     h.update(np.ascontiguousarray(images).data)
     h.update(np.ascontiguousarray(palette.centers, dtype=np.float32).data)
-    key = h.hexdigest()[:24]
-    cache_dir = Path(cache_dir)
-    path, digest_path = cache_dir / f"tokens-{key}.npy", cache_dir / f"tokens-{key}.sha256"
-    expected_shape = (len(images), images.shape[1] * images.shape[2])
-    if path.is_file() and digest_path.is_file():
-        try:
-            tokens = np.load(path, allow_pickle=False)
-            if (tokens.shape == expected_shape and tokens.dtype == np.uint16
-                    and hashlib.sha256(tokens.data).hexdigest() == digest_path.read_text().strip()):
-                return tokens
-        except (OSError, ValueError):
-            pass  # damaged: fall through and rebuild
-    tokens = palette.encode(images).astype(np.uint16)
-    write_atomic(path, lambda f: np.save(f, tokens, allow_pickle=False))
-    write_atomic(digest_path, lambda f: f.write(hashlib.sha256(tokens.data).hexdigest().encode()))
-    return tokens
+    path = Path(cache_dir) / f"tokens-{h.hexdigest()[:24]}.npy"
+    return cached_array(path, lambda: palette.encode(images).astype(np.uint16),
+                        shape=(len(images), images.shape[1] * images.shape[2]), dtype=np.uint16)
+
+
+def trained_on(run: dict, res: int, data: str | None = None, data_dir: str | None = None,
+               where="the checkpoint") -> Dataset:
+    """The dataset a train.py run (its saved settings `run`) was trained on, at resolution res and
+    split with the run's seed, unless `data` / `data_dir` name another."""
+    name = data or run.get("data")
+    if name is None:
+        raise DataError(f"{where} does not say which data it was trained on: pass --data")
+    return load_dataset(name, data_dir or run.get("data_dir", "data"), res=res, seed=run.get("seed", 0))

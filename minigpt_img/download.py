@@ -8,7 +8,6 @@ says where to put the files by hand.
 """
 from __future__ import annotations
 
-import hashlib
 import tarfile
 import urllib.error
 import urllib.request
@@ -17,6 +16,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .data import BINARY, DataError
+from .files import file_digest
 
 # name: (official URL, MD5 the authors publish)
 ARCHIVES = {
@@ -28,14 +28,6 @@ ARCHIVES = {
               "91f7769df0f17e558f3565bffb0c7dfb"),
 }
 CHUNK = 1 << 20
-
-
-def md5sum(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(CHUNK), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _fetch(url: str, part: Path, timeout: float) -> None:
@@ -78,7 +70,7 @@ def download(name: str, data_dir, url: str | None = None, md5: str | None = None
     data_dir.mkdir(parents=True, exist_ok=True)
     folder, archive_name = BINARY[name][:2]
     archive = data_dir / archive_name
-    if not (archive.is_file() and md5sum(archive) == md5):
+    if not (archive.is_file() and file_digest(archive, "md5") == md5):
         part = data_dir / (archive_name + ".part")
         try:
             _fetch(url, part, timeout)
@@ -86,7 +78,7 @@ def download(name: str, data_dir, url: str | None = None, md5: str | None = None
             reason = getattr(e, "reason", e)
             raise DataError(f"could not download {url} ({reason}); fetch it on a machine with a network "
                             f"and put {archive_name} (or the extracted {folder}/) in {data_dir}") from None
-        got = md5sum(part)
+        got = file_digest(part, "md5")
         if got != md5:
             part.unlink()
             raise DataError(f"{url} arrived with MD5 {got}, expected {md5}: the download is corrupt; "

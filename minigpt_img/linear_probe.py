@@ -18,15 +18,20 @@ sees its inputs masked as in pre-training (§4.6), optionally averaged over seve
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
 from scipy.optimize import minimize
 from tqdm import tqdm
 
-from .checkpoint import write_atomic
+from .checkpoint import load_model, read_meta
+from .data import DataError, cached_tokens, trained_on
+from .files import cached_array, file_digest
+from .model import ImageGPT
 from .objectives import model_inputs
+from .palette import Palette
+from .plots import line_chart
+from .streams import generator
 from .tensor import no_grad
 
 L2_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
@@ -39,7 +44,7 @@ def extract_features(model, tokens: np.ndarray, objective: str = "ar", batch_siz
     """tokens (N, T) -> pooled features (N, L + 1, C) float32, one no-grad forward per batch."""
     cfg = model.config
     feats = np.empty((len(tokens), cfg.n_layer + 1, cfg.n_embd), np.float32)
-    rng = np.random.default_rng([seed, 4242])
+    rng = generator(seed, "probe_masks")
     repeats = n_masks if objective == "bert" else 1  # AR inputs are not random: one pass is the mean
     with no_grad():
         for s in tqdm(range(0, len(tokens), batch_size), desc=desc, unit="batch", leave=False):
@@ -47,30 +52,10 @@ def extract_features(model, tokens: np.ndarray, objective: str = "ar", batch_siz
             acc = 0.0
             for _ in range(repeats):
                 inputs, causal, mask = model_inputs(x, cfg.sos, objective, mask_rate, rng)
-                _, ns = model(inputs, causal=causal, input_mask=mask, features=True)
+                _, ns = model.forward_features(inputs, causal, mask)
                 acc = acc + np.stack([n.data.mean(axis=1) for n in ns], axis=1)     # (B, L+1, C)
             feats[s:s + len(x)] = acc / repeats
     return feats
-
-
-def cached_features(path: Path, compute) -> np.ndarray:
-    """Features from `path` if it holds them, else compute() and store them there."""
-    if path.is_file():
-        try:
-            return np.load(path, allow_pickle=False)
-        except (OSError, ValueError):
-            pass  # damaged: recompute
-    feats = compute()
-    write_atomic(path, lambda f: np.save(f, feats, allow_pickle=False))
-    return feats
-
-
-def file_digest(path, chunk=1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
 
 
 # ---- multinomial logistic regression ----------------------------------------------------------
@@ -117,7 +102,7 @@ def probe_layer(F_train, y_train, F_eval, y_eval, n_classes: int, seed: int = 0,
                 grid=L2_GRID, holdout: float = 0.1) -> dict:
     """Choose lambda on a held-out slice of the training features, refit on all of them, score the
     evaluation features. -> {lam, holdout_acc, eval_acc}."""
-    rng = np.random.default_rng([seed, 77])
+    rng = generator(seed, "probe_holdout")
     order = rng.permutation(len(y_train))
     n_hold = max(1, int(round(holdout * len(y_train))))
     hold, fit = order[:n_hold], order[n_hold:]
@@ -133,7 +118,7 @@ def balanced_subsets(y: np.ndarray, per_class: int, n_subsets: int, seed: int) -
     classes = np.unique(y)
     out = []
     for s in range(n_subsets):
-        rng = np.random.default_rng([seed, per_class, s])
+        rng = generator(seed, "low_data", per_class, s)
         picks = []
         for c in classes:
             members = np.flatnonzero(y == c)
@@ -163,18 +148,11 @@ def probe_report(ckpt, data=None, data_dir=None, eval_split="test", layers=None,
                  max_eval=None, batch_size=64, labels_per_class=(), bert_masks=1, seed=0,
                  baselines=True, cache_dir="runs/cache", log=print) -> dict:
     """Probe every layer of a checkpoint; see probe.py for the options. Returns the report dict."""
-    from .checkpoint import load_model
-    from .data import DataError, cached_tokens, load_dataset
-    from .model import ImageGPT
-    from .palette import Palette
-
     ckpt = Path(ckpt)
     model, centers, meta, _ = load_model(ckpt)
     run, cfg = meta.get("run", {}), model.config
-    name = data or run.get("data")
-    if name is None:
-        raise DataError(f"{ckpt} does not say which data it was trained on: pass --data")
-    ds = load_dataset(name, data_dir or run.get("data_dir", "data"), res=cfg.n_px, seed=run.get("seed", 0))
+    ds = trained_on(run, cfg.n_px, data, data_dir, where=ckpt)
+    name = ds.name
     if eval_split == "test" and ds.test is None:
         raise DataError(f"{name} has no test set in {data_dir or run.get('data_dir', 'data')}: "
                         "use --eval-split val (the held-out 10% of the training set)")
@@ -187,10 +165,10 @@ def probe_report(ckpt, data=None, data_dir=None, eval_split="test", layers=None,
     t_tr, t_ev = cached_tokens(x_tr, palette, cache_dir), cached_tokens(x_ev, palette, cache_dir)
     objective = run.get("objective", "ar")
     feat_dir = ckpt.parent / "features"
-    key = f"{file_digest(ckpt)}-{Path(str(name)).name}-{cfg.n_px}-{objective}{bert_masks}"
+    key = f"{file_digest(ckpt)[:16]}-{Path(str(name)).name}-{cfg.n_px}-{objective}{bert_masks}"
 
     def features(m, tokens, split, tag):
-        return cached_features(feat_dir / f"{tag}-{key}-{split}{len(tokens)}.npy", lambda: extract_features(
+        return cached_array(feat_dir / f"{tag}-{key}-{split}{len(tokens)}.npy", lambda: extract_features(
             m, tokens, objective, batch_size, run.get("mask_rate", 0.15), bert_masks, seed,
             desc=f"{tag} {split} features"))
 
@@ -219,7 +197,7 @@ def probe_report(ckpt, data=None, data_dir=None, eval_split="test", layers=None,
             report["token_histogram"] = probe_layer(hist_tr, y_tr, hist_ev, y_ev, K, seed)
             bar.update()
             bar.set_postfix_str("random-init model")
-            random_model = ImageGPT(cfg, np.random.default_rng([seed, 31337]))
+            random_model = ImageGPT(cfg, generator(seed, "random_init"))
             R_tr = features(random_model, t_tr, "train", "random")
             R_ev = features(random_model, t_ev, eval_split, "random")
             rand_rows = [{"layer": l, **probe_layer(R_tr[:, l], y_tr, R_ev[:, l], y_ev, K, seed)}
@@ -238,8 +216,6 @@ def probe_along(snapshots: list, log=print, **kw) -> dict:
     """§4.2: probe checkpoints taken along one run (train.py --snapshots) and pair each one's best
     probe accuracy with its validation loss. The paper finds them tightly related: a better
     generative model gives better features. kw: probe_report's options (baselines are skipped)."""
-    from .checkpoint import read_meta
-
     points, split = [], None
     for path in sorted(Path(p) for p in snapshots):
         _, meta = read_meta(path)
@@ -256,7 +232,6 @@ def probe_along(snapshots: list, log=print, **kw) -> dict:
 
 
 def plot_along(along: dict, path) -> None:
-    from .plots import line_chart
     pts = sorted(along["points"], key=lambda p: p["val_loss"])
     line_chart({"checkpoints along the run": ([p["val_loss"] for p in pts],
                                               [100 * p["best"]["eval_acc"] for p in pts])},
@@ -288,7 +263,6 @@ def format_report(report: dict) -> str:
 
 
 def plot_report(report: dict, path) -> None:
-    from .plots import line_chart
     series = {"trained model": ([r["layer"] for r in report["layers"]],
                                 [100 * r["eval_acc"] for r in report["layers"]])}
     if "random_init" in report:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import attention, nn, ops
-from .tensor import Tensor
+from .tensor import Tensor, no_grad
 
 
 @dataclass(frozen=True)
@@ -64,8 +64,8 @@ class Attention(nn.Module):
         qkv = self.c_attn(x)                                         # (B, T, 3C)
         if cache is None:
             a = ops.attention(qkv, self.n_head, causal)              # (B, T, C)
-        else:
-            a = Tensor(cache.attend(layer, qkv.data, self.n_head))   # (B, T, C), inference only
+        else:  # decoding (ImageGPT.decode, under no_grad): attend to the cached keys and values too
+            a = Tensor(cache.attend(layer, qkv.data, self.n_head))   # (B, T, C)
         return self.c_proj(a)                                        # (B, T, C)
 
 
@@ -104,7 +104,11 @@ class Transformer(nn.Module):
 
 
 class ImageGPT(nn.Module):
-    """The whole model. `forward` maps tokens (B, T) to logits (B, T, V)."""
+    """The whole model. Three ways in, one path through the blocks (`_forward`):
+        forward(tokens)             -> logits (B, T, V)                  training and evaluation
+        forward_features(tokens)    -> logits and [n^0 .. n^L]           probes, fine-tuning (§2.3, §2.4)
+        decode(tokens, cache)       -> logits, no gradients              sampling with the KV cache
+    """
 
     def __init__(self, cfg: GPTConfig, rng: np.random.Generator, dtype=np.float32):
         self.config = cfg
@@ -112,11 +116,25 @@ class ImageGPT(nn.Module):
         # released iGPT: the untied output head starts at zero (every colour equally likely).
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab, rng, std=0.0, dtype=dtype)
 
-    def forward(self, tokens, causal=True, input_mask=None, features=False, cache=None):
-        """tokens (B, T) ints in [0, V] (V = SOS). causal=False is the BERT model (no mask).
-        input_mask (B, T) bool zeroes the token embedding where True (BERT's masked positions;
-        the position embedding stays). features=True also returns [n^0, ..., n^L], each (B, T, C).
-        cache (KVCache) decodes incrementally: tokens continue the cached positions."""
+    def forward(self, tokens, causal=True, input_mask=None):
+        """tokens (B, T) ints in [0, V] (V = SOS) -> logits (B, T, V). causal=False is the BERT model
+        (no attention mask); input_mask (B, T) bool zeroes the token embedding where True (BERT's
+        masked positions; the position embedding stays)."""
+        return self._forward(tokens, causal, input_mask)[0]
+
+    def forward_features(self, tokens, causal=True, input_mask=None):
+        """As forward, and also the features [n^0, ..., n^L], each (B, T, C), of the same pass."""
+        return self._forward(tokens, causal, input_mask)
+
+    def decode(self, tokens, cache: "KVCache"):
+        """Inference only (no gradients): logits (B, T, V) of tokens (B, T) that continue the
+        positions already in the cache, whose keys and values are read instead of recomputed."""
+        with no_grad():
+            logits = self._forward(tokens, True, None, cache)[0]
+        cache.length += np.shape(tokens)[1]
+        return logits
+
+    def _forward(self, tokens, causal, input_mask, cache=None):
         cfg = self.config
         tokens = np.asarray(tokens)
         B, T = tokens.shape
@@ -125,8 +143,6 @@ class ImageGPT(nn.Module):
             raise ValueError(f"{t0 + T} positions exceed the context of {cfg.n_ctx} (n_px={cfg.n_px})")
         if tokens.min(initial=0) < 0 or tokens.max(initial=0) > cfg.vocab:
             raise ValueError(f"tokens must lie in [0, {cfg.vocab}] (palette colours and SOS={cfg.sos})")
-        if cache is not None and not causal:
-            raise ValueError("the KV cache decodes the causal (AR) model only")
 
         tr = self.transformer
         h = tr.wte(tokens)                                           # (B, T, C)
@@ -140,10 +156,7 @@ class ImageGPT(nn.Module):
             feats.append(n)
         n = tr.ln_f(h)                                               # n^L (B, T, C)
         feats.append(n)
-        logits = self.lm_head(n)                                     # (B, T, V)
-        if cache is not None:
-            cache.length += T
-        return (logits, feats) if features else logits
+        return self.lm_head(n), feats                                # (B, T, V), L+1 x (B, T, C)
 
 
 class KVCache:

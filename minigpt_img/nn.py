@@ -47,12 +47,6 @@ class Module:
         for p in self.parameters():
             p.grad = None
 
-    def astype(self, dtype) -> "Module":
-        """Convert every parameter in place (float64 for gradient checks)."""
-        for p in self.parameters():
-            p.data = p.data.astype(dtype)
-        return self
-
     def state_dict(self) -> dict[str, np.ndarray]:
         return {name: p.data for name, p in self.named_parameters()}
 

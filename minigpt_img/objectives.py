@@ -13,7 +13,10 @@ BERT (§2.1): a set M of positions is masked, each independently with probabilit
 sees x with the token embeddings at M zeroed (released iGPT code: h * (1 - M)), attends without a
 mask, and predicts the masked tokens from everything else,
 
-    L_BERT = E_x E_M [ sum_{i in M} -log p(x_i | x_[not M]) ] / |M|                  (masked only)
+    L_BERT = E_x E_M [ (1/|M|) sum_{i in M} -log p(x_i | x_[not M]) ]                 (masked only)
+
+averaged over each image's own masked positions first, then over the batch, as the released iGPT
+code does (an image with more masked positions does not weigh more).
 
 Losses are in nats per token; bits per token = nats / ln 2.
 """
@@ -35,12 +38,18 @@ def ar_inputs(x: np.ndarray, sos: int) -> np.ndarray:
 
 
 def bert_mask(shape, rate: float, rng: np.random.Generator) -> np.ndarray:
-    """Each position masked independently with probability `rate`. A batch that draws no masked
-    position at all (possible only for tiny batches) gets one, so the loss is defined."""
-    mask = rng.random(shape) < rate
-    if not mask.any():
-        mask.flat[rng.integers(mask.size)] = True
+    """(B, T) bool: each position masked independently with probability `rate`. An image that draws
+    no masked position at all (likely only for tiny images) gets one, so its loss is defined."""
+    mask = rng.random(shape) < rate                                            # (B, T)
+    empty = np.flatnonzero(~mask.any(axis=1))
+    mask[empty, rng.integers(0, shape[1], len(empty))] = True
     return mask
+
+
+def bert_weights(mask: np.ndarray) -> np.ndarray:
+    """Per-position loss weights (B, T) of L_BERT: 1/|M_b| at image b's masked positions, else 0."""
+    mask = np.asarray(mask, dtype=np.float64)
+    return mask / np.maximum(mask.sum(axis=1, keepdims=True), 1.0)
 
 
 def model_inputs(x: np.ndarray, sos: int, objective: str, mask_rate: float = 0.15, rng=None,
@@ -60,9 +69,11 @@ def generative_loss(model, x: np.ndarray, objective: str = "ar", mask_rate: floa
     """L_AR (nats per token) or L_BERT (nats per masked token), a scalar Tensor; with
     features=True also the per-layer n^l of the same forward pass (fine-tuning pools n^L)."""
     inputs, causal, input_mask = model_inputs(x, model.config.sos, objective, mask_rate, rng, mask)
-    out = model(inputs, causal=causal, input_mask=input_mask, features=features)
-    logits, feats = out if features else (out, None)                          # (B, T, V)
-    weights = None if input_mask is None else input_mask.astype(np.float64)   # BERT: masked only
+    if features:
+        logits, feats = model.forward_features(inputs, causal, input_mask)    # (B, T, V), L+1 x (B, T, C)
+    else:
+        logits, feats = model(inputs, causal, input_mask), None               # (B, T, V)
+    weights = None if input_mask is None else bert_weights(input_mask)        # BERT: masked only
     loss = ops.cross_entropy(logits, x, weights=weights)
     return (loss, feats) if features else loss
 

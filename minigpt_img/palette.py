@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from . import kernels
+from .streams import generator
 
 GRID_SHIFT = 4                    # cells of 16 intensity levels per channel
 GRID_LEVELS = 256 >> GRID_SHIFT   # a 16 x 16 x 16 grid over the RGB cube
@@ -130,7 +131,7 @@ def fit_palette(images: np.ndarray, k: int = 512, n_pixels: int = 1_000_000, see
     """k-means palette (k, 3) float32 in [-1, 1] from up to n_pixels pixels sampled from images
     (N, H, W, 3) uint8. Deterministic given seed. Appends each iteration's inertia (weighted mean
     squared distance) to `history` when given."""
-    rng = np.random.default_rng(seed)
+    rng = generator(seed, "palette")
     pixels = np.asarray(images, dtype=np.uint8).reshape(-1, 3)
     if len(pixels) > n_pixels:
         pixels = pixels[rng.choice(len(pixels), n_pixels, replace=False)]

@@ -14,7 +14,6 @@ import numpy as np
 from tqdm import tqdm
 
 from .model import KVCache
-from .tensor import no_grad
 
 
 def choose(logits: np.ndarray, rng: np.random.Generator, temperature: float = 1.0,
@@ -45,15 +44,13 @@ def generate(model, n: int, rng: np.random.Generator, temperature: float = 1.0,
     if given:
         out[:, :given] = prefix
     cache = KVCache(cfg, batch=n, dtype=model.lm_head.weight.dtype)
-    with no_grad():
-        # read SOS and the given pixels in one pass; the last logits predict the next pixel
-        first = np.concatenate([np.full((n, 1), cfg.sos), out[:, :given]], axis=1)[:, :T]
-        logits = model(first, cache=cache).data[:, -1]                        # (n, V)
-        steps = range(given, T)
-        for i in tqdm(steps, desc="sampling pixels", unit="px", disable=not progress):
-            out[:, i] = choose(logits, rng, temperature, top_k)
-            if i + 1 < T:
-                logits = model(out[:, i:i + 1], cache=cache).data[:, -1]
+    # read SOS and the given pixels in one pass; the last logits predict the next pixel
+    first = np.concatenate([np.full((n, 1), cfg.sos), out[:, :given]], axis=1)[:, :T]
+    logits = model.decode(first, cache).data[:, -1]                            # (n, V)
+    for i in tqdm(range(given, T), desc="sampling pixels", unit="px", disable=not progress):
+        out[:, i] = choose(logits, rng, temperature, top_k)
+        if i + 1 < T:
+            logits = model.decode(out[:, i:i + 1], cache).data[:, -1]          # (n, V)
     return out
 
 

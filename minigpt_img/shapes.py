@@ -76,11 +76,10 @@ def _backgrounds(rng, B, x, y):
     return c1 + (c2 - c1) * t[..., None]
 
 
-def make_shapes(n: int, res: int = 32, seed: int = 0, batch: int = 500):
-    """n images (n, res, res, 3) uint8 and labels (n,) int64, classes balanced, deterministic in seed."""
+def make_shapes(n: int, res: int, rng: np.random.Generator, batch: int = 500):
+    """n images (n, res, res, 3) uint8 and labels (n,) int64, classes balanced, drawn from rng."""
     if res < 4:
         raise ValueError(f"shapes needs a resolution of at least 4 pixels, got {res}")
-    rng = np.random.default_rng(seed)
     labels = rng.permutation(np.arange(n) % len(CLASSES)).astype(np.int64)
     images = np.empty((n, res, res, 3), np.uint8)
     S = res * SUPERSAMPLE

@@ -38,10 +38,6 @@ def no_grad():
         _GRAD_ENABLED.reset(token)
 
 
-def is_grad_enabled() -> bool:
-    return _GRAD_ENABLED.get()
-
-
 def _as_array(data, dtype=None) -> np.ndarray:
     """Arrays keep float32/float64; Python numbers and integer/bool arrays become float32."""
     arr = np.asarray(data)

@@ -179,19 +179,19 @@ def test_token_cache_reuses_and_rebuilds(tmp_path, monkeypatch):
 
 
 def test_shapes_deterministic_balanced_any_resolution():
-    a, la = make_shapes(50, 16, seed=4)
-    b, lb = make_shapes(50, 16, seed=4)
+    a, la = make_shapes(50, 16, np.random.default_rng(4))
+    b, lb = make_shapes(50, 16, np.random.default_rng(4))
     np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(la, lb)
     assert np.bincount(la).tolist() == [5] * 10
-    assert make_shapes(10, 24)[0].shape == (10, 24, 24, 3)
-    assert not np.array_equal(make_shapes(10, 16, seed=5)[0], a[:10])
+    assert make_shapes(10, 24, np.random.default_rng(0))[0].shape == (10, 24, 24, 3)
+    assert not np.array_equal(make_shapes(10, 16, np.random.default_rng(5))[0], a[:10])
 
 
 def test_shapes_is_not_linearly_trivial():
     """Ridge regression on raw pixels (one-vs-rest, closed form) stays far from 100% on held-out
     images: colour, size, position and texture vary independently of the class."""
-    x, y = make_shapes(3000, 16, seed=0)
+    x, y = make_shapes(3000, 16, np.random.default_rng(0))
     X = x.reshape(len(x), -1).astype(np.float64) / 255.0
     X = np.concatenate([X - X[:2500].mean(0), np.ones((len(X), 1))], 1)
     Y = np.eye(10)[y]

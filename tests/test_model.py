@@ -51,7 +51,7 @@ def test_initialisation_follows_released_igpt():
 def test_forward_shapes_and_features():
     m = ImageGPT(TINY, np.random.default_rng(0))
     x = tokens(TINY, 3)
-    logits, feats = m(x, features=True)
+    logits, feats = m.forward_features(x)
     assert logits.shape == (3, TINY.n_ctx, TINY.vocab) and logits.dtype == np.float32
     assert len(feats) == TINY.n_layer + 1 and all(f.shape == (3, TINY.n_ctx, 16) for f in feats)
     # n^0 = norm(h^0) with h^0 = W_te[x] + W_pe, and the logits are n^L W_head
@@ -83,10 +83,10 @@ def test_bert_input_mask_zeroes_token_embeddings_only():
     x = tokens(TINY, 2)
     mask = np.zeros_like(x, dtype=bool)
     mask[:, 3] = True
-    _, f1 = m(x, causal=False, input_mask=mask, features=True)
+    _, f1 = m.forward_features(x, causal=False, input_mask=mask)
     y = x.copy()
     y[:, 3] = (y[:, 3] + 2) % TINY.vocab
-    _, f2 = m(y, causal=False, input_mask=mask, features=True)
+    _, f2 = m.forward_features(y, causal=False, input_mask=mask)
     np.testing.assert_array_equal(f1[0].data, f2[0].data)  # the masked token is invisible
 
 
@@ -98,12 +98,12 @@ def test_kv_cache_equals_full_forward():
     with no_grad():
         full = m(x).data
         cache = KVCache(cfg, batch=3)
-        steps = [m(x[:, :5], cache=cache).data]          # a prefix at once (completions)
+        steps = [m.decode(x[:, :5], cache).data]          # a prefix at once (completions)
         for t in range(5, cfg.n_ctx):
-            steps.append(m(x[:, t:t + 1], cache=cache).data)
+            steps.append(m.decode(x[:, t:t + 1], cache).data)
     np.testing.assert_allclose(np.concatenate(steps, axis=1), full, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="exceed the context"):
-        m(x[:, :1], cache=cache)
+        m.decode(x[:, :1], cache)
 
 
 def test_bad_inputs():
@@ -163,7 +163,7 @@ def test_tiny_model_overfits_one_batch():
 
 def test_default_batch_by_size():
     from minigpt_img.sizes import default_batch
-    from minigpt_img.trainer import resolve_config
+    from minigpt_img.runconfig import resolve_config
     assert [default_batch(s) for s in ("nano", "micro", "mini", "s", "m")] == [16, 16, 8, 4, 1]
     assert resolve_config({"size": "s"}, resume=False).batch_size == 4
     assert resolve_config({"size": "s", "batch_size": 2}, resume=False).batch_size == 2

@@ -12,12 +12,12 @@ from scipy.optimize import minimize
 
 from minigpt_img import ops
 from minigpt_img.checkpoint import load_arrays
-from minigpt_img.finetune import FineTuning
 from minigpt_img.linear_probe import (LogisticProbe, balanced_subsets, extract_features,
                                       loss_and_grad, probe_layer)
 from minigpt_img.model import GPTConfig, ImageGPT
 from minigpt_img.objectives import ar_inputs
-from minigpt_img.trainer import Pretraining, RunConfig, resolve_config
+from minigpt_img.runconfig import RunConfig, resolve_config
+from minigpt_img.trainer import Trainer
 
 from helpers import numeric_grad, relative_error
 
@@ -30,7 +30,7 @@ def test_features_are_the_models_pooled_n_l():
     x = np.random.default_rng(1).integers(0, 9, (5, 16))
     F = extract_features(m, x, batch_size=2)
     assert F.shape == (5, 4, 16) and F.dtype == np.float32
-    _, ns = m(ar_inputs(x, cfg.sos), features=True)
+    _, ns = m.forward_features(ar_inputs(x, cfg.sos))
     for l in range(4):
         np.testing.assert_allclose(F[:, l], ns[l].data.mean(axis=1), rtol=1e-6, atol=1e-7)
     Fb = extract_features(m, x, objective="bert", n_masks=2)
@@ -96,7 +96,7 @@ def tiny_run(tmp_path_factory):
     cfg = RunConfig(size="nano", res=8, data=str(root / "imgs"), palette_size=16, batch_size=4,
                     steps=8, eval_every=4, eval_images=8, out=str(root / "run"),
                     cache_dir=str(root / "cache"), samples=2, snapshots=True)
-    Pretraining(cfg, log=lambda *a: None).train()
+    Trainer(cfg, log=lambda *a: None).train()
     return root
 
 
@@ -146,12 +146,13 @@ def test_finetuning_head_starts_at_zero_and_loss_is_the_sum(tiny_run, tmp_path):
                           "steps": 6, "eval_every": 2}, resume=False)
     pre = json.loads(str(load_arrays(tiny_run / "run" / "ckpt.npz")["config"]))["meta"]["run"]
     assert cfg.lr == pytest.approx(pre["lr"] / 10) and cfg.size == "nano" and cfg.res == 8
-    ft = FineTuning(cfg, log=lambda *a: None)
-    assert np.all(ft.heads["score"].weight.data == 0) and ft.heads["score"].weight.shape == (32, 3)
+    ft = Trainer(cfg, log=lambda *a: None)
+    head = ft.task.heads["score"]
+    assert np.all(head.weight.data == 0) and head.weight.shape == (32, 3)
     x, y = ft.batch(0, 0)
     rng_a, rng_b = np.random.default_rng(0), np.random.default_rng(0)
-    gen, clf_logits = ft.forward(x, rng_a)
-    total = ft.loss(x, y, rng_b)
+    gen, clf_logits = ft.task.forward(x, rng_a)
+    total = ft.task.loss(x, y, rng_b)
     assert total.item() == pytest.approx(gen.item() + ops.cross_entropy(clf_logits, y).item(), rel=1e-6)
     assert ops.cross_entropy(clf_logits, y).item() == pytest.approx(np.log(3), rel=1e-6)  # zero head
     assert ft.train() == "done"
@@ -163,7 +164,7 @@ def test_finetuning_head_starts_at_zero_and_loss_is_the_sum(tiny_run, tmp_path):
 def test_finetuning_stopped_by_its_time_budget_still_scores_the_best_checkpoint(tiny_run, tmp_path):
     cfg = resolve_config({"finetune": str(tiny_run / "run" / "ckpt.npz"), "out": str(tmp_path / "tb"),
                           "steps": 1000, "eval_every": 500, "time_budget": 1e-9}, resume=False)
-    ft = FineTuning(cfg, log=lambda *a: None)
+    ft = Trainer(cfg, log=lambda *a: None)
     assert ft.train() == "time budget" and ft.step == 1  # stopped before its first evaluation
     summary = json.loads((tmp_path / "tb" / "finetune.json").read_text())
     assert summary["steps"] == 1 and summary["n_eval"] == 15
@@ -173,5 +174,5 @@ def test_finetuning_stopped_by_its_time_budget_still_scores_the_best_checkpoint(
 def test_finetuning_early_stops(tiny_run, tmp_path):
     cfg = resolve_config({"finetune": str(tiny_run / "run" / "ckpt.npz"), "out": str(tmp_path / "es"),
                           "steps": 1000, "eval_every": 1, "patience": 2, "lr": 0.0}, resume=False)
-    ft = FineTuning(cfg, log=lambda *a: None)
+    ft = Trainer(cfg, log=lambda *a: None)
     assert ft.train() == "done" and ft.step == 3  # accuracy never improves after the first eval

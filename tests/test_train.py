@@ -17,7 +17,8 @@ from minigpt_img.checkpoint import load_arrays
 from minigpt_img.model import GPTConfig, ImageGPT
 from minigpt_img.objectives import ar_inputs, ar_loss, bert_loss, bert_mask, unigram_entropy
 from minigpt_img.optim import Adam, lr_at
-from minigpt_img.trainer import ConfigError, Pretraining, RunConfig, TrainingDiverged, resolve_config
+from minigpt_img.runconfig import ConfigError, RunConfig, resolve_config
+from minigpt_img.trainer import Trainer, TrainingDiverged
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -38,10 +39,11 @@ def test_ar_loss_predicts_each_token_from_the_ones_before():
     assert ar_loss(m, x).item() == pytest.approx(manual, rel=1e-5)
 
 
-def test_bert_mask_rate_and_masked_only_loss():
+def test_bert_mask_rate_and_masked_only_loss_averaged_per_image():
     mask = bert_mask((200, 256), 0.15, np.random.default_rng(0))
     assert mask.mean() == pytest.approx(0.15, abs=0.005)
     assert bert_mask((1, 1), 1e-9, np.random.default_rng(0)).sum() == 1  # never empty
+    assert bert_mask((50, 3), 1e-9, np.random.default_rng(0)).sum(axis=1).min() == 1  # no image empty
     cfg = GPTConfig(n_layer=1, n_embd=8, n_head=2, n_px=3, vocab=5)
     m = ImageGPT(cfg, np.random.default_rng(0))
     m.lm_head.weight.data = np.random.default_rng(1).standard_normal((8, 5)).astype(np.float32)
@@ -51,7 +53,10 @@ def test_bert_mask_rate_and_masked_only_loss():
     logits = m(x, causal=False, input_mask=mask).data
     logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     nll = -np.take_along_axis(logp, x[..., None], -1)[..., 0]
-    assert bert_loss(m, x, mask).item() == pytest.approx(nll[mask].mean(), rel=1e-5)
+    # released iGPT: each image's masked positions are averaged first, then the images
+    per_image = (nll[0, [1, 4]].mean() + nll[1, 7]) / 2
+    assert not np.isclose(per_image, nll[mask].mean(), rtol=1e-3)  # the two averages differ here
+    assert bert_loss(m, x, mask).item() == pytest.approx(per_image, rel=1e-5)
     y = x.copy()
     y[~mask] = (y[~mask] + 1) % 5  # other targets differ, the masked ones' inputs are hidden anyway
     y_logits = m(y, causal=False, input_mask=mask)
@@ -115,29 +120,29 @@ def tiny(image_folder, out, **kw):
 
 
 def test_run_writes_its_files_and_learns(image_folder, tmp_path):
-    run = Pretraining(tiny(image_folder, tmp_path / "run", steps=40, lr=1e-2), log=lambda *a: None)
+    run = Trainer(tiny(image_folder, tmp_path / "run", steps=40, lr=1e-2), log=lambda *a: None)
     assert run.train() == "done"
     for name in ("ckpt.npz", "metrics.jsonl", "loss.png", "samples.png"):
         assert (tmp_path / "run" / name).is_file(), name
     records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     evals = [r["loss"] for r in records if r["kind"] == "eval"]
-    assert evals[-1] < evals[0] and evals[-1] < run.entropy
+    assert evals[-1] < evals[0] and evals[-1] < run.data.entropy
     assert Image.open(tmp_path / "run" / "samples.png").size[0] > 16
 
 
 def test_resume_is_bit_identical(image_folder, tmp_path):
-    straight = Pretraining(tiny(image_folder, tmp_path / "a"), log=lambda *a: None)
+    straight = Trainer(tiny(image_folder, tmp_path / "a"), log=lambda *a: None)
     straight.train()
 
     def stop_at_3(run):
         if run.step == 3:
             run.stop_reason = "interrupted"
 
-    first = Pretraining(tiny(image_folder, tmp_path / "b"), log=lambda *a: None)
+    first = Trainer(tiny(image_folder, tmp_path / "b"), log=lambda *a: None)
     assert first.train(on_step=stop_at_3) == "interrupted"
     assert int(json.loads(str(load_arrays(tmp_path / "b" / "ckpt.npz")["config"]))["meta"]["step"]) == 3
     cfg = resolve_config({"out": str(tmp_path / "b")}, resume=True)
-    second = Pretraining(cfg, resume=True, log=lambda *a: None)
+    second = Trainer(cfg, resume=True, log=lambda *a: None)
     assert second.step == 3 and second.train() == "done"
     for (name, a), (_, b) in zip(straight.model.named_parameters(), second.model.named_parameters()):
         assert np.array_equal(a.data, b.data), name
@@ -147,20 +152,20 @@ def test_resume_is_bit_identical(image_folder, tmp_path):
 
 def test_time_budget_counts_every_session_of_a_resumed_run(image_folder, tmp_path):
     out = tmp_path / "budget"
-    first = Pretraining(tiny(image_folder, out, steps=50), log=lambda *a: None)
+    first = Trainer(tiny(image_folder, out, steps=50), log=lambda *a: None)
     first.train(on_step=lambda r: setattr(r, "stop_reason", "interrupted") if r.step == 2 else None)
     trained = json.loads(str(load_arrays(out / "ckpt.npz")["config"]))["meta"]["train_seconds"]
     assert trained > 0
     # a budget smaller than what the first session already used: the resumed run stops at once
     cfg = resolve_config({"out": str(out), "time_budget": trained / 2 / 60}, resume=True)
-    second = Pretraining(cfg, resume=True, log=lambda *a: None)
+    second = Trainer(cfg, resume=True, log=lambda *a: None)
     assert second.train() == "time budget" and second.step == 3
     again = json.loads(str(load_arrays(out / "ckpt.npz")["config"]))["meta"]["train_seconds"]
     assert again > trained
 
 
 def test_snapshots_keep_the_weights_of_every_evaluation(image_folder, tmp_path):
-    run = Pretraining(tiny(image_folder, tmp_path / "snap", snapshots=True), log=lambda *a: None)
+    run = Trainer(tiny(image_folder, tmp_path / "snap", snapshots=True), log=lambda *a: None)
     run.train()
     snaps = sorted((tmp_path / "snap" / "snapshots").glob("step*.npz"))
     assert [p.name for p in snaps] == ["step0000003.npz", "step0000006.npz"]
@@ -174,14 +179,14 @@ def test_snapshots_keep_the_weights_of_every_evaluation(image_folder, tmp_path):
 
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(image_folder, tmp_path):
     out = tmp_path / "nan"
-    first = Pretraining(tiny(image_folder, out), log=lambda *a: None)
+    first = Trainer(tiny(image_folder, out), log=lambda *a: None)
     first.train(on_step=lambda r: setattr(r, "stop_reason", "interrupted") if r.step == 2 else None)
     before = (out / "ckpt.npz").read_bytes()
 
     def poison(run):
         run.model.transformer.wte.weight.data[:] = np.nan
 
-    run = Pretraining(resolve_config({"out": str(out)}, True), resume=True, log=lambda *a: None)
+    run = Trainer(resolve_config({"out": str(out)}, True), resume=True, log=lambda *a: None)
     with pytest.raises(TrainingDiverged, match="loss became nan at step 4"):
         run.train(on_step=poison)
     assert (out / "ckpt.npz").read_bytes() == before
@@ -189,13 +194,13 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(image_folder, tmp_path):
 
 def test_configuration_errors(image_folder, tmp_path):
     out = tmp_path / "cfg"
-    Pretraining(tiny(image_folder, out, steps=1), log=lambda *a: None).train()
+    Trainer(tiny(image_folder, out, steps=1), log=lambda *a: None).train()
     with pytest.raises(ConfigError, match="exists: pass --resume"):
-        Pretraining(tiny(image_folder, out, steps=1), log=lambda *a: None)
+        Trainer(tiny(image_folder, out, steps=1), log=lambda *a: None)
     with pytest.raises(ConfigError, match="trained with --palette-size 16, not 32"):
         resolve_config({"out": str(out), "palette_size": 32}, resume=True)
     with pytest.raises(ConfigError, match="unknown model size 'huge'"):
-        Pretraining(tiny(image_folder, tmp_path / "x", size="huge"), log=lambda *a: None)
+        Trainer(tiny(image_folder, tmp_path / "x", size="huge"), log=lambda *a: None)
 
 
 def run_script(*args, timeout=300, **kw):
@@ -237,9 +242,9 @@ def test_script_ctrl_c_saves_and_tells_how_to_resume(image_folder, tmp_path):
 def test_released_palette_file_is_used_instead_of_fitting(image_folder, tmp_path):
     clusters = np.random.default_rng(3).uniform(-1, 1, (16, 3)).round(4)
     (tmp_path / "preprocessor_config.json").write_text(json.dumps({"clusters": clusters.tolist()}))
-    run = Pretraining(tiny(image_folder, tmp_path / "pal", palette=str(tmp_path / "preprocessor_config.json"),
+    run = Trainer(tiny(image_folder, tmp_path / "pal", palette=str(tmp_path / "preprocessor_config.json"),
                            steps=1), log=lambda *a: None)
-    np.testing.assert_allclose(run.palette.centers, clusters, rtol=1e-6)
+    np.testing.assert_allclose(run.data.palette.centers, clusters, rtol=1e-6)
     with pytest.raises(ConfigError, match="holds 16 colours, not --palette-size 32"):
-        Pretraining(tiny(image_folder, tmp_path / "pal2", palette_size=32,
+        Trainer(tiny(image_folder, tmp_path / "pal2", palette_size=32,
                          palette=str(tmp_path / "preprocessor_config.json")), log=lambda *a: None)

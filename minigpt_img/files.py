@@ -1,0 +1,76 @@
+"""File helpers: atomic writes, file digests, and array caches that check their own contents.
+
+Not a paper section. The bottom layer of the package: it imports nothing of minigpt_img, so the data
+code, the checkpoints and the probes can all use it without pulling in the model.
+
+    write_atomic(path, write)     temp file beside path, fsync, rename: readers see old or new, never half
+    file_digest(path)             hex digest of a file's bytes (sha256 by default, md5 for official archives)
+    cached_array(path, compute)   path's array if its recorded sha256 matches, else compute() and store it
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+
+def write_atomic(path, write) -> None:
+    """Call write(f) on a temporary file beside `path`, flush it to disk, then rename it over `path`:
+    readers see the old file or the new one, never half of one, whatever interrupts the write."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        # mkstemp makes the file private (0600); give it the mode open() would: 0666 minus the umask
+        # (which can only be read by setting it, so it is set back at once)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def file_digest(path, algorithm: str = "sha256", chunk: int = 1 << 22) -> str:
+    """Hex digest of the file's bytes, read in chunks (archives of gigabytes stay out of memory)."""
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def array_digest(array: np.ndarray) -> str:
+    """sha256 of an array's bytes in C order."""
+    return hashlib.sha256(np.ascontiguousarray(array).data).hexdigest()
+
+
+def cached_array(path, compute, shape=None, dtype=None) -> np.ndarray:
+    """The array stored at `path` (.npy) when it is intact, else compute() stored there.
+
+    Intact means: the file loads without pickle, its sha256 equals the one recorded beside it in
+    `path.sha256` when it was written, and it has the expected shape and dtype (when given). Anything
+    else (a stale, truncated or damaged file, or a missing digest) is recomputed and overwritten."""
+    path = Path(path)
+    digest_path = path.with_name(path.name + ".sha256")
+    if path.is_file() and digest_path.is_file():
+        try:
+            array = np.load(path, allow_pickle=False)
+            if ((shape is None or array.shape == tuple(shape)) and (dtype is None or array.dtype == dtype)
+                    and array_digest(array) == digest_path.read_text().strip()):
+                return array
+        except (OSError, ValueError):
+            pass  # damaged: fall through and rebuild
+    array = compute()
+    write_atomic(path, lambda f: np.save(f, array, allow_pickle=False))
+    write_atomic(digest_path, lambda f: f.write(array_digest(array).encode()))
+    return array

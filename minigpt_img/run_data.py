@@ -1,0 +1,65 @@
+"""§3.1-§3.2 for one run: the dataset, its palette and its tokens, ready for the training loop.
+
+Legend: N images, T = res^2 tokens, V palette size.
+
+    images (N, res, res, 3) uint8  --palette-->  tokens (N, T) uint16 in raster order
+
+The palette is, in this order of precedence: the one saved in the checkpoint the run starts from
+(resume, fine-tuning: the model's tokens must mean the same colours), a palette file (--palette, e.g.
+OpenAI's released clusters), or k-means fitted on the training images (§3.2). Tokens are cached on
+disk (data.cached_tokens).
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .data import Dataset, cached_tokens, load_dataset
+from .objectives import unigram_entropy
+from .palette import Palette, fit_palette, load_palette
+from .runconfig import ConfigError, RunConfig
+
+
+@dataclass
+class RunData:
+    ds: Dataset
+    palette: Palette
+    train_tokens: np.ndarray   # (N_train, T) uint16
+    val_tokens: np.ndarray     # (eval_images, T) uint16: the validation images each evaluation scores
+    val_labels: np.ndarray     # (eval_images,) int64
+    data_hash: str             # identifies the training tokens: a resumed run must see the same
+    entropy: float             # unigram entropy of the training tokens, nats: the bar to beat
+
+
+def prepare_data(cfg: RunConfig, start: dict | None, start_path=None, log=print) -> RunData:
+    """Load cfg.data at cfg.res, choose the palette (start: the arrays of the checkpoint the run
+    starts from, or None), and quantise the training and validation images."""
+    t = time.time()
+    ds = load_dataset(cfg.data, cfg.data_dir, res=cfg.res, seed=cfg.seed)
+    if start is not None:
+        if "palette" not in start:
+            raise ConfigError(f"{start_path} holds no palette: use a checkpoint written by train.py")
+        palette = Palette(start["palette"])
+    elif cfg.palette:
+        try:
+            centers = load_palette(cfg.palette)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if len(centers) != cfg.palette_size:
+            raise ConfigError(f"{cfg.palette} holds {len(centers)} colours, not --palette-size "
+                              f"{cfg.palette_size}: pass --palette-size {len(centers)}")
+        palette = Palette(centers)
+    else:
+        palette = Palette(fit_palette(ds.train.images, k=cfg.palette_size, seed=cfg.seed))
+    train_tokens = cached_tokens(ds.train.images, palette, cfg.cache_dir)                  # (N, T)
+    val_tokens = cached_tokens(ds.val.images[:cfg.eval_images], palette, cfg.cache_dir)
+    data = RunData(ds, palette, train_tokens, val_tokens, ds.val.labels[:cfg.eval_images],
+                   hashlib.sha256(train_tokens.data).hexdigest()[:16],
+                   unigram_entropy(train_tokens, cfg.palette_size))
+    log(f"data: {ds.name} {cfg.res}x{cfg.res}, {len(ds.train)} train / {len(ds.val)} val images, "
+        f"{cfg.palette_size}-colour palette, unigram entropy {data.entropy:.3f} nats "
+        f"({time.time() - t:.1f} s)")
+    return data

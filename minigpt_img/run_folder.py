@@ -1,0 +1,57 @@
+"""The files of one training run, in its --out folder.
+
+Not a paper section: bookkeeping around the §3.4 loop.
+
+    ckpt.npz                   the latest checkpoint: weights, Adam's moments, step (checkpoint.py)
+    metrics.jsonl              one JSON line per logged step ("train") and per evaluation ("eval")
+    loss.png                   the training and validation loss against the step
+    samples.png                pre-training: images sampled at the end
+    best.npz, finetune.json    fine-tuning: the best checkpoint by validation accuracy, and its score
+    snapshots/step<N>.npz      with --snapshots: the weights at every evaluation (§4.2)
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .plots import line_chart
+
+
+class RunFolder:
+    def __init__(self, out):
+        self.path = Path(out)
+        self.ckpt = self.path / "ckpt.npz"
+        self.best = self.path / "best.npz"
+        self.metrics = self.path / "metrics.jsonl"
+
+    def snapshot(self, step: int) -> Path:
+        return self.path / "snapshots" / f"step{step:07d}.npz"
+
+    def open_metrics(self, step: int):
+        """metrics.jsonl for appending, after dropping the lines logged past `step`, the step the
+        run (re)starts from: a run killed after its last checkpoint logged steps it will redo."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        if self.metrics.exists():
+            keep = [r for r in self.records() if r["step"] <= step]
+            self.metrics.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        return open(self.metrics, "a")
+
+    @staticmethod
+    def write(f, step: int, **record) -> None:
+        f.write(json.dumps({"step": step, **record}) + "\n")
+        f.flush()
+
+    def records(self) -> list[dict]:
+        return [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
+
+    def plot_loss(self, title: str, ylabel: str, hlines: dict) -> None:
+        """loss.png: the "train" and "eval" records' loss against the step."""
+        records = self.records()
+        series = {}
+        for kind, label in (("train", "train"), ("eval", "validation")):
+            pts = [(r["step"], r["loss"]) for r in records if r["kind"] == kind]
+            if pts:
+                series[label] = tuple(zip(*pts))
+        if series:
+            line_chart(series, self.path / "loss.png", title=title, xlabel="step", ylabel=ylabel,
+                       hlines=hlines)

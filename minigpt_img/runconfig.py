@@ -1,0 +1,109 @@
+"""§3.4 Training settings: one run's configuration, and how it is resolved on resume and fine-tuning.
+
+A run's settings are a RunConfig (the flags of train.py, one field each). Where they come from, in
+order, each overriding the one before:
+
+    the declared defaults  <  a pre-trained checkpoint's (fine-tuning, §2.3)  <  the checkpoint being
+    resumed (--resume)  <  the flags given
+
+A resumed run must keep the settings that shape its weights (FIXED_ON_RESUME); the others (the
+length of the run, how often to evaluate, the time budget ...) may change between sessions.
+Places where a default departs from the paper are marked "departure".
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from .checkpoint import read_meta
+from .sizes import default_batch
+
+
+class ConfigError(Exception):
+    """A run configuration that cannot work; the message names the flag and the fix."""
+
+
+@dataclass
+class RunConfig:
+    size: str = "micro"
+    res: int = 16
+    data: str = "shapes"
+    data_dir: str = "data"
+    objective: str = "ar"
+    mask_rate: float = 0.15
+    batch_size: int | None = None   # None: the size's default (sizes.py)
+    grad_accum: int = 1
+    lr: float = 3e-3
+    steps: int | None = None
+    epochs: float | None = None
+    warmup_steps: int | None = None
+    weight_decay: float = 0.0
+    clip: float = 1.0                # departure: the paper does not clip gradients; 0 turns it off
+    palette_size: int = 512
+    palette: str | None = None       # a palette file to use instead of fitting one (palette.load_palette)
+    augment: bool = True
+    seed: int = 0
+    out: str = "runs/default"
+    cache_dir: str = "runs/cache"
+    eval_every: int | None = None
+    eval_images: int = 512
+    log_every: int = 10
+    ckpt_every: float = 10.0
+    time_budget: float | None = None  # minutes of training, summed over the sessions of a resumed run
+    snapshots: bool = False            # keep the weights of every evaluation step (§4.2 probes along a run)
+    samples: int = 16
+    finetune: str | None = None      # §2.3: a pre-trained checkpoint to fine-tune (finetune.py)
+    clf_only: bool = False           # fine-tuning: L_CLF alone, without L_GEN
+    patience: int = 5                # fine-tuning: evaluations without a better val accuracy
+
+    def __post_init__(self):
+        if self.batch_size is None:
+            self.batch_size = default_batch(self.size)
+
+
+# Settings a resumed run must share with its checkpoint (the rest may change between sessions).
+FIXED_ON_RESUME = ("size", "res", "data", "objective", "mask_rate", "batch_size", "grad_accum", "lr",
+                   "warmup_steps", "weight_decay", "clip", "palette_size", "palette", "augment", "seed",
+                   "finetune", "clf_only")
+# Settings a fine-tuning run takes from the pre-trained run unless given.
+INHERITED_BY_FINETUNING = ("size", "res", "palette_size", "data", "data_dir", "objective", "mask_rate",
+                           "batch_size", "seed", "cache_dir")
+DEFAULT_EPOCHS = 1.0  # when neither --steps nor --epochs is given
+
+
+def _field_defaults() -> dict:
+    """The declared defaults (batch_size stays None, to be filled in for the size finally chosen)."""
+    return {f.name: f.default for f in dataclasses.fields(RunConfig)}
+
+
+def _saved_run(path: Path, what: str) -> dict:
+    """The settings a train.py checkpoint was written with."""
+    _, meta = read_meta(path)
+    if meta.get("run") is None:
+        raise ConfigError(f"{path} is not a train.py checkpoint: {what}")
+    return meta["run"]
+
+
+def resolve_config(given: dict, resume: bool) -> RunConfig:
+    """Defaults, then a pre-trained run's settings (fine-tuning), then the resumed checkpoint's own
+    settings, then the flags given."""
+    values = {**_field_defaults(), **given}
+    if given.get("finetune") and not resume:
+        path = Path(given["finetune"])
+        pre = _saved_run(path, "fine-tune a pre-trained run")
+        for key in ("size", "res", "palette_size"):
+            if key in given and given[key] != pre[key]:
+                raise ConfigError(f"{path} fixes --{key.replace('_', '-')} {pre[key]}: drop that flag")
+        values = {**_field_defaults(), **{k: pre[k] for k in INHERITED_BY_FINETUNING if k in pre},
+                  "lr": pre["lr"] / 10,  # §2.3: fine-tuning uses a learning rate ~10x lower
+                  "out": str(path.parent) + "-finetune", **given}
+    if resume:
+        path = Path(values["out"]) / "ckpt.npz"
+        saved = _saved_run(path, "resume a train.py run")
+        for key in FIXED_ON_RESUME:
+            if key in given and given[key] != saved[key]:
+                raise ConfigError(f"{path} was trained with --{key.replace('_', '-')} {saved[key]}, not "
+                                  f"{given[key]}: drop that flag to resume, or start a new --out")
+        values = {**_field_defaults(), **saved, **given}
+    return RunConfig(**values)
