@@ -1,8 +1,11 @@
 """numba kernels for the hot loops, each beside a plain NumPy `*_ref` twin that states what it computes.
 
-The twins are the specification: tests compare every kernel with its twin on awkward shapes (one row,
-odd widths, batch 1) in float32 and float64. The engine (ops.py) calls the kernels; the twins are for
-reading and testing. Kernels accumulate reductions in float64 whatever the input dtype, take
+The twins are the specification: tests compare each kernel with its twin on awkward shapes (one row,
+odd widths, batch 1) in float32 and float64. Four kernels have no twin of their own because NumPy
+already is one: exp_inplace (tested against np.exp), row_max (np.max), and palette_table and
+palette_encode_table (tested against palette_lookup, whose twin is palette_lookup_ref). The engine
+(ops.py) calls the kernels; the twins are for reading (reference.py builds the whole forward pass
+from them) and testing. Kernels accumulate reductions in float64 whatever the input dtype, take
 C-contiguous arrays (ops.py makes them so) and are deterministic: where rows are split across threads,
 the split is a fixed number of chunks, so results do not depend on the thread count.
 

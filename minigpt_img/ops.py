@@ -4,8 +4,13 @@ Each op is a Function (tensor.py) whose docstring gives its local derivative. In
 upstream gradient dL/d(out) and the method returns dL/d(input) for each Tensor input. Inputs that were
 broadcast in the forward pass get their gradient summed back to their own shape (`_unbroadcast`).
 The fused ops (iGPT norm, gelu2, softmax cross-entropy, embedding backward, attention) call numba
-kernels (kernels.py, attention.py), one pass over the data each. The lower-case functions at the end
-are the public API.
+kernels (kernels.py; attention in attention.py), one pass over the data each. The lower-case
+functions at the end are the public API.
+
+The model (model.py, finetune.py) uses add, mul, matmul, mean, embedding, norm, gelu2, attention and
+cross_entropy. The others (sub, div, neg, pow, sum, max, reshape, transpose, permute, getitem, concat,
+stack, exp, log, sigmoid, tanh, relu, softmax, log_softmax) are the engine's general vocabulary, there
+for readers who build their own models with it; each is gradient-checked like the rest.
 
 Dimension legend: B batch, T = n_px^2 tokens, C width, V palette, NH heads.
 """
@@ -424,7 +429,7 @@ class Attention(Function):
 
         head h:  O_h = softmax(Q_h K_h^T / sqrt(D) + mask) V_h,     mask = -inf where key j > query i
     (causal=True, the AR model) or no mask (causal=False, the BERT model). Forward and backward are
-    the tiled numba kernels in kernels.py (formulas in attention.attention_backward); only q, k, v, O
+    the tiled numba kernels in attention.py (formulas in attention.attention_backward); only q, k, v, O
     and the per-row log-sum-exp are saved, never the (T, T) matrix.
     """
 

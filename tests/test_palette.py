@@ -60,10 +60,27 @@ def test_table_equals_direct_lookup():
 
 
 def test_grid_candidates_cover_every_winner():
+    """For colours all over the RGB cube (every cell's eight corners and 200,000 random ones), the
+    brute-force nearest centre is among the candidates of the colour's cell."""
+    from minigpt_img.palette import GRID_LEVELS, GRID_SHIFT
     centers = random_palette(64, seed=5)
     start, items = palette_grid(centers)
     assert start[-1] == len(items) and np.all(np.diff(start) >= 1)
     assert np.diff(start).mean() < 64  # pruning works
+    listed = np.zeros((GRID_LEVELS ** 3, len(centers)), bool)     # listed[cell, k]: k is a candidate
+    listed[np.repeat(np.arange(GRID_LEVELS ** 3), np.diff(start)), items] = True
+    side = 1 << GRID_SHIFT
+    lo = np.arange(GRID_LEVELS) * side
+    corner_values = np.stack([lo, lo + side - 1], 1)                 # (levels, 2)
+    cells = np.stack(np.meshgrid(*[np.arange(GRID_LEVELS)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    corners = np.stack([corner_values[cells[:, c], (bits >> c) & 1] for bits in range(8) for c in range(3)],
+                       1).reshape(-1, 8, 3).reshape(-1, 3)
+    random = np.random.default_rng(1).integers(0, 256, (200_000, 3))
+    pixels = np.concatenate([corners, random]).astype(np.uint8)
+    winners, _ = kernels.palette_lookup_ref(pixels, centers.astype(np.float64))
+    p = pixels.astype(np.int64) >> GRID_SHIFT
+    cell = (p[:, 0] * GRID_LEVELS + p[:, 1]) * GRID_LEVELS + p[:, 2]
+    assert listed[cell, winners].all()
 
 
 def test_encode_decode_round_trip_on_palette_colours():

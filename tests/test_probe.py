@@ -75,11 +75,16 @@ def test_low_data_subsets_are_balanced_and_seeded():
 
 
 def test_probe_layer_picks_lambda_without_the_eval_split():
+    """lambda is the grid value with the best held-out TRAINING accuracy: the same whatever the
+    evaluation split holds, here its true labels or their opposites."""
     rng = np.random.default_rng(0)
-    y = rng.integers(0, 2, 200)
-    F = y[:, None] * 2.0 + rng.standard_normal((200, 3))
-    r = probe_layer(F[:150], y[:150], F[150:], y[150:], 2)
-    assert r["eval_acc"] > 0.8 and r["holdout_acc"] > 0.8 and r["lam"] > 0
+    y = rng.integers(0, 2, 300)
+    F = y[:, None] * 3.0 + rng.standard_normal((300, 3))
+    grid = (1e-3, 1e3)  # 1e3 shrinks W to ~0: chance on every split; 1e-3 fits
+    r = probe_layer(F[:200], y[:200], F[200:], y[200:], 2, grid=grid)
+    flipped = probe_layer(F[:200], y[:200], F[200:], 1 - y[200:], 2, grid=grid)
+    assert r["lam"] == flipped["lam"] == 1e-3 and r["holdout_acc"] == flipped["holdout_acc"] > 0.8
+    assert r["eval_acc"] > 0.8 and flipped["eval_acc"] == pytest.approx(1 - r["eval_acc"])
 
 
 # ---- on a tiny trained checkpoint ---------------------------------------------------------------
