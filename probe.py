@@ -4,16 +4,15 @@
     python probe.py --ckpt runs/c10/ckpt.npz --data cifar10 --data-dir ../shared/data --eval-split val
     python probe.py --along runs/c10/snapshots --eval-split val   # §4.2: probe vs validation loss
 """
-import argparse
 import json
 import sys
 from pathlib import Path
 
-from minigpt_img.cli import add_threads_flag, run
+from minigpt_img.cli import Parser, add_threads_flag, nonnegative_int, positive_int, run
 
 
 def parse(argv=None):
-    ap = argparse.ArgumentParser(description="Average-pool every layer's features, fit an L2 logistic "
+    ap = Parser(prog="probe.py", description="Average-pool every layer's features, fit an L2 logistic "
                                  "regression per layer, report accuracy by layer beside baselines.")
     a = ap.add_argument
     a("--ckpt", default="runs/default/ckpt.npz", help="checkpoint from train.py (default runs/default/ckpt.npz)")
@@ -23,16 +22,16 @@ def parse(argv=None):
       help="score on the official test set, or on the held-out 10%% of the training set (default test)")
     a("--along", default=None, help="§4.2: probe every snapshot in this folder (train.py --snapshots) "
       "and plot best-layer accuracy against validation loss into along.json/along.png (default: off)")
-    a("--layers", type=int, nargs="+", default=None, help="layers to probe (default: all, 0..L)")
-    a("--max-train", type=int, default=None, help="use at most this many training images (default: all)")
-    a("--max-eval", type=int, default=None, help="score on at most this many images (default: all)")
-    a("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
-    a("--labels-per-class", type=int, nargs="*", default=[], help="also probe with this many labels per "
+    a("--layers", type=nonnegative_int, nargs="+", default=None, help="layers to probe (default: all, 0..L)")
+    a("--max-train", type=positive_int, default=None, help="use at most this many training images (default: all)")
+    a("--max-eval", type=positive_int, default=None, help="score on at most this many images (default: all)")
+    a("--batch-size", type=positive_int, default=64, help="images per forward pass (default 64)")
+    a("--labels-per-class", type=positive_int, nargs="*", default=[], help="also probe with this many labels per "
       "class, 5 random draws each, e.g. 4 25 400 (default: none)")
-    a("--bert-masks", type=int, default=1, help="BERT checkpoints: average features over this many "
+    a("--bert-masks", type=positive_int, default=1, help="BERT checkpoints: average features over this many "
       "random masks (default 1)")
     a("--no-baselines", action="store_true", help="skip the raw-pixel, histogram and random-init probes")
-    a("--seed", type=int, default=0, help="seed for masks, held-out slice, subsets (default 0)")
+    a("--seed", type=nonnegative_int, default=0, help="seed for masks, held-out slice, subsets (default 0)")
     a("--cache-dir", default="runs/cache", help="where quantised tokens are cached (default runs/cache)")
     a("--out", default=None, help="folder for probe.json and probe.png (default: beside the checkpoint)")
     add_threads_flag(ap)

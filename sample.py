@@ -4,15 +4,14 @@
     python sample.py --ckpt runs/default/ckpt.npz --complete --data cifar10 --data-dir ../shared/data
     python sample.py --init-from path/to/imagegpt-small --complete ...  # OpenAI's released weights
 """
-import argparse
 import sys
 from pathlib import Path
 
-from minigpt_img.cli import add_threads_flag, run
+from minigpt_img.cli import Parser, add_threads_flag, nonnegative_float, nonnegative_int, positive_int, run
 
 
 def parse(argv=None):
-    ap = argparse.ArgumentParser(description="Unconditional samples or half-image completions as a "
+    ap = Parser(prog="sample.py", description="Unconditional samples or half-image completions as a "
                                  "PNG grid.")
     a = ap.add_argument
     src = ap.add_mutually_exclusive_group()
@@ -22,13 +21,13 @@ def parse(argv=None):
     a("--complete", action="store_true", help="complete evaluation images instead of sampling from nothing")
     a("--data", default=None, help="dataset for --complete (default: the checkpoint's training data)")
     a("--data-dir", default=None, help="folder holding the dataset files (default: the checkpoint's)")
-    a("--n", type=int, default=None, help="samples, or images to complete (default 16, or 8 with --complete)")
-    a("--per-image", type=int, default=4, help="completions per image (default 4)")
+    a("--n", type=positive_int, default=None, help="samples, or images to complete (default 16, or 8 with --complete)")
+    a("--per-image", type=positive_int, default=4, help="completions per image (default 4)")
     a("--frac", type=float, default=0.5, help="fraction of image rows given to --complete (default 0.5)")
-    a("--temperature", type=float, default=1.0, help="softmax temperature, 0 for argmax (default 1.0)")
-    a("--top-k", type=int, default=None, help="sample among the k likeliest colours only (default: all)")
-    a("--seed", type=int, default=0, help="sampling seed (default 0)")
-    a("--scale", type=int, default=None, help="nearest-neighbour upscaling of the grid (default: ~96 px per image)")
+    a("--temperature", type=nonnegative_float, default=1.0, help="softmax temperature, 0 for argmax (default 1.0)")
+    a("--top-k", type=positive_int, default=None, help="sample among the k likeliest colours only (default: all)")
+    a("--seed", type=nonnegative_int, default=0, help="sampling seed (default 0)")
+    a("--scale", type=positive_int, default=None, help="nearest-neighbour upscaling of the grid (default: ~96 px per image)")
     a("--out", default=None, help="output PNG (default samples.png or completions.png beside the checkpoint)")
     add_threads_flag(ap)
     return ap.parse_args(argv)

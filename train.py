@@ -8,50 +8,51 @@
 import argparse
 import sys
 
-from minigpt_img.cli import add_threads_flag, run
+from minigpt_img.cli import (Parser, add_threads_flag, nonnegative_float, nonnegative_int, positive_float,
+                             positive_int, run)
 
 S = argparse.SUPPRESS  # flags not given stay absent, so a resumed run keeps its checkpoint's values
 
 
 def parse(argv=None):
-    ap = argparse.ArgumentParser(description="Pre-train Image GPT on pixels (Ctrl-C saves and stops; "
-                                 "--resume continues).", argument_default=S)
+    ap = Parser(prog="train.py", description="Pre-train Image GPT on pixels (Ctrl-C saves and stops; "
+                "--resume continues).", argument_default=S)
     a = ap.add_argument
     a("--size", help="model size: nano, micro, mini, s, m, l, xl (default micro)")
-    a("--res", type=int, help="image side in pixels after box-filter downsampling (default 16)")
+    a("--res", type=positive_int, help="image side in pixels after box-filter downsampling (default 16)")
     a("--data", help="shapes | cifar10 | cifar100 | stl10 | path to a folder of class folders (default shapes)")
     a("--data-dir", help="folder holding the dataset files (default data)")
     a("--download", action="store_true", help="fetch cifar10/cifar100/stl10 into --data-dir first")
     a("--objective", choices=["ar", "bert"], help="ar (autoregressive) or bert (masked) (default ar)")
-    a("--mask-rate", type=float, help="BERT: probability a position is masked (default 0.15)")
-    a("--batch-size", type=int, help="images per micro-batch (default by size: 16 up to micro, 8 mini, 4 s, 1 m/l/xl)")
-    a("--grad-accum", type=int, help="micro-batches per optimiser step (default 1)")
-    a("--lr", type=float, help="peak learning rate of Adam (default 3e-3)")
-    a("--steps", type=int, help="optimiser steps in the run (default: --epochs)")
-    a("--epochs", type=float, help="passes over the training split (default 1 when --steps is not given)")
-    a("--warmup-steps", type=int, help="linear warm-up steps (default: one epoch, at most 10%% of the run)")
-    a("--weight-decay", type=float, help="decoupled weight decay (default 0, as the paper)")
-    a("--clip", type=float, help="global gradient-norm clip, 0 for none (default 1.0)")
-    a("--palette-size", type=int, help="k-means colours, the vocabulary (default 512)")
+    a("--mask-rate", type=positive_float, help="BERT: probability a position is masked (default 0.15)")
+    a("--batch-size", type=positive_int, help="images per micro-batch (default by size: 16 up to micro, 8 mini, 4 s, 1 m/l/xl)")
+    a("--grad-accum", type=positive_int, help="micro-batches per optimiser step (default 1)")
+    a("--lr", type=positive_float, help="peak learning rate of Adam (default 3e-3)")
+    a("--steps", type=positive_int, help="optimiser steps in the run (default: --epochs)")
+    a("--epochs", type=positive_float, help="passes over the training split (default 1 when --steps is not given)")
+    a("--warmup-steps", type=nonnegative_int, help="linear warm-up steps (default: one epoch, at most 10%% of the run)")
+    a("--weight-decay", type=nonnegative_float, help="decoupled weight decay (default 0, as the paper)")
+    a("--clip", type=nonnegative_float, help="global gradient-norm clip, 0 for none (default 1.0)")
+    a("--palette-size", type=positive_int, help="k-means colours, the vocabulary (default 512)")
     a("--palette", help="use this palette instead of fitting one: a (k, 3) .npy in [-1, 1] or a Hugging "
       "Face preprocessor_config.json with 'clusters' (OpenAI's released palette) (default: fit)")
     a("--no-augment", dest="augment", action="store_false", help="no random crop/flip (default: on)")
-    a("--seed", type=int, help="seed of init, data order, augmentation, palette (default 0)")
+    a("--seed", type=nonnegative_int, help="seed of init, data order, augmentation, palette (default 0)")
     a("--out", help="run folder for ckpt.npz, metrics.jsonl, loss.png, samples.png (default runs/default)")
     a("--cache-dir", help="where quantised tokens are cached (default runs/cache)")
     a("--resume", action="store_true", default=False, help="continue the run in --out from its ckpt.npz")
-    a("--eval-every", type=int, help="steps between validation evaluations (default: 10 per run)")
-    a("--eval-images", type=int, help="validation images per evaluation (default 512)")
-    a("--log-every", type=int, help="steps between metrics.jsonl lines (default 10)")
-    a("--ckpt-every", type=float, help="minutes between checkpoints (default 10)")
-    a("--time-budget", type=float, help="stop cleanly after this many minutes of training, counted over "
+    a("--eval-every", type=positive_int, help="steps between validation evaluations (default: 10 per run)")
+    a("--eval-images", type=positive_int, help="validation images per evaluation (default 512)")
+    a("--log-every", type=positive_int, help="steps between metrics.jsonl lines (default 10)")
+    a("--ckpt-every", type=positive_float, help="minutes between checkpoints (default 10)")
+    a("--time-budget", type=nonnegative_float, help="stop cleanly after this many minutes of training, counted over "
       "all sessions of a resumed run (default: none)")
     a("--snapshots", action="store_true", help="also keep the weights at every evaluation in "
       "--out/snapshots, to probe them along the run (§4.2) (default: off)")
-    a("--samples", type=int, help="images in samples.png at the end (default 16)")
+    a("--samples", type=nonnegative_int, help="images in samples.png at the end (default 16)")
     a("--finetune", help="§2.3: fine-tune this pre-trained ckpt.npz with a classifier (default: pre-train)")
     a("--clf-only", action="store_true", help="fine-tuning: train on L_CLF alone, without L_GEN")
-    a("--patience", type=int, help="fine-tuning: stop after this many evaluations without a better "
+    a("--patience", type=positive_int, help="fine-tuning: stop after this many evaluations without a better "
       "val accuracy (default 5)")
     add_threads_flag(ap)
     return ap.parse_args(argv)

@@ -31,6 +31,8 @@ import numpy as np
 
 from .files import write_atomic
 from .model import GPTConfig, ImageGPT
+from .palette import check_palette
+from .sizes import count_parameters, memory_problem
 from .streams import generator
 
 
@@ -52,13 +54,23 @@ def sub_state(arrays: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarra
 
 
 def load_arrays(path, keys=None) -> dict[str, np.ndarray]:
-    """The arrays of a .npz checkpoint (only `keys`, when given: the others are not read)."""
+    """The arrays of a .npz checkpoint (only `keys`, when given: the others are not read). A file
+    whose arrays would not fit in memory is refused before any is read."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}: pass the ckpt.npz a training run wrote")
     try:
         with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files if keys is None or k in keys}
+            if not hasattr(z, "files"):
+                raise ValueError("a single array, not a checkpoint's archive of arrays")
+            wanted = [k for k in z.files if keys is None or k in keys]
+            size = sum(i.file_size for i in z.zip.infolist() if i.filename[:-len(".npy")] in wanted)
+            problem = memory_problem(size, f"{path}", "it is not a checkpoint this machine can load")
+            if problem:
+                raise CheckpointError(problem)
+            return {k: z[k] for k in wanted}
+    except CheckpointError:
+        raise
     except Exception as e:  # zipfile/format errors: a truncated or foreign file
         raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e}); "
                               "it may be truncated: use an intact copy or retrain") from None
@@ -89,8 +101,18 @@ def read_config(arrays: dict[str, np.ndarray], path="checkpoint") -> tuple[GPTCo
                               "minigpt_img") from None
 
 
+def check_fits(cfg: GPTConfig, where) -> None:
+    """Refuse a config whose weights alone would not fit in memory (a crafted or foreign file)."""
+    problem = memory_problem(4 * count_parameters(cfg), f"the model of {where}",
+                             "it is not a model this machine can hold")
+    if problem:
+        raise CheckpointError(problem)
+
+
 def load_model(path, dtype=np.float32):
     """-> (model, palette or None, meta dict, all arrays) from one of our checkpoints."""
+    cfg, _ = read_meta(path)
+    check_fits(cfg, path)
     arrays = load_arrays(path)
     cfg, meta = read_config(arrays, path)
     model = ImageGPT(cfg, generator(0, "init"), dtype=dtype)  # weights overwritten below
@@ -107,27 +129,43 @@ _ST_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i
 
 
 def read_safetensors(path) -> dict[str, np.ndarray]:
-    """All tensors of a .safetensors file as NumPy arrays (bfloat16 is widened to float32)."""
-    data = Path(path).read_bytes()
+    """All tensors of a .safetensors file as NumPy arrays (bfloat16 is widened to float32). The
+    header is checked before any tensor is read: its length against the file's, and every tensor's
+    offsets against the data section and against its dtype and shape."""
+    path = Path(path)
+    size = path.stat().st_size
     try:
-        (n,) = struct.unpack("<Q", data[:8])
-        header = json.loads(data[8:8 + n])
-    except (struct.error, ValueError) as e:
-        raise CheckpointError(f"{path} is not a safetensors file ({e})") from None
-    body = memoryview(data)[8 + n:]
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > min(size - 8, 100 << 20):
+                raise ValueError(f"a header of {n} bytes in a file of {size}")
+            header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        body = size - 8 - n
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            begin, end = info["data_offsets"]
+            itemsize = 2 if info["dtype"] == "BF16" else np.dtype(_ST_DTYPES[info["dtype"]]).itemsize
+            count = int(np.prod(info["shape"], dtype=np.int64))
+            if not (0 <= begin <= end <= body and end - begin == count * itemsize):
+                raise ValueError(f"tensor {name}: offsets {begin}..{end} do not fit its shape "
+                                 f"{info['shape']} or the {body}-byte data section")
+    except (struct.error, ValueError, TypeError, KeyError, OSError) as e:
+        raise CheckpointError(f"{path} is not a valid safetensors file ({type(e).__name__}: {e})") from None
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n) if body else np.zeros(0, np.uint8)
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
         begin, end = info["data_offsets"]
-        raw = body[begin:end]
+        raw = data[begin:end]
         if info["dtype"] == "BF16":  # the top 16 bits of a float32
-            arr = (np.frombuffer(raw, "<u2").astype(np.uint32) << 16).view(np.float32)
-        elif info["dtype"] in _ST_DTYPES:
-            arr = np.frombuffer(raw, _ST_DTYPES[info["dtype"]])
+            arr = (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)
         else:
-            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
-        out[name] = arr.reshape(info["shape"]).copy()
+            arr = raw.view(_ST_DTYPES[info["dtype"]])
+        out[name] = np.array(arr.reshape(info["shape"]))  # a copy: nothing keeps the file open
     return out
 
 
@@ -163,7 +201,13 @@ def load_hf(directory, dtype=np.float32):
         if not (d / need).is_file():
             raise CheckpointError(f"{d} has no {need}: point at a Hugging Face ImageGPT folder "
                                   "(save_pretrained(..., safe_serialization=True) writes both)")
-    hf = json.loads((d / "config.json").read_text())
+    try:
+        hf = json.loads((d / "config.json").read_text())
+        for key in ("n_positions", "n_embd", "n_layer", "n_head", "vocab_size"):
+            if not isinstance(hf[key], int) or hf[key] < 1:
+                raise ValueError(f"{key} {hf[key]!r} is not a positive whole number")
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise CheckpointError(f"{d}/config.json is not an ImageGPT config ({type(e).__name__}: {e})") from None
     n_px = int(round(hf["n_positions"] ** 0.5))
     problems = []
     if hf.get("model_type", "imagegpt") != "imagegpt":
@@ -180,6 +224,12 @@ def load_hf(directory, dtype=np.float32):
         problems.append(f"layer_norm_epsilon {hf['layer_norm_epsilon']}")
     if problems:
         raise CheckpointError(f"{d}: not an Image GPT this code implements: {', '.join(problems)}")
+    try:
+        cfg = GPTConfig(n_layer=hf["n_layer"], n_embd=hf["n_embd"], n_head=hf["n_head"], n_px=n_px,
+                        vocab=hf["vocab_size"] - 1)
+    except ValueError as e:
+        raise CheckpointError(f"{d}/config.json: {e}") from None
+    check_fits(cfg, d)
 
     tensors = {k: v for k, v in read_safetensors(d / "model.safetensors").items()
                if not k.endswith(_HF_BUFFERS)}
@@ -189,8 +239,7 @@ def load_hf(directory, dtype=np.float32):
     has_bias = any(np.any(b != 0) for b in biases)
     if not has_bias:  # OpenAI's released weights have no biases: HF stores zeros
         tensors = {k: v for k, v in tensors.items() if not k.endswith(".bias")}
-    cfg = GPTConfig(n_layer=hf["n_layer"], n_embd=hf["n_embd"], n_head=hf["n_head"], n_px=n_px,
-                    vocab=hf["vocab_size"] - 1, bias=has_bias)
+    cfg = dataclasses.replace(cfg, bias=has_bias)
     model = ImageGPT(cfg, generator(0, "init"), dtype=dtype)  # weights overwritten below
     try:
         model.load_state_dict(tensors)
@@ -200,11 +249,14 @@ def load_hf(directory, dtype=np.float32):
     palette = None
     pre = d / "preprocessor_config.json"
     if pre.is_file():
-        clusters = json.loads(pre.read_text()).get("clusters")
-        if clusters is not None:
-            palette = np.asarray(clusters, dtype=np.float32)
-            if palette.shape != (cfg.vocab, 3):
-                raise CheckpointError(f"{pre}: clusters {palette.shape} do not fit vocab {cfg.vocab}")
+        try:
+            settings = json.loads(pre.read_text())
+            clusters = settings.get("clusters") if isinstance(settings, dict) else None
+            palette = None if clusters is None else check_palette(clusters, pre)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{pre}: not a usable palette ({e})") from None
+        if palette is not None and palette.shape != (cfg.vocab, 3):
+            raise CheckpointError(f"{pre}: clusters {palette.shape} do not fit vocab {cfg.vocab}")
     return model, palette
 
 

@@ -7,13 +7,40 @@ stderr and a non-zero exit, never a traceback.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from .threads import configure
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a bad flag reported in one line (argparse prints the usage too)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (python {self.prog} --help lists the flags)\n")
+
+
+def _number(kind, low, low_ok: bool, what: str):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not math.isfinite(value) or value < low or (value == low and not low_ok):
+            raise argparse.ArgumentTypeError(f"{text} is not {what}")
+        return value
+    return parse
+
+
+# argparse `type=` checks: the value and its range are checked when the flag is read
+positive_int = _number(int, 0, False, "a whole number >= 1")
+nonnegative_int = _number(int, 0, True, "a whole number >= 0")
+positive_float = _number(float, 0.0, False, "a finite number > 0")
+nonnegative_float = _number(float, 0.0, True, "a finite number >= 0")
+
+
 def add_threads_flag(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--threads", type=int, default=None,
+    ap.add_argument("--threads", type=positive_int, default=None,
                     help="CPU threads for numba and BLAS (default: all cores)")
 
 
@@ -23,6 +50,7 @@ def run(work, args) -> int:
     configure(args.threads)  # before NumPy loads its BLAS
     from .checkpoint import CheckpointError
     from .data import DataError
+    from .files import WriteError
     from .runconfig import ConfigError
     from .trainer import TrainingDiverged
 
@@ -31,6 +59,13 @@ def run(work, args) -> int:
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except (ConfigError, DataError, CheckpointError, ValueError) as e:
+    except (ConfigError, DataError, CheckpointError, WriteError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a file the run reads or writes outside the checked paths
+        print(f"error: {e.filename or 'a file'}: {e.strerror or e}: check the disk (space, permissions)",
+              file=sys.stderr)
+        return 2
+    except MemoryError:
+        print("error: out of memory: lower --batch-size, --res or the model --size", file=sys.stderr)
         return 2

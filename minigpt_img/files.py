@@ -6,6 +6,8 @@ code, the checkpoints and the probes can all use it without pulling in the model
     write_atomic(path, write)     temp file beside path, fsync, rename: readers see old or new, never half
     file_digest(path)             hex digest of a file's bytes (sha256 by default, md5 for official archives)
     cached_array(path, compute)   path's array if its recorded sha256 matches, else compute() and store it
+    FolderLock(folder)            one live process per run folder (a killed holder frees it)
+    check_writable(folder, flag)  fail before the work, not at its first save
 """
 from __future__ import annotations
 
@@ -17,12 +19,28 @@ from pathlib import Path
 import numpy as np
 
 
+class WriteError(Exception):
+    """A file could not be written (full disk, read-only folder ...); what was there is intact."""
+
+
+TEMP_SUFFIX = ".tmp"  # write_atomic's temporary files: <name>.<random>.tmp beside <name>
+
+
 def write_atomic(path, write) -> None:
     """Call write(f) on a temporary file beside `path`, flush it to disk, then rename it over `path`:
-    readers see the old file or the new one, never half of one, whatever interrupts the write."""
+    readers see the old file or the new one, never half of one, whatever interrupts the write. An
+    OSError (no space, no permission) removes the temporary file and raises WriteError."""
     path = Path(path)
+    try:
+        _write_atomic(path, write)
+    except OSError as e:
+        raise WriteError(f"cannot write {path} ({e.strerror or e}); any earlier {path.name} is intact: "
+                         "free disk space or choose a writable folder") from None
+
+
+def _write_atomic(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=TEMP_SUFFIX, dir=path.parent)
     try:
         # mkstemp makes the file private (0600); give it the mode open() would: 0666 minus the umask
         # (which can only be read by setting it, so it is set back at once)
@@ -38,6 +56,64 @@ def write_atomic(path, write) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def check_writable(folder, flag: str) -> None:
+    """Create `folder` if needed and prove a file can be written in it, or raise WriteError naming
+    the flag that chose it: found before a run spends time on data, not at its first checkpoint."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-check.", suffix=TEMP_SUFFIX, dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise WriteError(f"cannot write in {folder} ({e.strerror or e}): choose a writable {flag}") from None
+
+
+class FolderBusy(Exception):
+    """Another live process holds the folder's lock."""
+
+
+class FolderLock:
+    """An exclusive lock on a folder for one process: fcntl.flock on <folder>/.lock, which records
+    the holder's PID. The kernel releases a flock when its process dies, however it dies, so a lock
+    left by a killed run is simply free to take."""
+
+    def __init__(self, folder):
+        self.path = Path(folder) / ".lock"
+        self._fd = None
+
+    def acquire(self) -> None:
+        import fcntl
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise FolderBusy(f"{self.path.parent} is in use by another run (process {holder}, lock "
+                             f"{self.path}): wait for it to finish, or choose another folder") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the flock
+            self._fd = None
+
+
+def remove_stale_temps(folder) -> list:
+    """Delete write_atomic's temporary files left in `folder` (not below it) by a killed writer.
+    Only for a folder no other live process writes to (a locked run folder)."""
+    removed = []
+    for p in Path(folder).glob(f"*.*{TEMP_SUFFIX}"):
+        if p.is_file():
+            p.unlink()
+            removed.append(p)
+    return removed
 
 
 def file_digest(path, algorithm: str = "sha256", chunk: int = 1 << 22) -> str:

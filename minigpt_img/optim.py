@@ -55,7 +55,22 @@ class Adam:
         return state
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
-        self.t = int(state["t"])
+        """Adam's step count and moments, each checked before use: the moments must have their
+        parameter's exact shape, be finite, and v must be >= 0 (ValueError otherwise)."""
+        t = np.asarray(state["t"])
+        if t.shape != () or t.dtype.kind not in "iu" or t < 0:
+            raise ValueError(f"opt/t must be a whole number >= 0, got {t!r}")
+        for i, p in enumerate(self.params):
+            for name, own in ((f"m.{i}", self.m[i]), (f"v.{i}", self.v[i])):
+                value = np.asarray(state[name])
+                if value.shape != p.shape or value.dtype.kind != "f" or not np.isfinite(value).all():
+                    raise ValueError(f"opt/{name} is {value.dtype} {value.shape}, not a finite {p.shape} array")
+                if name[0] == "v" and value.min(initial=0) < 0:
+                    raise ValueError(f"opt/{name} has negative second moments")
+        extra = set(state) - {"t"} - {f"{k}.{i}" for i in range(len(self.params)) for k in "mv"}
+        if extra:
+            raise ValueError(f"unexpected optimiser entries {sorted(extra)[:3]}")
+        self.t = int(t)
         for i in range(len(self.params)):
             self.m[i][...] = state[f"m.{i}"]
             self.v[i][...] = state[f"v.{i}"]

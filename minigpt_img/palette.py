@@ -67,9 +67,7 @@ class Palette:
     TABLE_FROM = 1 << 20  # pixels in one call from which building the table pays off
 
     def __init__(self, centers):
-        self.centers = np.ascontiguousarray(centers, dtype=np.float32)        # (k, 3)
-        if self.centers.ndim != 2 or self.centers.shape[1] != 3:
-            raise ValueError(f"a palette is a (k, 3) array, got shape {self.centers.shape}")
+        self.centers = np.ascontiguousarray(check_palette(centers, "palette"))  # (k, 3)
         self._c64 = self.centers.astype(np.float64)
         self._grid = palette_grid(self._c64)
         self._table = None
@@ -160,21 +158,33 @@ def fit_palette(images: np.ndarray, k: int = 512, n_pixels: int = 1_000_000, see
     return centers.astype(np.float32)
 
 
+def check_palette(values, where) -> np.ndarray:
+    """values as a (k, 3) float32 palette, or ValueError naming `where`: k >= 1 colours, each
+    finite and in [-1, 1] (a NaN colour would make every pixel one token)."""
+    try:
+        arr = np.asarray(values, dtype=np.float32)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: a palette is a (k, 3) array of numbers ({e})") from None
+    if arr.ndim != 2 or arr.shape[1] != 3 or len(arr) < 1:
+        raise ValueError(f"{where}: a palette is a (k, 3) array in [-1, 1], got shape {arr.shape}")
+    if not np.isfinite(arr).all() or np.abs(arr).max() > 1.0 + 1e-6:
+        raise ValueError(f"{where}: palette colours must be finite and in [-1, 1]")
+    return arr
+
+
 def load_palette(path) -> np.ndarray:
     """A palette from a file: a .npy (k, 3) array, or a Hugging Face preprocessor_config.json
     (its `clusters` field, as OpenAI released them). Values must lie in [-1, 1]."""
     path = Path(path)
     try:
         if path.suffix == ".json":
-            arr = np.asarray(json.loads(path.read_text())["clusters"], dtype=np.float32)
+            values = json.loads(path.read_text())["clusters"]
         else:
-            arr = np.load(path, allow_pickle=False).astype(np.float32)
-    except (OSError, KeyError, ValueError) as e:
-        raise ValueError(f"cannot read a palette from {path} ({e}): give a (k, 3) .npy or a "
-                         "preprocessor_config.json with 'clusters'") from None
-    if arr.ndim != 2 or arr.shape[1] != 3 or np.abs(arr).max(initial=0) > 1.0 + 1e-6:
-        raise ValueError(f"{path}: a palette is a (k, 3) array in [-1, 1], got shape {arr.shape}")
-    return arr
+            values = np.load(path, allow_pickle=False)
+    except (OSError, KeyError, TypeError, ValueError, EOFError) as e:
+        raise ValueError(f"cannot read a palette from {path} ({type(e).__name__}: {e}); give a (k, 3) "
+                         ".npy or a preprocessor_config.json with 'clusters'") from None
+    return check_palette(values, path)
 
 
 def main(argv=None) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .files import FolderLock, remove_stale_temps
 from .plots import line_chart
 
 
@@ -23,6 +24,16 @@ class RunFolder:
         self.ckpt = self.path / "ckpt.npz"
         self.best = self.path / "best.npz"
         self.metrics = self.path / "metrics.jsonl"
+        self._lock = FolderLock(self.path)
+
+    def lock(self) -> list:
+        """Hold the folder for this process (files.FolderBusy if another live run has it), then
+        remove the temporary files a killed writer left in it; returns those removed."""
+        self._lock.acquire()
+        return remove_stale_temps(self.path) + remove_stale_temps(self.path / "snapshots")
+
+    def unlock(self) -> None:
+        self._lock.release()
 
     def snapshot(self, step: int) -> Path:
         return self.path / "snapshots" / f"step{step:07d}.npz"
@@ -42,7 +53,17 @@ class RunFolder:
         f.flush()
 
     def records(self) -> list[dict]:
-        return [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
+        """The records of metrics.jsonl; a line a crash tore mid-write (not JSON) is dropped."""
+        out = []
+        for line in self.metrics.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and \
+                    {"kind", "loss"} <= set(record):
+                out.append(record)
+        return out
 
     def plot_loss(self, title: str, ylabel: str, hlines: dict) -> None:
         """loss.png: the "train" and "eval" records' loss against the step."""

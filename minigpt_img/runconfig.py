@@ -13,11 +13,12 @@ Places where a default departs from the paper are marked "departure".
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from .checkpoint import read_meta
-from .sizes import default_batch
+from .sizes import SIZES, default_batch
 
 
 class ConfigError(Exception):
@@ -59,16 +60,64 @@ class RunConfig:
 
     def __post_init__(self):
         if self.batch_size is None:
-            self.batch_size = default_batch(self.size)
+            self.batch_size = default_batch(self.size) if self.size in SIZES else 1
+        for name, (ok, needs) in _RULES.items():
+            value = getattr(self, name)
+            if value is not None and not _valid(value, ok):
+                raise ConfigError(f"--{name.replace('_', '-')} {value} is not valid: it must be {needs}")
+        if self.size not in SIZES:
+            raise ConfigError(f"unknown model size '{self.size}': choose one of {', '.join(SIZES)}")
+        if self.objective not in ("ar", "bert"):
+            raise ConfigError(f"--objective must be ar or bert, not {self.objective}")
+
+
+def _valid(value, ok) -> bool:
+    try:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+            and ok(value)
+    except TypeError:
+        return False
+
+
+# The ranges of the numeric settings, checked whether they come from flags, a checkpoint or code.
+MAX_PALETTE = 4096  # k-means and the nearest-colour grid grow with k; the paper uses 512
+_RULES = {
+    "res": (lambda v: v == int(v) and v >= 1, "a whole number of pixels >= 1"),
+    "mask_rate": (lambda v: 0 < v < 1, "between 0 and 1"),
+    "batch_size": (lambda v: v == int(v) and v >= 1, "a whole number >= 1"),
+    "grad_accum": (lambda v: v == int(v) and v >= 1, "a whole number >= 1"),
+    "lr": (lambda v: v > 0, "a finite number > 0"),
+    "steps": (lambda v: v == int(v) and v >= 1, "a whole number >= 1"),
+    "epochs": (lambda v: v > 0, "a finite number > 0"),
+    "warmup_steps": (lambda v: v == int(v) and v >= 0, "a whole number >= 0"),
+    "weight_decay": (lambda v: v >= 0, "a finite number >= 0"),
+    "clip": (lambda v: v >= 0, "a finite number >= 0 (0: no clipping)"),
+    "palette_size": (lambda v: v == int(v) and 2 <= v <= MAX_PALETTE,
+                     f"a whole number of colours from 2 to {MAX_PALETTE} (the paper uses 512)"),
+    "seed": (lambda v: v == int(v) and v >= 0, "a whole number >= 0"),
+    "eval_every": (lambda v: v == int(v) and v >= 1, "a whole number >= 1"),
+    "eval_images": (lambda v: v == int(v) and v >= 1, "a whole number >= 1"),
+    "log_every": (lambda v: v == int(v) and v >= 1, "a whole number >= 1"),
+    "ckpt_every": (lambda v: v > 0, "a finite number of minutes > 0"),
+    "time_budget": (lambda v: v >= 0, "a finite number of minutes >= 0"),
+    "samples": (lambda v: v == int(v) and v >= 0, "a whole number >= 0"),
+    "patience": (lambda v: v == int(v) and v >= 1, "a whole number >= 1"),
+}
 
 
 # Settings a resumed run must share with its checkpoint (the rest may change between sessions).
-FIXED_ON_RESUME = ("size", "res", "data", "objective", "mask_rate", "batch_size", "grad_accum", "lr",
-                   "warmup_steps", "weight_decay", "clip", "palette_size", "palette", "augment", "seed",
+FIXED_ON_RESUME = ("size", "res", "data", "objective", "mask_rate", "batch_size", "grad_accum",
+                   "warmup_steps", "weight_decay", "palette_size", "palette", "augment", "seed",
                    "finetune", "clf_only")
+# Settings a resumed run may change, to recover from a divergence; the change is logged and recorded
+# in the checkpoint ("changes"), and the run is no longer bit-identical to an uninterrupted one.
+CHANGEABLE_ON_RESUME = ("lr", "clip")
+# Paths a run writes to. They come from the flags (or the defaults), never from a checkpoint: a
+# crafted checkpoint must not make a run write outside the folders its user chose.
+WRITTEN_PATHS = ("out", "cache_dir")
 # Settings a fine-tuning run takes from the pre-trained run unless given.
 INHERITED_BY_FINETUNING = ("size", "res", "palette_size", "data", "data_dir", "objective", "mask_rate",
-                           "batch_size", "seed", "cache_dir")
+                           "batch_size", "seed")
 DEFAULT_EPOCHS = 1.0  # when neither --steps nor --epochs is given
 
 
@@ -80,7 +129,7 @@ def _field_defaults() -> dict:
 def _saved_run(path: Path, what: str) -> dict:
     """The settings a train.py checkpoint was written with."""
     _, meta = read_meta(path)
-    if meta.get("run") is None:
+    if not isinstance(meta.get("run"), dict):
         raise ConfigError(f"{path} is not a train.py checkpoint: {what}")
     return meta["run"]
 
@@ -105,5 +154,9 @@ def resolve_config(given: dict, resume: bool) -> RunConfig:
             if key in given and given[key] != saved[key]:
                 raise ConfigError(f"{path} was trained with --{key.replace('_', '-')} {saved[key]}, not "
                                   f"{given[key]}: drop that flag to resume, or start a new --out")
-        values = {**_field_defaults(), **saved, **given}
-    return RunConfig(**values)
+        kept = {k: v for k, v in saved.items() if k not in WRITTEN_PATHS}
+        values = {**_field_defaults(), **kept, "out": values["out"], **given}
+    try:
+        return RunConfig(**values)
+    except TypeError as e:  # a checkpoint's settings with unknown names
+        raise ConfigError(f"settings that train.py does not know ({e}): start a new --out") from None

@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 from . import checkpoint as ck
 from .data import augment
+from .files import FolderBusy, check_writable
 from .finetune import FineTuning
 from .model import ImageGPT
 from .objectives import NATS_TO_BITS, generative_loss
@@ -47,9 +48,9 @@ from .optim import Adam, clip_grad_norm, lr_at
 from .plots import image_grid, save_png
 from .run_data import prepare_data
 from .run_folder import RunFolder
-from .runconfig import DEFAULT_EPOCHS, ConfigError, RunConfig
+from .runconfig import CHANGEABLE_ON_RESUME, DEFAULT_EPOCHS, ConfigError, RunConfig
 from .sampling import generate
-from .sizes import config_for
+from .sizes import config_for, memory_problem, training_bytes
 from .streams import generator
 from .tensor import no_grad
 
@@ -113,17 +114,31 @@ class Trainer:
         checkpoint's palette and weights, with a classifier (§2.3)."""
         self.cfg, self.log = cfg, log
         self.folder = RunFolder(cfg.out)
-        if cfg.objective not in ("ar", "bert"):
-            raise ConfigError(f"--objective must be ar or bert, not {cfg.objective}")
-        if cfg.batch_size < 1 or cfg.grad_accum < 1:
-            raise ConfigError("--batch-size and --grad-accum must be at least 1")
+        check_writable(cfg.out, "--out")
+        try:
+            removed = self.folder.lock()   # held until train() ends: one run per folder
+        except FolderBusy as e:
+            raise ConfigError(str(e)) from None
+        try:
+            self._setup(resume, removed)
+        except BaseException:
+            self.folder.unlock()
+            raise
+
+    def _setup(self, resume: bool, removed: list) -> None:
+        cfg, log = self.cfg, self.log
+        if removed:
+            log(f"removed {len(removed)} temporary file(s) a killed run left in {self.folder.path}")
         if self.folder.ckpt.exists() and not resume:
             raise ConfigError(f"{self.folder.ckpt} exists: pass --resume to continue that run, or choose "
                               "another --out (nothing was overwritten)")
-        try:
-            model_cfg = config_for(cfg.size, cfg.res, cfg.palette_size)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+        check_writable(cfg.cache_dir, "--cache-dir")
+        model_cfg = config_for(cfg.size, cfg.res, cfg.palette_size)
+        problem = memory_problem(training_bytes(model_cfg, cfg.batch_size),
+                                 f"a training step of {cfg.size} at {cfg.res}x{cfg.res}, batch {cfg.batch_size},",
+                                 "lower --batch-size (--grad-accum keeps the batch), --res or --size")
+        if problem:
+            raise ConfigError(problem)
 
         start_path = self.folder.ckpt if resume else cfg.finetune
         start = ck.load_arrays(start_path) if start_path else None          # the checkpoint we start from
@@ -142,6 +157,8 @@ class Trainer:
                        else min(self.steps_per_epoch, max(1, self.total // 10)))
         self.eval_every = cfg.eval_every or max(1, self.total // 10)
         self.step = 0
+        self.saved_step = None     # the step of the checkpoint in --out, once there is one
+        self.changes = []          # settings changed on resume: [{"step", "setting", "from", "to"}]
         self.seconds_before = 0.0  # training time of earlier sessions of this run (from the checkpoint)
         self._t0 = None
         self.stop_reason = None
@@ -172,12 +189,14 @@ class Trainer:
                     lr = lr_at(self.step, cfg.lr, self.warmup, self.total, self.task.decay)
                     loss = self.accumulate_gradients()
                     if not math.isfinite(loss):
-                        raise TrainingDiverged(
-                            f"the loss became {loss} at step {self.step + 1}; {self.folder.ckpt} keeps "
-                            "the last good weights: resume with a lower --lr or a tighter --clip")
+                        raise self.diverged(f"the loss became {loss}")
                     grad_norm = clip_grad_norm(self.params, cfg.clip)
+                    if not math.isfinite(grad_norm):
+                        raise self.diverged(f"the gradient norm became {grad_norm}")
                     self.opt.step(lr)
                     self.opt.zero_grad()
+                    if not self.weights_finite():
+                        raise self.diverged("the update made weights non-finite")
                     self.step += 1
 
                     tok_s = tokens_per_step / (time.time() - t_step)
@@ -199,20 +218,34 @@ class Trainer:
                     if time.time() - last_ckpt > cfg.ckpt_every * 60 and self.stop_reason is None:
                         self.save()
                         last_ckpt = time.time()
+            self.save()
+            self.folder.plot_loss(*self.task.chart)
+            if self.step >= self.total or self.stop_reason in ("early stop", "time budget"):
+                self.task.finish()  # a spent budget ends the run as planned: its results are written too
         finally:
             bar.close()
             for s, handler in previous.items():
                 signal.signal(s, handler)
-        self.save()
-        self.folder.plot_loss(*self.task.chart)
-        if self.step >= self.total or self.stop_reason in ("early stop", "time budget"):
-            self.task.finish()  # a spent budget ends the run as planned: its results are written too
+            self.folder.unlock()
         if self.step >= self.total or self.stop_reason == "early stop":
             self.log(f"done: {self.step} steps in {(time.time() - t0) / 60:.1f} min; wrote {self.folder.ckpt}")
             return "done"
         self.log(f"stopped at step {self.step} of {self.total} ({self.stop_reason}); saved "
                  f"{self.folder.ckpt}. Resume with: python train.py --resume --out {self.folder.path}")
         return self.stop_reason
+
+    def weights_finite(self) -> bool:
+        return all(np.isfinite(p.data).all() for p in self.params)
+
+    def diverged(self, what: str) -> "TrainingDiverged":
+        """The error for a run that went non-finite at the coming step; nothing is saved over the
+        last good checkpoint."""
+        if self.saved_step is None:
+            kept = f"no checkpoint was written: start again with a lower --lr (now {self.cfg.lr:g})"
+        else:
+            kept = (f"{self.folder.ckpt} keeps the weights of step {self.saved_step}: resume with a lower "
+                    f"--lr (now {self.cfg.lr:g}) or a tighter --clip (now {self.cfg.clip:g})")
+        return TrainingDiverged(f"{what} at step {self.step + 1}; {kept}")
 
     def accumulate_gradients(self) -> float:
         """Back-propagate the grad_accum micro-batches of this step; returns the step's mean loss."""
@@ -271,16 +304,20 @@ class Trainer:
     def save(self, path=None, weights_only: bool = False, **meta_extra) -> None:
         """The model, the task's heads and (unless weights_only) Adam's state, with the run's
         settings and step in the meta."""
+        if not self.weights_finite():  # never write non-finite weights over a good checkpoint
+            raise self.diverged("the weights are not finite")
         meta = {"run": dataclasses.asdict(self.cfg), "step": self.step, "total_steps": self.total,
                 "data_hash": self.data.data_hash, "unigram_entropy": self.data.entropy,
                 "kind": self.task.kind, "classes": list(self.data.ds.classes),
-                "train_seconds": self.train_seconds(), **meta_extra}
+                "train_seconds": self.train_seconds(), "changes": self.changes, **meta_extra}
         extra = {}
         for name, head in self.task.heads.items():
             extra.update({f"head/{name}/{k}": v for k, v in head.state_dict().items()})
         if not weights_only:
             extra.update({f"opt/{k}": v for k, v in self.opt.state_dict().items()})
         ck.save_model(path or self.folder.ckpt, self.model, self.data.palette.centers, meta=meta, extra=extra)
+        if path is None:
+            self.saved_step = self.step
 
     def load_weights(self, arrays: dict, path, heads: bool = False) -> None:
         """The model's weights (and the task's heads', when `heads`) from checkpoint arrays."""
@@ -300,7 +337,19 @@ class Trainer:
             raise ConfigError(f"{self.folder.ckpt} was trained on other data (its tokens differ from "
                               f"{self.cfg.data}'s now): resume with the same data, or start a new --out")
         self.load_weights(arrays, self.folder.ckpt, heads=True)
-        self.opt.load_state_dict(ck.sub_state(arrays, "opt"))
-        self.step = int(meta["step"])
-        self.seconds_before = float(meta.get("train_seconds", 0.0))
+        try:
+            self.opt.load_state_dict(ck.sub_state(arrays, "opt"))
+            self.step = self.saved_step = int(meta["step"])
+            self.seconds_before = float(meta.get("train_seconds", 0.0))
+            self.changes = list(meta.get("changes", []))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ConfigError(f"{self.folder.ckpt} holds a damaged optimiser state or step ({e}): "
+                              "resume from an intact copy, or start a new --out") from None
         self.log(f"resumed {self.folder.ckpt} at step {self.step} ({self.seconds_before / 60:.1f} min trained)")
+        saved = meta.get("run", {})
+        for key in CHANGEABLE_ON_RESUME:
+            if key in saved and saved[key] != getattr(self.cfg, key):
+                self.changes.append({"step": self.step, "setting": key, "from": saved[key],
+                                     "to": getattr(self.cfg, key)})
+                self.log(f"--{key} changed from {saved[key]:g} to {getattr(self.cfg, key):g} at step "
+                         f"{self.step}: the run is no longer bit-identical to an uninterrupted one")

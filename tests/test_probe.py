@@ -178,6 +178,6 @@ def test_finetuning_stopped_by_its_time_budget_still_scores_the_best_checkpoint(
 
 def test_finetuning_early_stops(tiny_run, tmp_path):
     cfg = resolve_config({"finetune": str(tiny_run / "run" / "ckpt.npz"), "out": str(tmp_path / "es"),
-                          "steps": 1000, "eval_every": 1, "patience": 2, "lr": 0.0}, resume=False)
+                          "steps": 1000, "eval_every": 1, "patience": 2, "lr": 1e-12}, resume=False)
     ft = Trainer(cfg, log=lambda *a: None)
     assert ft.train() == "done" and ft.step == 3  # accuracy never improves after the first eval
