@@ -59,6 +59,10 @@ def load_arrays(path, keys=None) -> dict[str, np.ndarray]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}: pass the ckpt.npz a training run wrote")
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":  # every .npz is a zip archive
+            raise CheckpointError(f"{path} is not a checkpoint (not an .npz archive): pass the ckpt.npz "
+                                  "a training run wrote")
     try:
         with np.load(path, allow_pickle=False) as z:
             if not hasattr(z, "files"):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import tarfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .files import cached_array
 from .shapes import CLASSES as SHAPE_CLASSES, make_shapes
+from .sizes import memory_problem
 from .streams import generator
 
 
@@ -73,6 +75,10 @@ BINARY = {
               ["test_X.bin", "test_y.bin"], None, None, "class_names.txt"),
 }
 N_CLASSES = {"cifar10": 10, "cifar100": 100, "stl10": 10}
+# Images in each official file: a file cut at a record boundary still parses, so its count is checked.
+OFFICIAL_RECORDS = {**{f"data_batch_{i}.bin": 10000 for i in range(1, 6)}, "test_batch.bin": 10000,
+                    "train.bin": 50000, "test.bin": 10000, "train_X.bin": 5000, "test_X.bin": 8000}
+MANIFESTS = {"SHA256SUMS": "sha256", "MD5SUMS": "md5"}  # checksum files verified when present
 
 
 class _Source:
@@ -94,6 +100,13 @@ class _Source:
             raise DataError(f"{name} not found in {data_dir}: expected {data_dir / folder}/ or "
                             f"{data_dir / archive}; pass --data-dir, or --download to fetch it")
         self.where = str(self.folder or data_dir / archive)
+        self.sums = {}  # member: (algorithm, hex digest) from a checksum file beside the data
+        for manifest, algorithm in MANIFESTS.items():
+            if self.has(manifest):
+                for line in self.read(manifest).decode(errors="replace").splitlines():
+                    parts = line.split()
+                    if len(parts) == 2:
+                        self.sums[Path(parts[1].lstrip("*")).name] = (algorithm, parts[0].lower())
 
     def has(self, member: str) -> bool:
         return (self.folder / member).is_file() if self.folder else member in self.members
@@ -108,18 +121,34 @@ class _Source:
                             "download the dataset again (--download)")
         try:
             if self.folder:
-                return (self.folder / member).read_bytes()
-            return self.tar.extractfile(self.members[member]).read()
+                raw = (self.folder / member).read_bytes()
+            else:
+                raw = self.tar.extractfile(self.members[member]).read()
         except (OSError, EOFError, tarfile.TarError) as e:
             raise DataError(f"cannot read {member} from {self.where} ({e}): the file is damaged; "
                             "download it again (--download)") from None
+        if member in self.sums:
+            algorithm, expected = self.sums[member]
+            if hashlib.new(algorithm, raw).hexdigest() != expected:
+                raise DataError(f"{self.where}/{member} does not match its {algorithm} checksum "
+                                "file: it is damaged or changed; download it again (--download)")
+        return raw
 
 
-def _cifar_records(raw: bytes, label_bytes: int, label_at: int, n_classes: int, where: str) -> Split:
+def _check_count(where: str, n: int, official: bool) -> None:
+    expected = OFFICIAL_RECORDS.get(Path(where).name)
+    if official and expected is not None and n != expected:
+        raise DataError(f"{where} holds {n} images where the official file has {expected}: it is "
+                        "truncated or not the official file; download it again (--download)")
+
+
+def _cifar_records(raw: bytes, label_bytes: int, label_at: int, n_classes: int, where: str,
+                   official: bool) -> Split:
     rec = label_bytes + 3072
     if len(raw) == 0 or len(raw) % rec:
         raise DataError(f"{where} has {len(raw)} bytes, not a whole number of {rec}-byte records: it "
                         "is truncated or not the binary version; download it again (--download)")
+    _check_count(where, len(raw) // rec, official)
     a = np.frombuffer(raw, np.uint8).reshape(-1, rec)
     labels = a[:, label_at].astype(np.int64)
     if labels.max() >= n_classes:
@@ -128,36 +157,39 @@ def _cifar_records(raw: bytes, label_bytes: int, label_at: int, n_classes: int, 
     return Split(np.ascontiguousarray(images), labels)
 
 
-def _stl_split(src: _Source, x_file: str, y_file: str) -> Split:
+def _stl_split(src: _Source, x_file: str, y_file: str, official: bool) -> Split:
     raw_x, raw_y = src.read(x_file), src.read(y_file)
     size = 3 * 96 * 96
     if len(raw_x) % size or len(raw_x) // size != len(raw_y):
         raise DataError(f"{src.where}/{x_file} ({len(raw_x)} bytes) and {y_file} ({len(raw_y)} labels) "
                         "do not match: a file is truncated; download again (--download)")
+    _check_count(f"{src.where}/{x_file}", len(raw_y), official)
+    if len(raw_y) and not 1 <= min(raw_y) <= max(raw_y) <= 10:
+        raise DataError(f"{src.where}/{y_file}: labels must be 1..10: not STL-10's label file")
     # each image is 3 planes of 96x96 stored column-major: (N, C, W, H) -> (N, H, W, C)
     images = np.frombuffer(raw_x, np.uint8).reshape(-1, 3, 96, 96).transpose(0, 3, 2, 1)
     return Split(np.ascontiguousarray(images), np.frombuffer(raw_y, np.uint8).astype(np.int64) - 1)
 
 
-def _load_binary(name: str, data_dir: Path):
+def _load_binary(name: str, data_dir: Path, official: bool):
     src = _Source(name, data_dir)
     try:
-        return _read_binary(name, src)
+        return _read_binary(name, src, official)
     finally:
         src.close()
 
 
-def _read_binary(name: str, src: _Source):
+def _read_binary(name: str, src: _Source, official: bool):
     folder, archive, train_files, test_files, label_bytes, label_at, classes_file = BINARY[name]
     if name == "stl10":
-        train = _stl_split(src, *train_files)
-        test = _stl_split(src, *test_files) if all(src.has(f) for f in test_files) else None
+        train = _stl_split(src, *train_files, official)
+        test = _stl_split(src, *test_files, official) if all(src.has(f) for f in test_files) else None
     else:
-        parts = [_cifar_records(src.read(f), label_bytes, label_at, N_CLASSES[name], f"{src.where}/{f}")
-                 for f in train_files]
+        parts = [_cifar_records(src.read(f), label_bytes, label_at, N_CLASSES[name], f"{src.where}/{f}",
+                                official) for f in train_files]
         train = Split(np.concatenate([p.images for p in parts]), np.concatenate([p.labels for p in parts]))
         test = (_cifar_records(src.read(test_files[0]), label_bytes, label_at, N_CLASSES[name],
-                               f"{src.where}/{test_files[0]}") if src.has(test_files[0]) else None)
+                               f"{src.where}/{test_files[0]}", official) if src.has(test_files[0]) else None)
     classes = [f"class {i}" for i in range(N_CLASSES[name])]
     if src.has(classes_file):
         names = [s for s in src.read(classes_file).decode().splitlines() if s.strip()]
@@ -169,28 +201,45 @@ def _read_binary(name: str, src: _Source):
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 
 
-def _read_folder(root: Path, classes: list, res: int | None) -> Split:
+def _read_image(f: Path, res: int | None) -> np.ndarray:
+    """One image file as (res, res, 3) uint8: centre square crop, then the box filter to res (the
+    crop's own size when res is None). Images too large to decode safely are refused."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(f) as im:
+                im = im.convert("RGB")
+                side = min(im.size)
+                left, top = (im.width - side) // 2, (im.height - side) // 2
+                im = im.crop((left, top, left + side, top + side))
+                res = side if res is None else res
+                if side < res:
+                    raise DataError(f"{f} is {side}x{side} after cropping, smaller than --res {res}: "
+                                    "choose a smaller --res or remove the image")
+                if side != res:
+                    im = im.resize((res, res), Image.BOX)
+                return np.asarray(im, np.uint8)
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        raise DataError(f"{f} has more pixels than an image may safely have ({Image.MAX_IMAGE_PIXELS:,}): "
+                        "shrink it or remove it") from None
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise DataError(f"cannot read image {f} ({type(e).__name__}): remove or replace it") from None
+
+
+def _read_folder(root: Path, classes: list, res: int | None, required: bool = True) -> Split | None:
+    """Every image of root/<class>/ for the given classes. A class folder may be missing only
+    where not `required` (a test/ folder need not hold every class); None if there is no image."""
     images, labels = [], []
     for label, cls in enumerate(classes):
+        if not (root / cls).is_dir() and not required:
+            continue
         for f in sorted(p for p in (root / cls).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
-            try:
-                with Image.open(f) as im:
-                    im = im.convert("RGB")
-                    side = min(im.size)  # centre square crop, then the box filter to res
-                    left, top = (im.width - side) // 2, (im.height - side) // 2
-                    im = im.crop((left, top, left + side, top + side))
-                    if res is None:
-                        res = side
-                    if side < res:
-                        raise DataError(f"{f} is {side}x{side} after cropping, smaller than --res {res}: "
-                                        "choose a smaller --res or remove the image")
-                    if side != res:
-                        im = im.resize((res, res), Image.BOX)
-                    images.append(np.asarray(im, np.uint8))
-                    labels.append(label)
-            except (UnidentifiedImageError, OSError) as e:
-                raise DataError(f"cannot read image {f} ({type(e).__name__}): remove or replace it") from None
+            images.append(_read_image(f, res))
+            res = images[-1].shape[0]
+            labels.append(label)
     if not images:
+        if not required:
+            return None
         raise DataError(f"{root} holds no images in {', '.join(classes)}: put images in one sub-folder "
                         "per class")
     return Split(np.stack(images), np.asarray(labels, np.int64))
@@ -205,8 +254,13 @@ def _load_folder(root: Path, res: int | None):
     if not classes:
         raise DataError(f"{base} has no class sub-folders: put each class's images in its own folder")
     train = _read_folder(base, classes, res)
-    test = _read_folder(root / "test", classes, train.images.shape[1]) if base != root and \
-        (root / "test").is_dir() else None
+    test = None
+    if base != root and (root / "test").is_dir():
+        unknown = sorted(p.name for p in (root / "test").iterdir() if p.is_dir() and p.name not in classes)
+        if unknown:
+            raise DataError(f"{root / 'test'} has classes that {base} has not ({', '.join(unknown[:3])}): "
+                            "every test class needs training images")
+        test = _read_folder(root / "test", classes, train.images.shape[1], required=False)
     return classes, train, test
 
 
@@ -223,25 +277,35 @@ def resize(images: np.ndarray, res: int, name: str = "the data") -> np.ndarray:
 
 
 def split_train_val(split: Split, seed: int, val_fraction: float = 0.1):
-    """Seeded shuffle of the training set; the last val_fraction becomes validation."""
+    """Seeded shuffle of the training set; the last val_fraction becomes validation (at least one
+    image when val_fraction > 0, so every run can be evaluated)."""
+    if val_fraction > 0 and len(split) < 2:
+        raise DataError(f"{len(split)} training image: a run needs at least 2 (one to train on, one to "
+                        "validate on); add images")
     order = generator(seed, "split").permutation(len(split))
-    n_val = int(round(len(split) * val_fraction))
+    n_val = max(1, int(round(len(split) * val_fraction))) if val_fraction > 0 else 0
     tr, va = order[:len(split) - n_val], order[len(split) - n_val:]
     return Split(split.images[tr], split.labels[tr]), Split(split.images[va], split.labels[va])
 
 
 def load_dataset(name: str, data_dir="data", res: int | None = None, seed: int = 0,
-                 val_fraction: float = 0.1, shapes_size: int = 14000) -> Dataset:
-    """A dataset by name (or folder path), split into train / val (/ test), at resolution res."""
+                 val_fraction: float = 0.1, shapes_size: int = 14000, official: bool = True) -> Dataset:
+    """A dataset by name (or folder path), split into train / val (/ test), at resolution res.
+    official=False accepts binary files with other record counts than the official ones (the tests'
+    small files in the official formats)."""
     if res is not None and res < 1:
         raise DataError(f"--res must be positive, got {res}")
     if name == "shapes":
         r = res or 32
+        problem = memory_problem(3 * 4 * (shapes_size + shapes_size // 5) * r * r, f"shapes at {r}x{r}",
+                                 "choose a smaller --res")
+        if problem:
+            raise DataError(problem)
         train = Split(*make_shapes(shapes_size, r, generator(seed, "shapes", 0)))
         test = Split(*make_shapes(max(shapes_size // 5, 10), r, generator(0, "shapes", 1)))  # fixed
         classes = list(SHAPE_CLASSES)
     elif name in BINARY:
-        classes, train, test = _load_binary(name, Path(data_dir))
+        classes, train, test = _load_binary(name, Path(data_dir), official)
     else:
         classes, train, test = _load_folder(Path(name), res)
     if res is not None:

@@ -78,8 +78,9 @@ class Adam:
 
 def clip_grad_norm(params: list[Tensor], max_norm: float) -> float:
     """Scale all gradients so their global L2 norm is at most max_norm; returns the norm before."""
-    total = math.sqrt(sum(float(np.dot(p.grad.ravel(), p.grad.ravel())) for p in params
-                          if p.grad is not None))
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow gives inf: the caller stops
+        total = math.sqrt(sum(float(np.dot(p.grad.ravel(), p.grad.ravel())) for p in params
+                              if p.grad is not None))
     if max_norm > 0 and total > max_norm:
         for p in params:
             if p.grad is not None:

@@ -43,7 +43,7 @@ def write_cifar10(root, n_per_batch=4, test=True):
 
 def test_cifar10_folder(tmp_path):
     folder, images, labels = write_cifar10(tmp_path)
-    ds = load_dataset("cifar10", tmp_path, seed=0)
+    ds = load_dataset("cifar10", tmp_path, seed=0, official=False)
     assert ds.classes == [f"c{i}" for i in range(10)] and ds.res == 32
     assert len(ds.train) == 18 and len(ds.val) == 2 and len(ds.test) == 3
     both = np.concatenate([ds.train.images, ds.val.images])
@@ -58,9 +58,9 @@ def test_cifar10_without_test_batch_and_from_tar_gz(tmp_path):
     (tmp_path / "dl").mkdir()
     with tarfile.open(tmp_path / "dl" / "cifar-10-binary.tar.gz", "w:gz") as tar:
         tar.add(folder, arcname="cifar-10-batches-bin")
-    ds = load_dataset("cifar10", tmp_path / "dl")
+    ds = load_dataset("cifar10", tmp_path / "dl", official=False)
     assert ds.test is None and len(ds.train) + len(ds.val) == 20
-    direct = load_dataset("cifar10", tmp_path / "src")
+    direct = load_dataset("cifar10", tmp_path / "src", official=False)
     np.testing.assert_array_equal(ds.train.images, direct.train.images)
 
 
@@ -70,7 +70,7 @@ def test_cifar100_uses_fine_labels(tmp_path):
     im = RNG.integers(0, 256, (10, 32, 32, 3), dtype=np.uint8)
     fine, coarse = np.arange(10) * 9, np.arange(10) % 20
     (folder / "train.bin").write_bytes(cifar_bytes(im, fine, coarse))
-    ds = load_dataset("cifar100", tmp_path, val_fraction=0.0)
+    ds = load_dataset("cifar100", tmp_path, val_fraction=0.0, official=False)
     assert len(ds.classes) == 100 and ds.test is None
     assert sorted(ds.train.labels) == sorted(fine)
 
@@ -83,9 +83,9 @@ def test_stl10_column_major(tmp_path):
     (folder / "train_X.bin").write_bytes(im.transpose(0, 3, 2, 1).tobytes())  # (N, C, W, H) order
     (folder / "train_y.bin").write_bytes(np.array([1, 2, 3, 10, 1], np.uint8).tobytes())
     (folder / "class_names.txt").write_text("\n".join(f"s{i}" for i in range(10)))
-    ds = load_dataset("stl10", tmp_path, val_fraction=0.0, res=48)
+    ds = load_dataset("stl10", tmp_path, val_fraction=0.0, res=48, official=False)
     assert ds.res == 48 and ds.classes[9] == "s9" and ds.test is None
-    full = load_dataset("stl10", tmp_path, val_fraction=0.0)
+    full = load_dataset("stl10", tmp_path, val_fraction=0.0, official=False)
     assert np.all(full.train.images[:, 0] == 0) and not np.all(full.train.images[:, :, 0] == 0)
     assert sorted(full.train.labels.tolist()) == [0, 0, 1, 2, 9]
     assert {a.tobytes() for a in full.train.images} == {a.tobytes() for a in im}
@@ -108,16 +108,16 @@ def test_image_folder(tmp_path):
 
 def test_bad_inputs_name_the_problem(tmp_path):
     with pytest.raises(DataError, match="cifar10 not found in .*--download"):
-        load_dataset("cifar10", tmp_path)
+        load_dataset("cifar10", tmp_path, official=False)
     folder, _, _ = write_cifar10(tmp_path)
     raw = (folder / "data_batch_3.bin").read_bytes()
     (folder / "data_batch_3.bin").write_bytes(raw[:-100])
     with pytest.raises(DataError, match="data_batch_3.bin has .* truncated"):
-        load_dataset("cifar10", tmp_path)
+        load_dataset("cifar10", tmp_path, official=False)
     (folder / "data_batch_3.bin").write_bytes(raw)
     (folder / "data_batch_5.bin").unlink()
     with pytest.raises(DataError, match="no data_batch_5.bin"):
-        load_dataset("cifar10", tmp_path)
+        load_dataset("cifar10", tmp_path, official=False)
     with pytest.raises(DataError, match="unknown dataset 'nonsense'"):
         load_dataset("nonsense", tmp_path)
     with pytest.raises(DataError, match="--res 64 is larger than shapes"):
@@ -125,7 +125,7 @@ def test_bad_inputs_name_the_problem(tmp_path):
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "cifar-10-binary.tar.gz").write_bytes(b"\x1f\x8b garbage")
     with pytest.raises(DataError, match="damaged"):
-        load_dataset("cifar10", tmp_path / "bad")
+        load_dataset("cifar10", tmp_path / "bad", official=False)
 
 
 def test_resize_is_an_area_filter():
@@ -215,7 +215,7 @@ def test_download_from_file_url_verifies_and_extracts(tmp_path):
     dest = tmp_path / "data"
     download("cifar10", dest, url=archive.as_uri(), md5=md5)
     assert (dest / "cifar-10-batches-bin" / "data_batch_1.bin").is_file()
-    assert len(load_dataset("cifar10", dest).train) == 18
+    assert len(load_dataset("cifar10", dest, official=False).train) == 18
     with pytest.raises(DataError, match="MD5 .* expected 0+"):
         download("cifar10", tmp_path / "other", url=archive.as_uri(), md5="0" * 32)
     assert not (tmp_path / "other" / "cifar-10-binary.tar.gz.part").exists()
