@@ -152,7 +152,8 @@ class Trainer:
         self.steps_per_epoch = max(1, len(self.data.train_tokens) // per_step)
         self.total = cfg.steps if cfg.steps is not None else \
             max(1, math.ceil((cfg.epochs or DEFAULT_EPOCHS) * self.steps_per_epoch))
-        # default warm-up: one epoch (§3.4), at most a tenth of the run so short CPU runs still decay
+        # default warm-up: one epoch (§3.4); departure: at most a tenth of the run, so short CPU runs
+        # still decay
         self.warmup = (cfg.warmup_steps if cfg.warmup_steps is not None
                        else min(self.steps_per_epoch, max(1, self.total // 10)))
         self.eval_every = cfg.eval_every or max(1, self.total // 10)
