@@ -43,12 +43,15 @@ def main(argv=None) -> int:
     return run(along if args.along else probe, args)
 
 
-def probe(args) -> int:
+def probe(args, comm) -> int:
     from minigpt_img.linear_probe import format_report, plot_report, probe_report
 
     report = probe_report(args.ckpt, args.data, args.data_dir, args.eval_split, args.layers,
                           args.max_train, args.max_eval, args.batch_size, args.labels_per_class,
-                          args.bert_masks, args.seed, not args.no_baselines, args.cache_dir)
+                          args.bert_masks, args.seed, not args.no_baselines, args.cache_dir,
+                          log=print if comm.is_root else lambda *a: None, comm=comm)
+    if not comm.is_root:  # rank 0 writes the report
+        return 0
     out = Path(args.out or Path(args.ckpt).parent)
     out.mkdir(parents=True, exist_ok=True)
     (out / "probe.json").write_text(json.dumps(report, indent=2))
@@ -58,7 +61,7 @@ def probe(args) -> int:
     return 0
 
 
-def along(args) -> int:
+def along(args, comm) -> int:
     from minigpt_img.linear_probe import plot_along, probe_along
 
     snaps = list(Path(args.along).glob("*.npz"))
@@ -67,7 +70,9 @@ def along(args) -> int:
     result = probe_along(snaps, data=args.data, data_dir=args.data_dir, eval_split=args.eval_split,
                          layers=args.layers, max_train=args.max_train, max_eval=args.max_eval,
                          batch_size=args.batch_size, bert_masks=args.bert_masks, seed=args.seed,
-                         cache_dir=args.cache_dir)
+                         cache_dir=args.cache_dir, comm=comm, log=print if comm.is_root else lambda *a: None)
+    if not comm.is_root:
+        return 0
     out = Path(args.out or Path(args.along).parent)
     out.mkdir(parents=True, exist_ok=True)
     (out / "along.json").write_text(json.dumps(result, indent=2))

@@ -33,14 +33,14 @@ def parse(argv=None):
     return ap.parse_args(argv)
 
 
-def sample(args) -> int:
+def sample(args, comm) -> int:
     import numpy as np
 
     from minigpt_img.checkpoint import CheckpointError, load_hf, load_model
     from minigpt_img.data import trained_on
     from minigpt_img.palette import Palette
     from minigpt_img.plots import image_grid, save_png
-    from minigpt_img.sampling import completion_rows, generate
+    from minigpt_img.sampling import completion_rows, sample_shared
 
     if args.init_from:
         model, centers = load_hf(args.init_from)
@@ -69,18 +69,21 @@ def sample(args) -> int:
                         where=f"{args.init_from} (imported weights)" if args.init_from else args.ckpt)
         split = ds.test if ds.test is not None else ds.val
         images = split.images[:n]
-        print(f"completing {len(images)} {ds.name} {'test' if ds.test is not None else 'validation'} "
-              f"images from their top {args.frac:.0%}, {args.per_image} completions each")
+        if comm.is_root:
+            print(f"completing {len(images)} {ds.name} {'test' if ds.test is not None else 'validation'} "
+                  f"images from their top {args.frac:.0%}, {args.per_image} completions each")
         rows = completion_rows(model, palette, images, args.per_image, args.frac, rng,
-                               args.temperature, args.top_k, progress=True)
-        out = Path(args.out or where / "completions.png")
-        save_png(image_grid(rows, ncols=2 + args.per_image, scale=scale), out)
+                               args.temperature, args.top_k, progress=True, comm=comm)
+        out, grid = Path(args.out or where / "completions.png"), image_grid(rows, ncols=2 + args.per_image,
+                                                                            scale=scale)
     else:
         n = args.n or 16
-        tokens = generate(model, n, rng, args.temperature, args.top_k, progress=True)
-        out = Path(args.out or where / "samples.png")
-        save_png(image_grid(palette.decode(tokens), ncols=min(8, n), scale=scale), out)
-    print(f"wrote {out}")
+        tokens = sample_shared(model, n, rng, args.temperature, args.top_k, progress=True, comm=comm)
+        out, grid = Path(args.out or where / "samples.png"), image_grid(palette.decode(tokens),
+                                                                        ncols=min(8, n), scale=scale)
+    if comm.is_root:  # the processes drew the images together; rank 0 writes them
+        save_png(grid, out)
+        print(f"wrote {out}")
     return 0
 
 

@@ -58,7 +58,7 @@ def parse(argv=None):
     return ap.parse_args(argv)
 
 
-def train(args) -> int:
+def train(args, comm) -> int:
     from minigpt_img.download import download
     from minigpt_img.runconfig import resolve_config
     from minigpt_img.trainer import Trainer
@@ -66,10 +66,14 @@ def train(args) -> int:
     given = {k: v for k, v in vars(args).items() if k not in ("resume", "threads", "download")}
     cfg = resolve_config(given, args.resume)
     if getattr(args, "download", False):
-        download(cfg.data, cfg.data_dir)
-    trainer = Trainer(cfg, resume=args.resume)
-    print("config:", ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
-                               for k, v in vars(cfg).items()))
+        with comm.root_first():  # rank 0 fetches; the others then find the files in place
+            download(cfg.data, cfg.data_dir)
+    trainer = Trainer(cfg, resume=args.resume, comm=comm)
+    trainer.log("config: " + ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                                       for k, v in vars(cfg).items()))
+    if comm.size > 1:
+        trainer.log(f"data-parallel over {comm.size} processes: {cfg.batch_size // comm.size} of each "
+                    f"micro-batch's {cfg.batch_size} images per process")
     trainer.train()
     return 0
 

@@ -2,6 +2,7 @@
 
     python benchmarks/bench.py                      # every case
     python benchmarks/bench.py --cases train        # a subset: train forward sampling attention palette
+                                                    # data_parallel
     python benchmarks/bench.py --compare-torch      # also PyTorch on the same model (if installed)
     python benchmarks/bench.py --json out.json      # also write the results
 
@@ -18,6 +19,10 @@ attention: multi-head causal attention forward+backward, T=1024, 8 heads, head s
 numba flash kernel against the materialised NumPy reference (the same float32 math with the whole
 (T, T) matrix per head). Times are medians over repeats, taken alternately; peak memory is each
 variant's rise in peak RSS over its own baseline, measured in a fresh child process.
+
+data_parallel: micro@16 batch 16 through train.py's Trainer, 1 process x 2 threads against
+`mpiexec -n 2` ranks x 1 thread (benchmarks/data_parallel.py): tokens/s and the share of a step spent
+averaging gradients (the Allreduce). Needs the [mpi] extra.
 
 palette: exact nearest-colour lookup with 512 colours (k-means on the data), in Mpixel/s, against
 scipy.cluster.vq.vq in the same run: the grid kernel alone, the 2^24-colour table's build time, the
@@ -289,12 +294,41 @@ def bench_sampling(repeats: int) -> dict:
     return results
 
 
+def bench_data_parallel(repeats: int) -> dict:
+    """micro@16 batch 16 through the Trainer: 1 process x 2 threads against 2 MPI ranks x 1 thread
+    (benchmarks/data_parallel.py), alternately, medians; needs the [mpi] extra."""
+    import shutil
+    script = str(Path(__file__).resolve().parent / "data_parallel.py")
+    mpiexec = shutil.which("mpiexec")
+    if mpiexec is None:
+        print("data_parallel: skipped (no mpiexec: pip install -e '.[mpi]')")
+        return {}
+    commands = {"1 process x 2 threads": [sys.executable, script, "--threads", "2"],
+                "2 ranks x 1 thread": [mpiexec, "--allow-run-as-root", "--oversubscribe", "-n", "2",
+                                       sys.executable, script, "--threads", "1"]}
+    runs = {name: [] for name in commands}
+    for _ in range(max(1, repeats // 2)):
+        for name, command in commands.items():
+            out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+            line = next(l for l in out.splitlines()[::-1] if l.startswith("{"))  # mpiexec adds escapes
+            runs[name].append(json.loads(line))
+    results = {}
+    print("data-parallel training, micro@16 batch 16 (global), through the Trainer")
+    for name, rs in runs.items():
+        tok = float(np.median([r["tokens_per_s"] for r in rs]))
+        share = float(np.median([r["allreduce_share"] for r in rs]))
+        results[name] = {"tokens_per_s": tok, "allreduce_share": share}
+        print(f"  {name}: {tok:,.0f} tokens/s, {share:.1%} of a step in the gradient Allreduce")
+    return results
+
+
 CASES = {  # name -> function of (arguments, fp32 GEMM peak)
     "train": lambda a, peak: bench_model("train", a.repeats, a.compare_torch, peak),
     "forward": lambda a, peak: bench_model("forward", a.repeats, a.compare_torch, peak),
     "sampling": lambda a, peak: bench_sampling(a.repeats),
     "attention": lambda a, peak: bench_attention(a.repeats),
     "palette": lambda a, peak: bench_palette(a.repeats, a.data, a.data_dir),
+    "data_parallel": lambda a, peak: bench_data_parallel(a.repeats),
 }
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 
 from .threads import configure
@@ -45,9 +46,29 @@ def add_threads_flag(ap: argparse.ArgumentParser) -> None:
 
 
 def run(work, args) -> int:
-    """Apply --threads, then return work(args)'s exit code; a user's error prints `error: ...` and
-    exits 2 (1 when training diverged)."""
-    configure(args.threads)  # before NumPy loads its BLAS
+    """Apply --threads, then return work(args, comm)'s exit code, comm being the processes of the
+    run (parallel.world(): several under mpiexec). A user's error prints `error: ...` and exits 2 (1
+    when training diverged); under mpiexec the failing rank's message ends the whole job."""
+    from .parallel import MPIMissing, local_size, world
+
+    # before NumPy loads its BLAS; under mpiexec the cores are shared among this machine's ranks
+    configure(args.threads or (max(1, (os.cpu_count() or 1) // local_size()) if local_size() > 1 else None))
+    try:
+        comm = world()
+    except MPIMissing as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    code, message = _guarded(work, args, comm)
+    if message is not None:
+        where = f" (process {comm.rank} of {comm.size})" if comm.size > 1 else ""
+        print(f"error{where}: {message}", file=sys.stderr)
+        if comm.size > 1:
+            comm.abort(code)  # the other ranks would wait for this one forever
+    return code
+
+
+def _guarded(work, args, comm):
+    """(exit code, None) or (exit code, the one line that says what went wrong)."""
     from .checkpoint import CheckpointError
     from .data import DataError
     from .files import WriteError
@@ -55,17 +76,18 @@ def run(work, args) -> int:
     from .trainer import TrainingDiverged
 
     try:
-        return work(args)
+        return work(args, comm), None
     except TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 1, str(e)
     except (ConfigError, DataError, CheckpointError, WriteError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return 2, str(e)
     except OSError as e:  # a file the run reads or writes outside the checked paths
-        print(f"error: {e.filename or 'a file'}: {e.strerror or e}: check the disk (space, permissions)",
-              file=sys.stderr)
-        return 2
+        return 2, f"{e.filename or 'a file'}: {e.strerror or e}: check the disk (space, permissions)"
     except MemoryError:
-        print("error: out of memory: lower --batch-size, --res or the model --size", file=sys.stderr)
-        return 2
+        return 2, "out of memory: lower --batch-size, --res or the model --size"
+    except Exception:
+        if comm.size == 1:
+            raise
+        import traceback
+        traceback.print_exc()
+        return 1, "an unexpected error (traceback above)"

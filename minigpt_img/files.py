@@ -136,17 +136,31 @@ def cached_array(path, compute, shape=None, dtype=None) -> np.ndarray:
     Intact means: the file loads without pickle, its sha256 equals the one recorded beside it in
     `path.sha256` when it was written, and it has the expected shape and dtype (when given). Anything
     else (a stale, truncated or damaged file, or a missing digest) is recomputed and overwritten."""
+    array = load_cached(path, shape, dtype)
+    if array is None:
+        array = compute()
+        store_cached(path, array)
+    return array
+
+
+def load_cached(path, shape=None, dtype=None) -> np.ndarray | None:
+    """The intact array at `path` (see cached_array), or None."""
     path = Path(path)
     digest_path = path.with_name(path.name + ".sha256")
-    if path.is_file() and digest_path.is_file():
-        try:
-            array = np.load(path, allow_pickle=False)
-            if ((shape is None or array.shape == tuple(shape)) and (dtype is None or array.dtype == dtype)
-                    and array_digest(array) == digest_path.read_text().strip()):
-                return array
-        except (OSError, ValueError):
-            pass  # damaged: fall through and rebuild
-    array = compute()
+    if not (path.is_file() and digest_path.is_file()):
+        return None
+    try:
+        array = np.load(path, allow_pickle=False)
+        if ((shape is None or array.shape == tuple(shape)) and (dtype is None or array.dtype == dtype)
+                and array_digest(array) == digest_path.read_text().strip()):
+            return array
+    except (OSError, ValueError):
+        pass  # damaged: the caller rebuilds it
+    return None
+
+
+def store_cached(path, array: np.ndarray) -> None:
+    """Write array to `path` and its sha256 beside it, each atomically."""
+    path = Path(path)
     write_atomic(path, lambda f: np.save(f, array, allow_pickle=False))
-    write_atomic(digest_path, lambda f: f.write(array_digest(array).encode()))
-    return array
+    write_atomic(path.with_name(path.name + ".sha256"), lambda f: f.write(array_digest(array).encode()))

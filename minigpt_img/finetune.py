@@ -28,6 +28,7 @@ from . import checkpoint as ck
 from . import nn, ops
 from .data import cached_tokens
 from .objectives import generative_loss
+from .parallel import strided
 from .streams import generator
 from .tensor import no_grad
 
@@ -51,33 +52,34 @@ class FineTuning:
         self.chart = (f"fine-tuning {self.cfg.size} on {self.cfg.data} {self.cfg.res}x{self.cfg.res}: "
                       f"{what}", f"{what} (nats)", {})
 
-    def forward(self, x: np.ndarray, rng):
-        """-> (L_GEN, class logits (B, K)) for tokens x (B, T)."""
-        gen, feats = generative_loss(self.run.model, x, self.cfg.objective, self.cfg.mask_rate, rng,
-                                     features=True)
+    def forward(self, x: np.ndarray, mask):
+        """-> (L_GEN, class logits (B, K)) for tokens x (B, T) (mask: BERT's input mask, or None)."""
+        gen, feats = generative_loss(self.run.model, x, self.cfg.objective, mask=mask, features=True)
         pooled = ops.mean(feats[-1], axis=1)                                   # (B, C)
         return gen, self.heads["score"](pooled)                                # (B, K)
 
-    def loss(self, x, y, rng):
-        gen, clf_logits = self.forward(x, rng)
+    def loss(self, x, y, mask):
+        gen, clf_logits = self.forward(x, mask)
         clf = ops.cross_entropy(clf_logits, y)
         return clf if self.cfg.clf_only else gen + clf
 
     def accuracy(self, tokens: np.ndarray, labels: np.ndarray, batch_size: int = 64,
                  progress: bool = False) -> dict:
-        rng = generator(self.cfg.seed, "eval")
-        correct, gen_total, clf_total = 0, 0.0, 0.0
+        """Accuracy, L_GEN and L_CLF over the images (shared out among the ranks under MPI)."""
+        run = self.run
+        sums = np.zeros(3)  # correct, L_GEN and L_CLF summed over images
+        batches = strided(-(-len(tokens) // batch_size), run.comm)
         with no_grad():
-            for s in tqdm(range(0, len(tokens), batch_size), desc="scoring", unit="batch",
-                          disable=not progress, leave=False):
-                x, y = tokens[s:s + batch_size].astype(np.int64), labels[s:s + batch_size]
-                gen, clf_logits = self.forward(x, rng)
-                correct += int(np.sum(clf_logits.data.argmax(axis=1) == y))
-                gen_total += gen.item() * len(x)
-                clf_total += ops.cross_entropy(clf_logits, y).item() * len(x)
-        n = max(len(tokens), 1)
-        return {"acc": correct / n, "gen_loss": gen_total / n, "clf_loss": clf_total / n,
-                "loss": (0.0 if self.cfg.clf_only else gen_total / n) + clf_total / n}
+            for b in tqdm(batches, desc="scoring", unit="batch", disable=not (progress and run.comm.is_root),
+                          leave=False):
+                x = tokens[b * batch_size:(b + 1) * batch_size].astype(np.int64)
+                y = labels[b * batch_size:(b + 1) * batch_size]
+                gen, clf_logits = self.forward(x, run.mask_for(x, generator(self.cfg.seed, "eval", b)))
+                sums += (np.sum(clf_logits.data.argmax(axis=1) == y), gen.item() * len(x),
+                         ops.cross_entropy(clf_logits, y).item() * len(x))
+        correct, gen_total, clf_total = run.comm.allreduce_sum(sums) / max(len(tokens), 1)
+        return {"acc": float(correct), "gen_loss": float(gen_total), "clf_loss": float(clf_total),
+                "loss": float((0.0 if self.cfg.clf_only else gen_total) + clf_total)}
 
     def evaluate(self, batch_size: int = 64) -> dict:
         return self.accuracy(self.run.data.val_tokens, self.run.data.val_labels, batch_size)
@@ -112,4 +114,5 @@ class FineTuning:
                 f"{result['acc']:.2%} on {len(split)} images")
         summary = {"best_val_acc": self.best_acc, "eval_split": name, "eval_acc": result["acc"],
                    "n_eval": len(split), "clf_only": self.cfg.clf_only, "steps": run.step}
-        (run.folder.path / "finetune.json").write_text(json.dumps(summary, indent=2))
+        if run.comm.is_root:
+            (run.folder.path / "finetune.json").write_text(json.dumps(summary, indent=2))

@@ -26,9 +26,10 @@ from tqdm import tqdm
 
 from .checkpoint import load_model, read_meta
 from .data import DataError, cached_tokens, trained_on
-from .files import cached_array, file_digest
+from .files import file_digest, load_cached, store_cached
 from .model import ImageGPT
 from .objectives import model_inputs
+from .parallel import Solo, strided
 from .palette import Palette
 from .plots import line_chart
 from .streams import generator
@@ -40,22 +41,46 @@ L2_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 # ---- features ----------------------------------------------------------------------------------
 def extract_features(model, tokens: np.ndarray, objective: str = "ar", batch_size: int = 64,
                      mask_rate: float = 0.15, n_masks: int = 1, seed: int = 0,
-                     desc: str = "features") -> np.ndarray:
-    """tokens (N, T) -> pooled features (N, L + 1, C) float32, one no-grad forward per batch."""
-    cfg = model.config
-    feats = np.empty((len(tokens), cfg.n_layer + 1, cfg.n_embd), np.float32)
-    rng = generator(seed, "probe_masks")
+                     desc: str = "features", comm: Solo | None = None) -> np.ndarray:
+    """tokens (N, T) -> pooled features (N, L + 1, C) float32, one no-grad forward per batch. Under
+    MPI the batches are shared out among the ranks and the features summed into every rank."""
+    cfg, comm = model.config, comm or Solo()
+    feats = np.zeros((len(tokens), cfg.n_layer + 1, cfg.n_embd), np.float32)
     repeats = n_masks if objective == "bert" else 1  # AR inputs are not random: one pass is the mean
     with no_grad():
-        for s in tqdm(range(0, len(tokens), batch_size), desc=desc, unit="batch", leave=False):
-            x = np.asarray(tokens[s:s + batch_size], dtype=np.int64)
-            acc = 0.0
+        for b in tqdm(strided(-(-len(tokens) // batch_size), comm), desc=desc, unit="batch", leave=False,
+                      disable=not comm.is_root):
+            x = np.asarray(tokens[b * batch_size:(b + 1) * batch_size], dtype=np.int64)
+            rng, acc = generator(seed, "probe_masks", b), 0.0
             for _ in range(repeats):
                 inputs, causal, mask = model_inputs(x, cfg.sos, objective, mask_rate, rng)
                 _, ns = model.forward_features(inputs, causal, mask)
                 acc = acc + np.stack([n.data.mean(axis=1) for n in ns], axis=1)     # (B, L+1, C)
-            feats[s:s + len(x)] = acc / repeats
-    return feats
+            feats[b * batch_size:b * batch_size + len(x)] = acc / repeats
+    return comm.allreduce_sum(feats)
+
+
+def shared_cached(path: Path, compute, comm: Solo) -> np.ndarray:
+    """files.cached_array for every rank: rank 0 checks the cache and says whether it holds the
+    array; if not, all ranks compute it together (compute is collective) and rank 0 stores it."""
+    array = load_cached(path) if comm.is_root else None
+    hit = comm.broadcast(np.array([array is not None], dtype=np.int64))[0]
+    if hit:
+        return array if comm.is_root else load_cached(path)
+    array = compute()
+    if comm.is_root:
+        store_cached(path, array)
+    return array
+
+
+def fan_out(jobs: list, comm: Solo) -> list:
+    """[job() for job in jobs], the jobs shared out among the ranks (job i on rank i % size) and
+    every result returned to every rank, in order."""
+    mine = {i: jobs[i]() for i in strided(len(jobs), comm)}
+    merged = {}
+    for part in comm.allgather_objects(mine):
+        merged.update(part)
+    return [merged[i] for i in range(len(jobs))]
 
 
 # ---- multinomial logistic regression ----------------------------------------------------------
@@ -146,9 +171,10 @@ def _best(rows: list) -> dict:
 
 def probe_report(ckpt, data=None, data_dir=None, eval_split="test", layers=None, max_train=None,
                  max_eval=None, batch_size=64, labels_per_class=(), bert_masks=1, seed=0,
-                 baselines=True, cache_dir="runs/cache", log=print) -> dict:
-    """Probe every layer of a checkpoint; see probe.py for the options. Returns the report dict."""
-    ckpt = Path(ckpt)
+                 baselines=True, cache_dir="runs/cache", log=print, comm: Solo | None = None) -> dict:
+    """Probe every layer of a checkpoint; see probe.py for the options. Returns the report dict.
+    Under MPI, features are extracted and the regressions fitted by all ranks together."""
+    ckpt, comm = Path(ckpt), comm or Solo()
     model, centers, meta, _ = load_model(ckpt)
     run, cfg = meta.get("run", {}), model.config
     ds = trained_on(run, cfg.n_px, data, data_dir, where=ckpt)
@@ -161,54 +187,60 @@ def probe_report(ckpt, data=None, data_dir=None, eval_split="test", layers=None,
     x_tr, y_tr = train.images[:tr_n], train.labels[:tr_n]
     x_ev, y_ev = ev.images[:ev_n], ev.labels[:ev_n]
     K = len(ds.classes)
+    counts = np.bincount(y_tr, minlength=K)
+    for n in labels_per_class:  # checked before any feature is extracted
+        if counts.min() < n:
+            raise ValueError(f"--labels-per-class {n}: class {ds.classes[int(counts.argmin())]} has only "
+                             f"{counts.min()} of the {tr_n} training images: ask for at most {counts.min()}"
+                             " per class, or use more training images (--max-train)")
     palette = Palette(centers)
-    t_tr, t_ev = cached_tokens(x_tr, palette, cache_dir), cached_tokens(x_ev, palette, cache_dir)
+    with comm.root_first():
+        t_tr, t_ev = cached_tokens(x_tr, palette, cache_dir), cached_tokens(x_ev, palette, cache_dir)
     objective = run.get("objective", "ar")
     feat_dir = ckpt.parent / "features"
     key = f"{file_digest(ckpt)[:16]}-{Path(str(name)).name}-{cfg.n_px}-{objective}{bert_masks}"
 
     def features(m, tokens, split, tag):
-        return cached_array(feat_dir / f"{tag}-{key}-{split}{len(tokens)}.npy", lambda: extract_features(
+        return shared_cached(feat_dir / f"{tag}-{key}-{split}{len(tokens)}.npy", lambda: extract_features(
             m, tokens, objective, batch_size, run.get("mask_rate", 0.15), bert_masks, seed,
-            desc=f"{tag} {split} features"))
+            desc=f"{tag} {split} features", comm=comm), comm)
 
     log(f"probing {ckpt} ({cfg.n_layer} layers, width {cfg.n_embd}) on {name}: {tr_n} train images, "
         f"{ev_n} {eval_split} images, {K} classes")
     F_tr, F_ev = features(model, t_tr, "train", "trained"), features(model, t_ev, eval_split, "trained")
     chosen = list(range(cfg.n_layer + 1)) if layers is None else list(layers)
-    rows = []
-    for l in tqdm(chosen, desc="probing layers", unit="layer"):
-        rows.append({"layer": l, **probe_layer(F_tr[:, l], y_tr, F_ev[:, l], y_ev, K, seed)})
+
+    def layer_job(F, G, l):
+        return lambda: {"layer": l, **probe_layer(F[:, l], y_tr, G[:, l], y_ev, K, seed)}
+
+    log(f"fitting {len(chosen)} layer probes")
+    rows = fan_out([layer_job(F_tr, F_ev, l) for l in chosen], comm)
     best = _best(rows)
     report = {"checkpoint": str(ckpt), "data": str(name), "eval_split": eval_split, "n_train": tr_n,
               "n_eval": ev_n, "layers": rows, "best": best, "objective": objective}
 
     if baselines:
-        with tqdm(total=3, desc="baselines", unit="baseline") as bar:
-            bar.set_postfix_str("raw pixels")
-            pix_tr = x_tr.reshape(tr_n, -1).astype(np.float32) / 255.0
-            pix_ev = x_ev.reshape(ev_n, -1).astype(np.float32) / 255.0
-            report["raw_pixels"] = probe_layer(pix_tr, y_tr, pix_ev, y_ev, K, seed)
-            bar.update()
-            bar.set_postfix_str("palette-token histogram")
-            V = cfg.vocab
-            hist_tr = np.stack([np.bincount(t, minlength=V) for t in t_tr]) / t_tr.shape[1]
-            hist_ev = np.stack([np.bincount(t, minlength=V) for t in t_ev]) / t_ev.shape[1]
-            report["token_histogram"] = probe_layer(hist_tr, y_tr, hist_ev, y_ev, K, seed)
-            bar.update()
-            bar.set_postfix_str("random-init model")
-            random_model = ImageGPT(cfg, generator(seed, "random_init"))
-            R_tr = features(random_model, t_tr, "train", "random")
-            R_ev = features(random_model, t_ev, eval_split, "random")
-            rand_rows = [{"layer": l, **probe_layer(R_tr[:, l], y_tr, R_ev[:, l], y_ev, K, seed)}
-                         for l in chosen]
-            report["random_init"] = {"layers": rand_rows, "best": _best(rand_rows)}
-            bar.update()
+        log("baselines: raw pixels, palette-token histogram, the same model at random init")
+        pix_tr = x_tr.reshape(tr_n, -1).astype(np.float32) / 255.0
+        pix_ev = x_ev.reshape(ev_n, -1).astype(np.float32) / 255.0
+        V = cfg.vocab
+        hist_tr = np.stack([np.bincount(t, minlength=V) for t in t_tr]) / t_tr.shape[1]
+        hist_ev = np.stack([np.bincount(t, minlength=V) for t in t_ev]) / t_ev.shape[1]
+        random_model = ImageGPT(cfg, generator(seed, "random_init"))
+        R_tr = features(random_model, t_tr, "train", "random")
+        R_ev = features(random_model, t_ev, eval_split, "random")
+        jobs = [lambda: probe_layer(pix_tr, y_tr, pix_ev, y_ev, K, seed),
+                lambda: probe_layer(hist_tr, y_tr, hist_ev, y_ev, K, seed)]
+        jobs += [layer_job(R_tr, R_ev, l) for l in chosen]
+        results = fan_out(jobs, comm)
+        report["raw_pixels"], report["token_histogram"], rand_rows = results[0], results[1], results[2:]
+        report["random_init"] = {"layers": rand_rows, "best": _best(rand_rows)}
 
     if labels_per_class:
         l = best["layer"]
-        report["low_data"] = [low_data_probe(F_tr[:, l], y_tr, F_ev[:, l], y_ev, K, n, best["lam"],
-                                             seed=seed) for n in labels_per_class]
+        report["low_data"] = fan_out([lambda n=n: low_data_probe(F_tr[:, l], y_tr, F_ev[:, l], y_ev, K, n,
+                                                                 best["lam"], seed=seed)
+                                      for n in labels_per_class], comm)
     return report
 
 

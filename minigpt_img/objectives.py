@@ -46,6 +46,11 @@ def bert_mask(shape, rate: float, rng: np.random.Generator) -> np.ndarray:
     return mask
 
 
+def draw_mask(objective: str, shape, rate: float, rng: np.random.Generator):
+    """The input mask an objective needs for tokens of `shape`: BERT's (bert_mask), None for AR."""
+    return bert_mask(shape, rate, rng) if objective == "bert" else None
+
+
 def bert_weights(mask: np.ndarray) -> np.ndarray:
     """Per-position loss weights (B, T) of L_BERT: 1/|M_b| at image b's masked positions, else 0."""
     mask = np.asarray(mask, dtype=np.float64)

@@ -20,6 +20,7 @@ import numpy as np
 from .data import Dataset, cached_tokens, load_dataset
 from .objectives import unigram_entropy
 from .palette import Palette, fit_palette, load_palette
+from .parallel import Solo
 from .runconfig import ConfigError, RunConfig
 
 
@@ -34,28 +35,17 @@ class RunData:
     entropy: float             # unigram entropy of the training tokens, nats: the bar to beat
 
 
-def prepare_data(cfg: RunConfig, start: dict | None, start_path=None, log=print) -> RunData:
+def prepare_data(cfg: RunConfig, start: dict | None, start_path=None, log=print,
+                 comm: Solo | None = None) -> RunData:
     """Load cfg.data at cfg.res, choose the palette (start: the arrays of the checkpoint the run
-    starts from, or None), and quantise the training and validation images."""
-    t = time.time()
+    starts from, or None), and quantise the training and validation images. Under MPI rank 0 fits
+    the palette and fills the token cache; the others receive the palette and read the cache."""
+    comm, t = comm or Solo(), time.time()
     ds = load_dataset(cfg.data, cfg.data_dir, res=cfg.res, seed=cfg.seed)
-    if start is not None:
-        if "palette" not in start:
-            raise ConfigError(f"{start_path} holds no palette: use a checkpoint written by train.py")
-        palette = Palette(start["palette"])
-    elif cfg.palette:
-        try:
-            centers = load_palette(cfg.palette)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        if len(centers) != cfg.palette_size:
-            raise ConfigError(f"{cfg.palette} holds {len(centers)} colours, not --palette-size "
-                              f"{cfg.palette_size}: pass --palette-size {len(centers)}")
-        palette = Palette(centers)
-    else:
-        palette = Palette(fit_palette(ds.train.images, k=cfg.palette_size, seed=cfg.seed))
-    train_tokens = cached_tokens(ds.train.images, palette, cfg.cache_dir)                  # (N, T)
-    val_tokens = cached_tokens(ds.val.images[:cfg.eval_images], palette, cfg.cache_dir)
+    palette = _choose_palette(cfg, ds, start, start_path, comm)
+    with comm.root_first():  # rank 0 fills the token cache, the others then read it
+        train_tokens = cached_tokens(ds.train.images, palette, cfg.cache_dir)              # (N, T)
+        val_tokens = cached_tokens(ds.val.images[:cfg.eval_images], palette, cfg.cache_dir)
     data = RunData(ds, palette, train_tokens, val_tokens, ds.val.labels[:cfg.eval_images],
                    hashlib.sha256(train_tokens.data).hexdigest()[:16],
                    unigram_entropy(train_tokens, cfg.palette_size))
@@ -63,3 +53,25 @@ def prepare_data(cfg: RunConfig, start: dict | None, start_path=None, log=print)
         f"{cfg.palette_size}-colour palette, unigram entropy {data.entropy:.3f} nats "
         f"({time.time() - t:.1f} s)")
     return data
+
+
+def _choose_palette(cfg: RunConfig, ds, start, start_path, comm: Solo) -> Palette:
+    """The checkpoint's palette, a palette file's, or k-means (fitted on rank 0 only under MPI and
+    sent to the others)."""
+    if start is not None:
+        if "palette" not in start:
+            raise ConfigError(f"{start_path} holds no palette: use a checkpoint written by train.py")
+        return Palette(start["palette"])
+    if cfg.palette:
+        try:
+            centers = load_palette(cfg.palette)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if len(centers) != cfg.palette_size:
+            raise ConfigError(f"{cfg.palette} holds {len(centers)} colours, not --palette-size "
+                              f"{cfg.palette_size}: pass --palette-size {len(centers)}")
+        return Palette(centers)
+    centers = np.zeros((cfg.palette_size, 3), np.float32)
+    if comm.is_root:
+        centers = fit_palette(ds.train.images, k=cfg.palette_size, seed=cfg.seed)
+    return Palette(comm.broadcast(np.ascontiguousarray(centers, dtype=np.float32)))

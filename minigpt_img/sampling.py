@@ -14,12 +14,14 @@ import numpy as np
 from tqdm import tqdm
 
 from .model import KVCache
+from .parallel import Solo
 
 
-def choose(logits: np.ndarray, rng: np.random.Generator, temperature: float = 1.0,
+def choose(logits: np.ndarray, u: np.ndarray, temperature: float = 1.0,
            top_k: int | None = None) -> np.ndarray:
     """One token per row of logits (B, V): argmax when temperature <= 0, else a draw from the
-    softmax of logits / temperature over the top_k largest logits (all when top_k is None)."""
+    softmax of logits / temperature over the top_k largest logits (all when top_k is None), by
+    inverting the cumulative distribution at the uniform numbers u (B,) in [0, 1)."""
     logits = np.asarray(logits, dtype=np.float64)
     if temperature <= 0:
         return logits.argmax(axis=-1)
@@ -29,34 +31,56 @@ def choose(logits: np.ndarray, rng: np.random.Generator, temperature: float = 1.
         z = np.where(z >= kth, z, -np.inf)
     p = np.exp(z - z.max(axis=-1, keepdims=True))
     p /= p.sum(axis=-1, keepdims=True)
-    u = rng.random((len(p), 1))
-    return np.minimum((np.cumsum(p, axis=-1) < u).sum(axis=-1), p.shape[-1] - 1)
+    return np.minimum((np.cumsum(p, axis=-1) < np.asarray(u)[:, None]).sum(axis=-1), p.shape[-1] - 1)
 
 
 def generate(model, n: int, rng: np.random.Generator, temperature: float = 1.0,
-             top_k: int | None = None, prefix: np.ndarray | None = None, progress: bool = False):
+             top_k: int | None = None, prefix: np.ndarray | None = None, progress: bool = False,
+             rows: slice = slice(None)):
     """n token sequences (n, T) from the AR model. prefix (n, given) tokens are kept as they are and
-    the rest is sampled (a completion); without prefix, images are sampled from nothing."""
+    the rest is sampled (a completion); without prefix, images are sampled from nothing. rows: sample
+    only these of the n sequences (the others stay 0), with the random numbers they would get if all
+    n were sampled, so that processes sharing the work out draw exactly the same images."""
     cfg = model.config
     T = cfg.n_ctx
     out = np.zeros((n, T), dtype=np.int64)
     given = 0 if prefix is None else prefix.shape[1]
     if given:
         out[:, :given] = prefix
-    cache = KVCache(cfg, batch=n, dtype=model.lm_head.weight.dtype)
+    u = rng.random((T, n))[:, rows]                                            # one number per pixel
+    mine = out[rows]                                                           # a view when rows is a slice
+    n_mine = len(mine)
+    if n_mine == 0:
+        return out
+    cache = KVCache(cfg, batch=n_mine, dtype=model.lm_head.weight.dtype)
     # read SOS and the given pixels in one pass; the last logits predict the next pixel
-    first = np.concatenate([np.full((n, 1), cfg.sos), out[:, :given]], axis=1)[:, :T]
+    first = np.concatenate([np.full((n_mine, 1), cfg.sos), mine[:, :given]], axis=1)[:, :T]
     logits = model.decode(first, cache).data[:, -1]                            # (n, V)
     for i in tqdm(range(given, T), desc="sampling pixels", unit="px", disable=not progress):
-        out[:, i] = choose(logits, rng, temperature, top_k)
+        mine[:, i] = choose(logits, u[i], temperature, top_k)
         if i + 1 < T:
-            logits = model.decode(out[:, i:i + 1], cache).data[:, -1]          # (n, V)
+            logits = model.decode(mine[:, i:i + 1], cache).data[:, -1]         # (n, V)
     return out
+
+
+def sample_shared(model, n: int, rng, temperature=1.0, top_k=None, prefix=None, progress=False,
+                  comm: Solo | None = None) -> np.ndarray:
+    """generate() with the n sequences shared out among the ranks in contiguous blocks and summed
+    into every rank: the same images one process draws."""
+    comm = comm or Solo()
+    bounds = np.linspace(0, n, comm.size + 1).astype(int)
+    rows = slice(bounds[comm.rank], bounds[comm.rank + 1])
+    out = generate(model, n, rng, temperature, top_k, prefix, progress and comm.is_root, rows)
+    if comm.size == 1:
+        return out
+    mine = np.zeros_like(out)
+    mine[rows] = out[rows]            # each row counted once, by the rank that sampled it
+    return comm.allreduce_sum(mine)
 
 
 def completion_rows(model, palette, images: np.ndarray, per_image: int, frac: float,
                     rng: np.random.Generator, temperature: float = 1.0, top_k: int | None = None,
-                    progress: bool = False) -> np.ndarray:
+                    progress: bool = False, comm: Solo | None = None) -> np.ndarray:
     """The paper's completion figure as images: for each of the n images (n, H, W, 3) uint8 one row
     of [original, the given top part (the rest grey), per_image completions] -> (n * (2 + per_image),
     H, W, 3) uint8, row-major. The given part is the first round(frac * H) rows of pixels."""
@@ -64,7 +88,7 @@ def completion_rows(model, palette, images: np.ndarray, per_image: int, frac: fl
     tokens = palette.encode(images).astype(np.int64)                           # (n, T)
     given = int(round(frac * H)) * W
     prefix = np.repeat(tokens[:, :given], per_image, axis=0)                   # (n * k, given)
-    samples = generate(model, n * per_image, rng, temperature, top_k, prefix=prefix, progress=progress)
+    samples = sample_shared(model, n * per_image, rng, temperature, top_k, prefix, progress, comm)
     completed = palette.decode(samples).reshape(n, per_image, H, W, 3)
     half = palette.decode(tokens)                                              # quantised originals
     half.reshape(n, -1, 3)[:, given:] = 128                                    # hide all but the given rows

@@ -27,9 +27,14 @@ the order of generator(seed, "order", e); the crops, flips and BERT masks of mic
 come from generator(seed, "augment" / "mask", s, m). So a checkpoint holds only weights, Adam's
 moments, the step, the palette and the settings, and a resumed run reaches bit-identical weights
 (same thread count). The run's files are listed in run_folder.py.
+
+Under mpiexec the run is data-parallel (parallel.py): each micro-batch is split into equal slices,
+one per process, the gradients are averaged with one Allreduce, and the decisions to evaluate, save
+or stop are taken together. Rank 0 alone writes files and shows progress.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import signal
@@ -43,8 +48,9 @@ from .data import augment
 from .files import FolderBusy, check_writable
 from .finetune import FineTuning
 from .model import ImageGPT
-from .objectives import NATS_TO_BITS, generative_loss
+from .objectives import NATS_TO_BITS, draw_mask, generative_loss
 from .optim import Adam, clip_grad_norm, lr_at
+from .parallel import GradientBuffer, Solo, share, strided
 from .plots import image_grid, save_png
 from .run_data import prepare_data
 from .run_folder import RunFolder
@@ -72,19 +78,20 @@ class Pretraining:
                       f"{self.cfg.objective} loss", "nats per token",
                       {f"unigram entropy {run.data.entropy:.2f}": run.data.entropy})
 
-    def loss(self, x, y, rng):
-        return generative_loss(self.run.model, x, self.cfg.objective, self.cfg.mask_rate, rng)
+    def loss(self, x, y, mask):
+        return generative_loss(self.run.model, x, self.cfg.objective, mask=mask)
 
     def evaluate(self, batch_size: int = 64) -> dict:
         """{"loss": mean validation loss in nats per token} (BERT: per masked token, the same masks
-        at every evaluation)."""
-        tokens, total = self.run.data.val_tokens, 0.0
-        rng = generator(self.cfg.seed, "eval")
+        at every evaluation). Under MPI the batches are shared out and the sums added up."""
+        run, tokens = self.run, self.run.data.val_tokens
+        total = np.zeros(1)
         with no_grad():
-            for s in range(0, len(tokens), batch_size):
-                x = tokens[s:s + batch_size].astype(np.int64)
-                total += self.loss(x, None, rng).item() * len(x)
-        return {"loss": total / max(len(tokens), 1)}
+            for b in strided(-(-len(tokens) // batch_size), run.comm):
+                x = tokens[b * batch_size:(b + 1) * batch_size].astype(np.int64)
+                mask = run.mask_for(x, generator(self.cfg.seed, "eval", b))
+                total += self.loss(x, None, mask).item() * len(x)
+        return {"loss": float(run.comm.allreduce_sum(total)[0]) / max(len(tokens), 1)}
 
     def describe(self, m: dict) -> str:
         return (f"step {self.run.step}: val loss {m['loss']:.4f} nats/token "
@@ -99,7 +106,7 @@ class Pretraining:
         if cfg.objective != "ar":
             run.log("no samples.png: a BERT model has no raster-order sampler")
             return
-        if cfg.samples < 1:
+        if cfg.samples < 1 or not run.comm.is_root:
             return
         tokens = generate(run.model, cfg.samples, generator(cfg.seed, "samples"))
         images = run.data.palette.decode(tokens)
@@ -109,16 +116,23 @@ class Pretraining:
 class Trainer:
     """One run: its data, model, task, optimiser and schedule, and the loop that trains them."""
 
-    def __init__(self, cfg: RunConfig, resume: bool = False, log=print):
+    def __init__(self, cfg: RunConfig, resume: bool = False, log=print, comm: Solo | None = None):
         """resume: continue the run saved in cfg.out. cfg.finetune: start from that pre-trained
-        checkpoint's palette and weights, with a classifier (§2.3)."""
-        self.cfg, self.log = cfg, log
+        checkpoint's palette and weights, with a classifier (§2.3). comm: the processes of a
+        data-parallel run (parallel.world()); one process when None."""
+        self.comm = comm or Solo()
+        self.cfg, self.log = cfg, (log if self.comm.is_root else lambda *a: None)
         self.folder = RunFolder(cfg.out)
-        check_writable(cfg.out, "--out")
-        try:
-            removed = self.folder.lock()   # held until train() ends: one run per folder
-        except FolderBusy as e:
-            raise ConfigError(str(e)) from None
+        if cfg.batch_size % self.comm.size:
+            raise ConfigError(f"--batch-size {cfg.batch_size} does not divide among {self.comm.size} "
+                              f"processes: choose a multiple of {self.comm.size}")
+        removed = []
+        if self.comm.is_root:  # only rank 0 writes in the run folder
+            check_writable(cfg.out, "--out")
+            try:
+                removed = self.folder.lock()   # held until train() ends: one run per folder
+            except FolderBusy as e:
+                raise ConfigError(str(e)) from None
         try:
             self._setup(resume, removed)
         except BaseException:
@@ -142,11 +156,12 @@ class Trainer:
 
         start_path = self.folder.ckpt if resume else cfg.finetune
         start = ck.load_arrays(start_path) if start_path else None          # the checkpoint we start from
-        self.data = prepare_data(cfg, start, start_path, log)
+        self.data = prepare_data(cfg, start, start_path, log, self.comm)
         self.model = ImageGPT(model_cfg, generator(cfg.seed, "init"))
         self.task = FineTuning(self, resume) if cfg.finetune else Pretraining(self)
         self.params = self.model.parameters() + [p for h in self.task.heads.values() for p in h.parameters()]
         self.opt = Adam(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.grads = GradientBuffer(self.params, self.comm)
 
         per_step = cfg.batch_size * cfg.grad_accum
         self.steps_per_epoch = max(1, len(self.data.train_tokens) // per_step)
@@ -182,9 +197,10 @@ class Trainer:
         t0 = last_ckpt = self._t0 = time.time()
         first_step = self.step
         bar = tqdm(total=self.total, initial=self.step, unit="step", dynamic_ncols=True, desc="train",
-                   smoothing=0)  # ETA from the whole run's rate, evaluations included
+                   smoothing=0, disable=not self.comm.is_root)  # ETA from the whole run's rate
+        metrics_file = self.folder.open_metrics(self.step) if self.comm.is_root else contextlib.nullcontext()
         try:
-            with self.folder.open_metrics(self.step) as metrics:
+            with metrics_file as metrics:
                 while self.step < self.total and self.stop_reason is None:
                     t_step = time.time()
                     lr = lr_at(self.step, cfg.lr, self.warmup, self.total, self.task.decay)
@@ -207,7 +223,7 @@ class Trainer:
                         per = (time.time() - t0) / 3
                         self.log(f"~{per:.2f} s per step: {per * self.steps_per_epoch / 60:.1f} min per "
                                  f"epoch, {per * (self.total - self.step) / 60:.1f} min to go")
-                    if self.step % cfg.log_every == 0 or self.step == self.total:
+                    if self.comm.is_root and (self.step % cfg.log_every == 0 or self.step == self.total):
                         self.folder.write(metrics, self.step, kind="train", loss=loss, lr=lr,
                                           grad_norm=grad_norm, tokens_per_s=tok_s, elapsed_s=time.time() - t0)
                     if self.step % self.eval_every == 0 or self.step == self.total:
@@ -216,11 +232,13 @@ class Trainer:
                         on_step(self)
                     if cfg.time_budget is not None and self.train_seconds() > cfg.time_budget * 60:
                         self.stop_reason = "time budget"
-                    if time.time() - last_ckpt > cfg.ckpt_every * 60 and self.stop_reason is None:
+                    save_due = time.time() - last_ckpt > cfg.ckpt_every * 60
+                    if self.agree_to_stop(save_due) and self.stop_reason is None:
                         self.save()
                         last_ckpt = time.time()
             self.save()
-            self.folder.plot_loss(*self.task.chart)
+            if self.comm.is_root:
+                self.folder.plot_loss(*self.task.chart)
             if self.step >= self.total or self.stop_reason in ("early stop", "time budget"):
                 self.task.finish()  # a spent budget ends the run as planned: its results are written too
         finally:
@@ -234,6 +252,17 @@ class Trainer:
         self.log(f"stopped at step {self.step} of {self.total} ({self.stop_reason}); saved "
                  f"{self.folder.ckpt}. Resume with: python train.py --resume --out {self.folder.path}")
         return self.stop_reason
+
+    STOPS = (None, "interrupted", "time budget", "early stop")
+
+    def agree_to_stop(self, save_due: bool) -> bool:
+        """Make every rank take the same decisions after a step: stop if any rank must stop (a
+        signal reaches them at different moments), save if any rank's checkpoint timer ran out.
+        Returns whether to save now."""
+        flags = np.array([self.STOPS.index(self.stop_reason), int(save_due)], dtype=np.int64)
+        flags = self.comm.allreduce_max(flags)
+        self.stop_reason = self.STOPS[int(flags[0])]
+        return bool(flags[1])
 
     def weights_finite(self) -> bool:
         return all(np.isfinite(p.data).all() for p in self.params)
@@ -249,15 +278,23 @@ class Trainer:
         return TrainingDiverged(f"{what} at step {self.step + 1}; {kept}")
 
     def accumulate_gradients(self) -> float:
-        """Back-propagate the grad_accum micro-batches of this step; returns the step's mean loss."""
-        cfg, loss_sum = self.cfg, 0.0
+        """Back-propagate the grad_accum micro-batches of this step (this rank's slice of each),
+        average the gradients over the ranks; returns the step's mean loss."""
+        cfg, loss_sum = self.cfg, np.zeros(1)
         for micro in range(cfg.grad_accum):
-            x, y = self.batch(self.step, micro)
-            loss = self.task.loss(x, y, generator(cfg.seed, "mask", self.step, micro))
+            x, y = self.batch(self.step, micro)                                  # the whole micro-batch
+            mask = self.mask_for(x, generator(cfg.seed, "mask", self.step, micro))
+            mine = share(len(x), self.comm)                                      # this rank's slice
+            loss = self.task.loss(x[mine], y[mine], None if mask is None else mask[mine])
             loss.backward(np.array(1.0 / cfg.grad_accum, dtype=loss.dtype))
             loss_sum += loss.item() / cfg.grad_accum
             del loss  # free this graph before the next forward
-        return loss_sum
+        self.grads.average()
+        return float(self.comm.allreduce_sum(loss_sum)[0]) / self.comm.size
+
+    def mask_for(self, x: np.ndarray, rng):
+        """The objective's input mask for tokens x (BERT's masked positions; None for AR)."""
+        return draw_mask(self.cfg.objective, x.shape, self.cfg.mask_rate, rng)
 
     def batch(self, step: int, micro: int):
         """Tokens (B, T) and labels (B,) of micro-batch `micro` of step `step`: a function of
@@ -284,8 +321,9 @@ class Trainer:
         """Evaluate the task, record it, keep a snapshot (--snapshots), and let the task decide
         whether to stop."""
         val = self.task.evaluate()
-        self.folder.write(metrics, self.step, kind="eval", **val, elapsed_s=elapsed)
-        write(self.task.describe(val))
+        if self.comm.is_root:
+            self.folder.write(metrics, self.step, kind="eval", **val, elapsed_s=elapsed)
+            write(self.task.describe(val))
         if self.cfg.snapshots:
             self.save(self.folder.snapshot(self.step), weights_only=True, val_loss=val["loss"])
         reason = self.task.after_eval(val)
@@ -307,6 +345,7 @@ class Trainer:
         settings and step in the meta."""
         if not self.weights_finite():  # never write non-finite weights over a good checkpoint
             raise self.diverged("the weights are not finite")
+        self.grads.check_agreement()  # under MPI: every rank must hold the same weights
         meta = {"run": dataclasses.asdict(self.cfg), "step": self.step, "total_steps": self.total,
                 "data_hash": self.data.data_hash, "unigram_entropy": self.data.entropy,
                 "kind": self.task.kind, "classes": list(self.data.ds.classes),
@@ -316,7 +355,10 @@ class Trainer:
             extra.update({f"head/{name}/{k}": v for k, v in head.state_dict().items()})
         if not weights_only:
             extra.update({f"opt/{k}": v for k, v in self.opt.state_dict().items()})
-        ck.save_model(path or self.folder.ckpt, self.model, self.data.palette.centers, meta=meta, extra=extra)
+        if self.comm.is_root:
+            ck.save_model(path or self.folder.ckpt, self.model, self.data.palette.centers, meta=meta,
+                          extra=extra)
+        self.comm.barrier()  # the file exists for every rank once save returns
         if path is None:
             self.saved_step = self.step
 

@@ -69,3 +69,19 @@ def gradcheck_params(loss_fn, params, seed=0, tol=1e-6):
         worst = max(worst, relative_error(p.grad, num))
     assert worst < tol, f"max relative error {worst:.3g} >= {tol}"
     return worst
+
+
+def write_image_folder(root, per_class: int, n_classes: int = 3, step: int = 60, noise: int = 40,
+                       seed: int = 0):
+    """root/c<k>/<i>.png: per_class 8x8 PNGs per class, class k a flat grey of k * step plus uniform
+    noise, so the classes differ in colour. Returns root."""
+    from pathlib import Path
+
+    from PIL import Image
+    root, rng = Path(root), np.random.default_rng(seed)
+    for c in range(n_classes):
+        (root / f"c{c}").mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            img = np.full((8, 8, 3), step * c, np.uint8) + rng.integers(0, noise, (8, 8, 3), dtype=np.uint8)
+            Image.fromarray(img).save(root / f"c{c}" / f"{i}.png")
+    return root

@@ -24,20 +24,15 @@ from minigpt_img.palette import Palette, load_palette
 from minigpt_img.runconfig import ConfigError, RunConfig, resolve_config
 from minigpt_img.trainer import Trainer, TrainingDiverged
 
+from helpers import write_image_folder  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 QUIET = dict(log=lambda *a: None)
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faults")
-    rng = np.random.default_rng(0)
-    for c in range(3):
-        (root / f"c{c}").mkdir()
-        for i in range(10):
-            img = np.full((8, 8, 3), 70 * c, np.uint8) + rng.integers(0, 40, (8, 8, 3), dtype=np.uint8)
-            Image.fromarray(img).save(root / f"c{c}" / f"{i}.png")
-    return root
+    return write_image_folder(tmp_path_factory.mktemp("faults"), per_class=10, step=70)
 
 
 def config(folder, out, **kw):

@@ -41,7 +41,7 @@ def test_reference_forward_equals_hugging_face_logits():
 # ---- layers ------------------------------------------------------------------------------------
 # file helpers < engine < model < method < scripts; a module may import its own layer and those below.
 LAYERS = {
-    "files": 0, "streams": 0, "threads": 0, "plots": 0,
+    "files": 0, "streams": 0, "threads": 0, "plots": 0, "parallel": 0,
     "tensor": 1, "ops": 1, "kernels": 1, "attention": 1,
     "nn": 2, "model": 2, "sizes": 2, "reference": 2,
     "objectives": 3, "optim": 3, "data": 3, "shapes": 3, "download": 3, "palette": 3, "checkpoint": 3,

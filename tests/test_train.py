@@ -20,6 +20,8 @@ from minigpt_img.optim import Adam, lr_at
 from minigpt_img.runconfig import ConfigError, RunConfig, resolve_config
 from minigpt_img.trainer import Trainer, TrainingDiverged
 
+from helpers import write_image_folder  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -101,14 +103,7 @@ def test_unigram_entropy():
 # ---- the run ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("imgs")
-    rng = np.random.default_rng(0)
-    for c in range(3):
-        (root / f"c{c}").mkdir()
-        for i in range(12):
-            img = np.full((8, 8, 3), 60 * c, np.uint8) + rng.integers(0, 40, (8, 8, 3), dtype=np.uint8)
-            Image.fromarray(img).save(root / f"c{c}" / f"{i}.png")
-    return root
+    return write_image_folder(tmp_path_factory.mktemp("imgs"), per_class=12)
 
 
 def tiny(image_folder, out, **kw):

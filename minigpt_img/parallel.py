@@ -1,0 +1,196 @@
+"""Data parallelism over MPI: the same run on 1 or N processes (optional: pip install -e ".[mpi]").
+
+Not a paper section: the paper trains on many GPUs; this spreads one run over several processes or
+machines with MPI (mpi4py). Each optimiser step, every rank computes the gradients of its share of
+the batch, then one Allreduce over a flat float buffer sums them:
+
+    g = (1/N) sum_r g_r          g_r: the gradient of rank r's equal share of the global batch
+
+so every rank takes the same Adam step on the same weights. The global batch stays what the flags
+say (--batch-size x --grad-accum images): each micro-batch is split into N equal slices, so a run's
+result does not depend on N beyond the order of floating-point sums.
+
+Without mpiexec (or with one process) `world()` is `Solo`, whose collectives do nothing: the code
+that calls them reads the same either way. This module imports nothing of minigpt_img, and mpi4py
+only when it is started under mpiexec.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+
+import numpy as np
+
+# Variables an MPI launcher sets in each process it starts (Open MPI, MPICH/Hydra, PMIx).
+_SIZE_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE")
+_LOCAL_SIZE_VARIABLES = ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "PMI_LOCAL_SIZE")
+
+
+class MPIMissing(Exception):
+    """Started by mpiexec, but mpi4py cannot be imported."""
+
+
+def launched_size() -> int:
+    """How many processes the launcher started (1 when not under mpiexec)."""
+    for name in _SIZE_VARIABLES:
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 1
+
+
+def local_size() -> int:
+    """How many of those processes share this machine (1 when not under mpiexec)."""
+    for name in _LOCAL_SIZE_VARIABLES:
+        if os.environ.get(name, "").isdigit():
+            return max(1, int(os.environ[name]))
+    return 1
+
+
+class Solo:
+    """One process: rank 0 of 1. Every collective is the identity."""
+
+    rank, size = 0, 1
+
+    @property
+    def is_root(self) -> bool:
+        return self.rank == 0
+
+    def allreduce_sum(self, buf: np.ndarray) -> np.ndarray:
+        return buf
+
+    def allreduce_max(self, buf: np.ndarray) -> np.ndarray:
+        return buf
+
+    def allreduce_min(self, buf: np.ndarray) -> np.ndarray:
+        return buf
+
+    def broadcast(self, buf: np.ndarray) -> np.ndarray:
+        return buf
+
+    def allgather_objects(self, obj) -> list:
+        return [obj]
+
+    def barrier(self) -> None:
+        pass
+
+    @contextlib.contextmanager
+    def root_first(self):
+        """Rank 0 runs the block first (and writes any cache it fills), then the others run it."""
+        yield
+
+    def abort(self, code: int) -> None:
+        sys.exit(code)
+
+
+class MPIWorld(Solo):
+    """mpi4py's COMM_WORLD behind the same small interface. Arrays go through the buffer API
+    (contiguous NumPy memory, never pickled); only small report objects are gathered as objects."""
+
+    def __init__(self):
+        from mpi4py import MPI
+        self.MPI, self.comm = MPI, MPI.COMM_WORLD
+        self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+
+    def _allreduce(self, buf: np.ndarray, op) -> np.ndarray:
+        assert buf.flags.c_contiguous
+        self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=op)
+        return buf
+
+    def allreduce_sum(self, buf):
+        return self._allreduce(buf, self.MPI.SUM)
+
+    def allreduce_max(self, buf):
+        return self._allreduce(buf, self.MPI.MAX)
+
+    def allreduce_min(self, buf):
+        return self._allreduce(buf, self.MPI.MIN)
+
+    def broadcast(self, buf):
+        assert buf.flags.c_contiguous
+        self.comm.Bcast(buf, root=0)
+        return buf
+
+    def allgather_objects(self, obj) -> list:
+        return self.comm.allgather(obj)
+
+    def barrier(self) -> None:
+        self.comm.Barrier()
+
+    @contextlib.contextmanager
+    def root_first(self):
+        if self.rank == 0:
+            yield
+            self.comm.Barrier()
+        else:
+            self.comm.Barrier()
+            yield
+
+    def abort(self, code: int) -> None:
+        sys.stderr.flush()
+        self.comm.Abort(code)
+
+
+def world() -> Solo:
+    """The processes of this run: MPIWorld under mpiexec with N > 1, else Solo."""
+    if launched_size() <= 1:
+        return Solo()
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        raise MPIMissing(f"started by mpiexec as one of {launched_size()} processes, but mpi4py is not "
+                         "installed: pip install -e \".[mpi]\"") from None
+    return MPIWorld()
+
+
+def share(n: int, comm: Solo) -> slice:
+    """This rank's contiguous share of n items split into comm.size equal parts (n divisible)."""
+    part = n // comm.size
+    return slice(comm.rank * part, (comm.rank + 1) * part)
+
+
+def strided(n: int, comm: Solo) -> range:
+    """Items rank, rank + size, ...: this rank's share of n items that need not divide evenly."""
+    return range(comm.rank, n, comm.size)
+
+
+class GradientBuffer:
+    """One flat float buffer over all parameters' gradients, for a single Allreduce per step."""
+
+    def __init__(self, params, comm: Solo):
+        self.params, self.comm = params, comm
+        self.flat = np.zeros(sum(p.size for p in params), dtype=params[0].dtype)
+
+    def average(self) -> None:
+        """p.grad = the mean of p.grad over the ranks, for every parameter (missing grads count 0)."""
+        if self.comm.size == 1:
+            return
+        views, offset = [], 0
+        for p in self.params:
+            view = self.flat[offset:offset + p.size]
+            view[:] = 0 if p.grad is None else p.grad.ravel()
+            views.append(view)
+            offset += p.size
+        self.comm.allreduce_sum(self.flat)
+        self.flat /= self.comm.size
+        for p, view in zip(self.params, views):
+            p.grad = view.reshape(p.shape).copy()
+
+    def checksum(self) -> np.ndarray:
+        """(sum, sum of squares, sum of index-weighted values) of all weights in float64: equal on
+        every rank when their weights agree."""
+        out = np.zeros(3)
+        for i, p in enumerate(self.params):
+            d = p.data.astype(np.float64).ravel()
+            out += (d.sum(), np.dot(d, d), (i + 1) * d[:: max(1, d.size // 64)].sum())
+        return out
+
+    def check_agreement(self) -> None:
+        """Raise RuntimeError when the ranks' weights differ (a bug or a broken rank)."""
+        if self.comm.size == 1:
+            return
+        mine = self.checksum()
+        high, low = self.comm.allreduce_max(mine.copy()), self.comm.allreduce_min(mine.copy())
+        if not np.array_equal(high, low):
+            raise RuntimeError(f"the {self.comm.size} processes' weights differ (checksums {low} .. {high}):"
+                               " stop and resume from the last checkpoint")
