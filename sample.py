@@ -28,7 +28,8 @@ def parse(argv=None):
     a("--top-k", type=positive_int, default=None, help="sample among the k likeliest colours only (default: all)")
     a("--seed", type=nonnegative_int, default=0, help="sampling seed (default 0)")
     a("--scale", type=positive_int, default=None, help="nearest-neighbour upscaling of the grid (default: ~96 px per image)")
-    a("--out", default=None, help="output PNG (default samples.png or completions.png beside the checkpoint)")
+    a("--out", default=None, help="output PNG (default samples-seed<seed>.png or completions-seed<seed>.png "
+      "beside the checkpoint; train.py's own samples.png is left as it is)")
     add_threads_flag(ap)
     return ap.parse_args(argv)
 
@@ -39,7 +40,7 @@ def sample(args, comm) -> int:
     from minigpt_img.checkpoint import CheckpointError, load_hf, load_model
     from minigpt_img.data import trained_on
     from minigpt_img.palette import Palette
-    from minigpt_img.plots import image_grid, save_png
+    from minigpt_img.plots import image_grid, save_png, with_caption
     from minigpt_img.sampling import completion_rows, sample_shared
 
     if args.init_from:
@@ -61,6 +62,9 @@ def sample(args, comm) -> int:
     if not 0 <= args.frac < 1:
         raise ValueError("--frac must lie in [0, 1)")
     palette, cfg = Palette(centers), model.config
+    source = args.init_from or args.ckpt
+    settings = (f"temperature {args.temperature:g}, top-k {args.top_k or 'all'}, seed {args.seed}, "
+                f"{cfg.n_px}x{cfg.n_px}")
     rng = np.random.default_rng(args.seed)  # the user's own sampling seed
     scale = args.scale or max(1, 96 // cfg.n_px)
     if args.complete:
@@ -74,13 +78,17 @@ def sample(args, comm) -> int:
                   f"images from their top {args.frac:.0%}, {args.per_image} completions each")
         rows = completion_rows(model, palette, images, args.per_image, args.frac, rng,
                                args.temperature, args.top_k, progress=True, comm=comm)
-        out, grid = Path(args.out or where / "completions.png"), image_grid(rows, ncols=2 + args.per_image,
-                                                                            scale=scale)
+        out = Path(args.out or where / f"completions-seed{args.seed}.png")
+        labels = ["original", f"given top {args.frac:.0%}"] + [f"completion {i + 1}" for i in range(args.per_image)]
+        grid = with_caption(image_grid(rows, ncols=2 + args.per_image, scale=scale),
+                            [f"{source}: {ds.name} images completed from their top {args.frac:.0%}",
+                             settings], labels, column_width=cfg.n_px * scale + 1)
     else:
         n = args.n or 16
         tokens = sample_shared(model, n, rng, args.temperature, args.top_k, progress=True, comm=comm)
-        out, grid = Path(args.out or where / "samples.png"), image_grid(palette.decode(tokens),
-                                                                        ncols=min(8, n), scale=scale)
+        out = Path(args.out or where / f"samples-seed{args.seed}.png")
+        grid = with_caption(image_grid(palette.decode(tokens), ncols=min(8, n), scale=scale),
+                            [f"{source}: {n} samples", settings])
     if comm.is_root:  # the processes drew the images together; rank 0 writes them
         save_png(grid, out)
         print(f"wrote {out}")

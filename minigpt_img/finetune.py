@@ -70,8 +70,10 @@ class FineTuning:
         sums = np.zeros(3)  # correct, L_GEN and L_CLF summed over images
         batches = strided(-(-len(tokens) // batch_size), run.comm)
         with no_grad():
-            for b in tqdm(batches, desc="scoring", unit="batch", disable=not (progress and run.comm.is_root),
-                          leave=False):
+            for b in tqdm(batches, desc="scoring" if progress else "evaluating", unit="batch",
+                          disable=not run.comm.is_root, leave=False):
+                if run.stop_reason is not None:  # a stop signal: leave at once, the result is dropped
+                    break
                 x = tokens[b * batch_size:(b + 1) * batch_size].astype(np.int64)
                 y = labels[b * batch_size:(b + 1) * batch_size]
                 gen, clf_logits = self.forward(x, run.mask_for(x, generator(self.cfg.seed, "eval", b)))
@@ -85,8 +87,9 @@ class FineTuning:
         return self.accuracy(self.run.data.val_tokens, self.run.data.val_labels, batch_size)
 
     def describe(self, m: dict) -> str:
-        return (f"step {self.run.step}: val accuracy {m['acc']:.2%} (L_CLF {m['clf_loss']:.4f}, "
-                f"L_GEN {m['gen_loss']:.4f} nats/token)")
+        best = max(m["acc"], self.best_acc)
+        return (f"step {self.run.step}: val accuracy {m['acc']:.2%} on {len(self.run.data.val_tokens)} images "
+                f"(best so far {best:.2%}; L_CLF {m['clf_loss']:.4f}, L_GEN {m['gen_loss']:.4f} nats/token)")
 
     def after_eval(self, m: dict):
         """Keep the best checkpoint; "early stop" after `patience` evaluations without a better one."""
@@ -110,9 +113,14 @@ class FineTuning:
         split, name = (ds.test, "test") if ds.test is not None else (ds.val, "validation")
         tokens = cached_tokens(split.images, run.data.palette, self.cfg.cache_dir)
         result = self.accuracy(tokens, split.labels, progress=True)
+        if run.stop_reason == "interrupted":
+            run.log(f"scoring interrupted: no finetune.json; {run.folder.best} holds the best weights")
+            return
         run.log(f"best checkpoint (val accuracy {self.best_acc:.2%}): {name} accuracy "
                 f"{result['acc']:.2%} on {len(split)} images")
         summary = {"best_val_acc": self.best_acc, "eval_split": name, "eval_acc": result["acc"],
                    "n_eval": len(split), "clf_only": self.cfg.clf_only, "steps": run.step}
         if run.comm.is_root:
             (run.folder.path / "finetune.json").write_text(json.dumps(summary, indent=2))
+            run.folder.plot_accuracy(f"fine-tuning {self.cfg.size} on {self.cfg.data}: validation accuracy",
+                                     100 / len(ds.classes))

@@ -217,7 +217,7 @@ def probe_report(ckpt, data=None, data_dir=None, eval_split="test", layers=None,
     rows = fan_out([layer_job(F_tr, F_ev, l) for l in chosen], comm)
     best = _best(rows)
     report = {"checkpoint": str(ckpt), "data": str(name), "eval_split": eval_split, "n_train": tr_n,
-              "n_eval": ev_n, "layers": rows, "best": best, "objective": objective}
+              "n_eval": ev_n, "n_classes": K, "layers": rows, "best": best, "objective": objective}
 
     if baselines:
         log("baselines: raw pixels, palette-token histogram, the same model at random init")
@@ -268,7 +268,7 @@ def plot_along(along: dict, path) -> None:
     line_chart({"checkpoints along the run": ([p["val_loss"] for p in pts],
                                               [100 * p["best"]["eval_acc"] for p in pts])},
                path, title=f"best-layer probe accuracy vs validation loss ({along['eval_split']} split)",
-               xlabel="validation loss (nats per token)", ylabel="accuracy %")
+               xlabel="validation loss (nats per token)", ylabel="accuracy %", ylim=(0, 100))
 
 
 def format_report(report: dict) -> str:
@@ -300,9 +300,10 @@ def plot_report(report: dict, path) -> None:
     if "random_init" in report:
         rows = report["random_init"]["layers"]
         series["random init"] = ([r["layer"] for r in rows], [100 * r["eval_acc"] for r in rows])
-    hlines = {}
+    chance = 100 / report["n_classes"]
+    hlines = {f"chance {chance:.1f}%": chance}
     if "raw_pixels" in report:
         hlines[f"raw pixels {100 * report['raw_pixels']['eval_acc']:.1f}%"] = 100 * report["raw_pixels"]["eval_acc"]
     line_chart(series, path, title=f"linear probe accuracy by layer ({report['data']}, "
                f"{report['eval_split']} split)", xlabel="layer l (features n^l)",
-               ylabel="accuracy %", hlines=hlines)
+               ylabel="accuracy %", hlines=hlines, ylim=(0, 100))

@@ -25,6 +25,25 @@ def image_grid(images: np.ndarray, ncols: int, scale: int = 1, pad: int = 1,
     return grid
 
 
+LINE_HEIGHT = 14  # pixels per line of caption text (Pillow's default bitmap font)
+
+
+def with_caption(grid: np.ndarray, lines: list, column_labels: list | None = None,
+                 column_width: int | None = None, pad: int = 1) -> np.ndarray:
+    """The grid under a white strip with the caption's lines and, when given, one label above each
+    column (column_width: the width of a cell, image plus its padding)."""
+    from PIL import ImageDraw, ImageFont
+    rows = len(lines) + (1 if column_labels else 0)
+    strip = Image.new("RGB", (grid.shape[1], rows * LINE_HEIGHT + 4), "white")
+    draw, font = ImageDraw.Draw(strip), ImageFont.load_default()
+    for i, line in enumerate(lines):
+        draw.text((4, 2 + i * LINE_HEIGHT), line, fill=(0, 0, 0), font=font)
+    for c, label in enumerate(column_labels or []):
+        draw.text((pad + c * column_width + column_width / 2, 2 + len(lines) * LINE_HEIGHT), label,
+                  fill=(60, 60, 60), font=font, anchor="ma")
+    return np.concatenate([np.asarray(strip), np.asarray(grid, np.uint8)], axis=0)
+
+
 def save_png(array: np.ndarray, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -36,23 +55,25 @@ COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 1
            (140, 86, 75)]
 
 
-def _nice_ticks(lo: float, hi: float, n: int = 5) -> list:
+def _nice_ticks(lo: float, hi: float, n: int = 5, whole: bool = False) -> list:
+    """About n round tick values from lo to hi (whole numbers only when `whole`: layers, steps)."""
     if hi <= lo:
         hi = lo + 1.0
-    raw = (hi - lo) / n
+    raw = max((hi - lo) / n, 1.0) if whole else (hi - lo) / n
     step = 10 ** np.floor(np.log10(raw))
     step *= min((m for m in (1, 2, 5, 10) if m * step >= raw), default=10)
     return list(np.arange(np.ceil(lo / step) * step, hi + step * 1e-9, step))
 
 
 def line_chart(series: dict, path, title: str = "", xlabel: str = "", ylabel: str = "",
-               hlines: dict | None = None, size=(720, 440)) -> Path:
+               hlines: dict | None = None, size=(800, 480), ylim: tuple | None = None) -> Path:
     """Draw named (x, y) series as lines (a series of one point is drawn as a dot), optional
-    horizontal reference lines {label: y}, with axes, ticks and a legend, to a PNG."""
+    horizontal reference lines {label: y}, with axes, ticks and a legend, to a PNG. ylim fixes the
+    y range (accuracies: 0 to 100, so that noise does not look like a trend)."""
     from PIL import ImageDraw, ImageFont
     font = ImageFont.load_default()
     W, H = size
-    left, right, top, bottom = 70, 20, 36, 50
+    left, right, top, bottom = 80, 24, 44, 56
     img = Image.new("RGB", size, "white")
     d = ImageDraw.Draw(img)
     xs = [np.asarray(x, float) for x, _ in series.values() if len(x)]
@@ -63,7 +84,7 @@ def line_chart(series: dict, path, title: str = "", xlabel: str = "", ylabel: st
     x0, x1 = float(x_all.min()), float(x_all.max()) if x_all.max() > x_all.min() else x_all.min() + 1
     y0, y1 = float(y_all.min()), float(y_all.max())
     pad = 0.05 * (y1 - y0 if y1 > y0 else 1.0)
-    y0, y1 = y0 - pad, y1 + pad
+    y0, y1 = (y0 - pad, y1 + pad) if ylim is None else ylim
 
     def px(x, y):
         return (left + (x - x0) / (x1 - x0) * (W - left - right),
@@ -75,7 +96,7 @@ def line_chart(series: dict, path, title: str = "", xlabel: str = "", ylabel: st
         d.line([left - 4, yy, left, yy], fill=(0, 0, 0))
         d.line([left + 1, yy, W - right - 1, yy], fill=(235, 235, 235))
         d.text((left - 6, yy), f"{t:g}", fill=(0, 0, 0), font=font, anchor="rm")
-    for t in _nice_ticks(x0, x1):
+    for t in _nice_ticks(x0, x1, whole=bool(np.all(np.mod(x_all, 1) == 0))):
         xx, _ = px(t, y0)
         d.line([xx, H - bottom, xx, H - bottom + 4], fill=(0, 0, 0))
         d.text((xx, H - bottom + 6), f"{t:g}", fill=(0, 0, 0), font=font, anchor="mt")

@@ -65,6 +65,14 @@ class RunFolder:
                 out.append(record)
         return out
 
+    def plot_accuracy(self, title: str, chance: float) -> None:
+        """accuracy.png: the "eval" records' accuracy against the step (fine-tuning)."""
+        pts = [(r["step"], 100 * r["acc"]) for r in self.records() if r["kind"] == "eval" and "acc" in r]
+        if pts:
+            line_chart({"validation accuracy": tuple(zip(*pts))}, self.path / "accuracy.png", title=title,
+                       xlabel="step", ylabel="accuracy %", hlines={f"chance {chance:.1f}%": chance},
+                       ylim=(0, 100))
+
     def plot_loss(self, title: str, ylabel: str, hlines: dict) -> None:
         """loss.png: the "train" and "eval" records' loss against the step."""
         records = self.records()

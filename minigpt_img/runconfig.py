@@ -59,6 +59,8 @@ class RunConfig:
     patience: int = 5                # fine-tuning: evaluations without a better val accuracy
 
     def __post_init__(self):
+        if isinstance(self.size, str):
+            self.size = self.size.lower()  # --size S is the paper's iGPT-S
         if self.batch_size is None:
             self.batch_size = default_batch(self.size) if self.size in SIZES else 1
         for name, (ok, needs) in _RULES.items():

@@ -36,11 +36,12 @@ def choose(logits: np.ndarray, u: np.ndarray, temperature: float = 1.0,
 
 def generate(model, n: int, rng: np.random.Generator, temperature: float = 1.0,
              top_k: int | None = None, prefix: np.ndarray | None = None, progress: bool = False,
-             rows: slice = slice(None)):
+             rows: slice = slice(None), should_stop=None):
     """n token sequences (n, T) from the AR model. prefix (n, given) tokens are kept as they are and
     the rest is sampled (a completion); without prefix, images are sampled from nothing. rows: sample
     only these of the n sequences (the others stay 0), with the random numbers they would get if all
-    n were sampled, so that processes sharing the work out draw exactly the same images."""
+    n were sampled, so that processes sharing the work out draw exactly the same images.
+    should_stop: checked before every pixel; when it returns True, generate returns None at once."""
     cfg = model.config
     T = cfg.n_ctx
     out = np.zeros((n, T), dtype=np.int64)
@@ -56,7 +57,9 @@ def generate(model, n: int, rng: np.random.Generator, temperature: float = 1.0,
     # read SOS and the given pixels in one pass; the last logits predict the next pixel
     first = np.concatenate([np.full((n_mine, 1), cfg.sos), mine[:, :given]], axis=1)[:, :T]
     logits = model.decode(first, cache).data[:, -1]                            # (n, V)
-    for i in tqdm(range(given, T), desc="sampling pixels", unit="px", disable=not progress):
+    for i in tqdm(range(given, T), desc="sampling pixels", unit="px", disable=not progress, leave=False):
+        if should_stop is not None and should_stop():
+            return None
         mine[:, i] = choose(logits, u[i], temperature, top_k)
         if i + 1 < T:
             logits = model.decode(mine[:, i:i + 1], cache).data[:, -1]         # (n, V)

@@ -51,7 +51,7 @@ from .model import ImageGPT
 from .objectives import NATS_TO_BITS, draw_mask, generative_loss
 from .optim import Adam, clip_grad_norm, lr_at
 from .parallel import GradientBuffer, Solo, share, strided
-from .plots import image_grid, save_png
+from .plots import image_grid, save_png, with_caption
 from .run_data import prepare_data
 from .run_folder import RunFolder
 from .runconfig import CHANGEABLE_ON_RESUME, DEFAULT_EPOCHS, ConfigError, RunConfig
@@ -87,7 +87,10 @@ class Pretraining:
         run, tokens = self.run, self.run.data.val_tokens
         total = np.zeros(1)
         with no_grad():
-            for b in strided(-(-len(tokens) // batch_size), run.comm):
+            for b in tqdm(strided(-(-len(tokens) // batch_size), run.comm), desc="evaluating", unit="batch",
+                          leave=False, disable=not run.comm.is_root):
+                if run.stop_reason is not None:  # a stop signal: leave at once, the result is dropped
+                    break
                 x = tokens[b * batch_size:(b + 1) * batch_size].astype(np.int64)
                 mask = run.mask_for(x, generator(self.cfg.seed, "eval", b))
                 total += self.loss(x, None, mask).item() * len(x)
@@ -108,9 +111,16 @@ class Pretraining:
             return
         if cfg.samples < 1 or not run.comm.is_root:
             return
-        tokens = generate(run.model, cfg.samples, generator(cfg.seed, "samples"))
+        tokens = generate(run.model, cfg.samples, generator(cfg.seed, "samples"), progress=True,
+                          should_stop=lambda: run.stop_reason is not None)
+        if tokens is None:
+            run.log("sampling interrupted: no samples.png (the checkpoint was saved before)")
+            return
         images = run.data.palette.decode(tokens)
-        save_png(image_grid(images, ncols=8, scale=max(1, 96 // cfg.res)), run.folder.path / "samples.png")
+        grid = with_caption(image_grid(images, ncols=8, scale=max(1, 96 // cfg.res)),
+                            [f"{cfg.samples} samples from {cfg.size} after {run.step} steps on {cfg.data}",
+                             f"{cfg.res}x{cfg.res}, temperature 1"])
+        save_png(grid, run.folder.path / "samples.png")
 
 
 class Trainer:
@@ -143,6 +153,9 @@ class Trainer:
         cfg, log = self.cfg, self.log
         if removed:
             log(f"removed {len(removed)} temporary file(s) a killed run left in {self.folder.path}")
+        if cfg.res not in (16, 24, 32, 48, 64):
+            log(f"note: --res {cfg.res} is not a resolution the paper uses (32, 48, 64; the CPU presets "
+                "here use 16 and 24): it trains, but nothing here was measured at it")
         if self.folder.ckpt.exists() and not resume:
             raise ConfigError(f"{self.folder.ckpt} exists: pass --resume to continue that run, or choose "
                               "another --out (nothing was overwritten)")
@@ -219,10 +232,12 @@ class Trainer:
                     tok_s = tokens_per_step / (time.time() - t_step)
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
-                    if self.step == first_step + 3 and self.step < self.total:
-                        per = (time.time() - t0) / 3
-                        self.log(f"~{per:.2f} s per step: {per * self.steps_per_epoch / 60:.1f} min per "
-                                 f"epoch, {per * (self.total - self.step) / 60:.1f} min to go")
+                    if self.step == first_step + 1:
+                        first_seconds = time.time() - t0
+                    if self.step == first_step + 2:
+                        t_settled = time.time()  # later steps no longer compile anything
+                    if self.step == first_step + 5 and self.step < self.total:
+                        self.log(self.estimate((time.time() - t_settled) / 3, first_seconds))
                     if self.comm.is_root and (self.step % cfg.log_every == 0 or self.step == self.total):
                         self.folder.write(metrics, self.step, kind="train", loss=loss, lr=lr,
                                           grad_norm=grad_norm, tokens_per_s=tok_s, elapsed_s=time.time() - t0)
@@ -252,6 +267,21 @@ class Trainer:
         self.log(f"stopped at step {self.step} of {self.total} ({self.stop_reason}); saved "
                  f"{self.folder.ckpt}. Resume with: python train.py --resume --out {self.folder.path}")
         return self.stop_reason
+
+    def estimate(self, per_step: float, first_seconds: float) -> str:
+        """The time estimate printed once, from steps after the first two: the first steps of a new
+        install compile numba's kernels (cached for later runs), which says nothing of the rest."""
+        to_go = per_step * (self.total - self.step)
+        line = (f"~{per_step:.2f} s per step: {per_step * self.steps_per_epoch / 60:.1f} min per epoch, "
+                f"{to_go / 60:.1f} min to go")
+        if self.cfg.time_budget is not None:
+            left = max(0.0, self.cfg.time_budget * 60 - self.train_seconds())
+            if left < to_go:
+                line += f", but --time-budget stops the run in {left / 60:.1f} min"
+        if first_seconds > 5 * per_step + 2:
+            line += (f" (the first step took {first_seconds:.0f} s: numba compiled the kernels, once per "
+                     "install; later runs load them from its cache)")
+        return line
 
     STOPS = (None, "interrupted", "time budget", "early stop")
 
@@ -321,6 +351,8 @@ class Trainer:
         """Evaluate the task, record it, keep a snapshot (--snapshots), and let the task decide
         whether to stop."""
         val = self.task.evaluate()
+        if self.stop_reason is not None:  # interrupted during the evaluation: nothing to record
+            return
         if self.comm.is_root:
             self.folder.write(metrics, self.step, kind="eval", **val, elapsed_s=elapsed)
             write(self.task.describe(val))

@@ -155,6 +155,8 @@ def test_finetuning_head_starts_at_zero_and_loss_is_the_sum(tiny_run, tmp_path):
     assert total.item() == pytest.approx(gen.item() + ops.cross_entropy(clf_logits, y).item(), rel=1e-6)
     assert ops.cross_entropy(clf_logits, y).item() == pytest.approx(np.log(3), rel=1e-6)  # zero head
     assert ft.train() == "done"
+    assert "L_GEN + L_CLF" in ft.task.chart[0] and ft.task.chart[2] == {}  # no pre-training unigram line
+    assert (tmp_path / "ft" / "accuracy.png").is_file()
     summary = json.loads((tmp_path / "ft" / "finetune.json").read_text())
     assert summary["eval_split"] == "test" and summary["n_eval"] == 15
     assert (tmp_path / "ft" / "best.npz").is_file()

@@ -97,7 +97,11 @@ def test_sample_script(tmp_path):
     r = subprocess.run([sys.executable, str(REPO / "sample.py"), "--ckpt", str(tmp_path / "ckpt.npz"),
                         "--n", "4", "--scale", "2"], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert Image.open(tmp_path / "samples.png").size == (4 * 9 + 1, 9 + 1)  # 4 images of 8 px, 1 px gaps
+    assert not (tmp_path / "samples.png").exists()  # a training run's own samples.png is never replaced
+    picture = np.asarray(Image.open(tmp_path / "samples-seed0.png"))
+    caption = 2 * 14 + 4                            # two lines of caption above the grid
+    assert picture.shape == (caption + 9 + 1, 4 * 9 + 1, 3)  # 4 images of 8 px, 1 px gaps
+    assert (picture[:caption] < 128).any()          # the caption is written
     save_model(tmp_path / "bert.npz", m, pal, meta={"run": {"objective": "bert"}})
     r = subprocess.run([sys.executable, str(REPO / "sample.py"), "--ckpt", str(tmp_path / "bert.npz")],
                        capture_output=True, text=True, env=env, timeout=300)
@@ -114,8 +118,15 @@ def test_sample_from_hugging_face_folder(tmp_path):
                         "--n", "2", "--scale", "1", "--out", str(out)],
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert Image.open(out).size == (2 * 5 + 1, 5 + 1)
+    assert Image.open(out).size == (2 * 5 + 1, 2 * 14 + 4 + 5 + 1)
     (tmp_path / "hf" / "preprocessor_config.json").unlink()
     r = subprocess.run([sys.executable, str(REPO / "sample.py"), "--init-from", str(tmp_path / "hf")],
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 2 and "palette" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_generate_stops_when_asked():
+    m = model()
+    calls = []
+    out = generate(m, 2, np.random.default_rng(0), should_stop=lambda: calls.append(1) or len(calls) > 3)
+    assert out is None and len(calls) == 4

@@ -243,3 +243,33 @@ def test_released_palette_file_is_used_instead_of_fitting(image_folder, tmp_path
     with pytest.raises(ConfigError, match="holds 16 colours, not --palette-size 32"):
         Trainer(tiny(image_folder, tmp_path / "pal2", palette_size=32,
                          palette=str(tmp_path / "preprocessor_config.json")), log=lambda *a: None)
+
+
+def test_the_time_estimate_leaves_out_compilation_and_respects_the_budget(image_folder, tmp_path):
+    run = Trainer(tiny(image_folder, tmp_path / "eta", steps=10000, time_budget=0.5), log=lambda *a: None)
+    line = run.estimate(per_step=0.1, first_seconds=30.0)
+    assert line.startswith("~0.10 s per step") and "16.7 min to go" in line
+    assert "numba compiled the kernels" in line and "--time-budget stops the run in 0.5 min" in line
+    assert "compiled" not in run.estimate(per_step=0.1, first_seconds=0.15)
+
+
+def test_a_stop_signal_during_evaluation_leaves_at_once(image_folder, tmp_path):
+    run = Trainer(tiny(image_folder, tmp_path / "evalstop", eval_images=8), log=lambda *a: None)
+    batches = []
+    loss = run.task.loss
+    run.task.loss = lambda x, y, mask: batches.append(1) or loss(x, y, mask)
+    run.stop_reason = "interrupted"
+    run.task.evaluate(batch_size=1)
+    assert batches == []                        # no batch evaluated once the stop was asked for
+    run.stop_reason = None
+    run.task.evaluate(batch_size=1)
+    assert len(batches) == len(run.data.val_tokens) > 1
+
+
+def test_newcomer_flags(image_folder, tmp_path):
+    assert RunConfig(size="S").size == "s"      # the README says iGPT-S
+    lines = []
+    Trainer(tiny(image_folder, tmp_path / "res7", res=7), log=lines.append)
+    assert any("--res 7 is not a resolution the paper uses" in line for line in lines)
+    r = run_script("--res", "0", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "argument --res: 0 is not a whole number >= 1" in r.stderr
