@@ -169,21 +169,28 @@ MODEL_CASES = [("micro", 16, 16), ("mini", 32, 4), ("s", 32, 1)]
 
 
 class OursStep:
-    """Our model with the same interface as torch_ref.TorchStep."""
+    """Ours with the same interface as torch_ref.TorchStep. A training step goes through the code
+    path train.py runs: Trainer.optimizer_step (batch assembly, augmentation, forward, backward,
+    clipping, Adam) on the built-in shapes data at the case's resolution."""
 
-    def __init__(self, cfg, batch, seed=0):
+    def __init__(self, cfg, batch, seed=0, size="micro", kind="train"):
+        import tempfile
+
         from minigpt_img.model import ImageGPT
-        from minigpt_img.optim import Adam
-        self.model = ImageGPT(cfg, np.random.default_rng(seed))
-        self.opt = Adam(self.model.parameters(), lr=3e-4)
+        from minigpt_img.runconfig import RunConfig
+        from minigpt_img.trainer import Trainer
         self.x = np.random.default_rng(seed).integers(0, cfg.vocab, (batch, cfg.n_ctx))
+        if kind != "train":
+            self.model = ImageGPT(cfg, np.random.default_rng(seed))
+            return
+        root = tempfile.mkdtemp(prefix="bench-")
+        run = RunConfig(size=size, res=cfg.n_px, batch_size=batch, steps=10**6, samples=0, seed=seed,
+                        out=f"{root}/run", cache_dir=f"{root}/cache")
+        self.trainer = Trainer(run, log=lambda *a: None)
+        self.model = self.trainer.model
 
     def train_step(self):
-        from minigpt_img.objectives import ar_loss
-        loss = ar_loss(self.model, self.x)
-        loss.backward()
-        self.opt.step()
-        self.opt.zero_grad()
+        self.trainer.optimizer_step(3e-4)
 
     def forward(self):
         from minigpt_img import no_grad
@@ -213,18 +220,24 @@ def _timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def _make_step(impl, cfg, batch, threads):
+def _make_step(impl, cfg, batch, threads, size="micro", kind="train"):
     if impl == "ours":
-        return OursStep(cfg, batch)
+        return OursStep(cfg, batch, size=size, kind=kind)
     from torch_ref import TorchStep
-    return TorchStep(cfg, batch, threads)
+    return TorchStep(cfg, batch, threads, compile=impl == "torch.compile")
+
+
+def torch_impls() -> list:
+    """PyTorch eager, and torch.compile where a C compiler is there for it."""
+    import shutil
+    return ["torch"] + (["torch.compile"] if shutil.which("cc") or shutil.which("gcc") else [])
 
 
 def model_memory_child(spec: str) -> None:
     """Child process: peak-RSS rise of one case, spec = kind:size:res:batch:impl."""
     from minigpt_img.sizes import config_for
     kind, size, res, batch, impl = spec.split(":")
-    step = _make_step(impl, config_for(size, int(res)), int(batch), _threads())
+    step = _make_step(impl, config_for(size, int(res)), int(batch), _threads(), size, kind)
     fn = step.train_step if kind == "train" else step.forward
     base = peak_rss_mb()
     fn()
@@ -239,17 +252,17 @@ def _threads() -> int:
 
 def bench_model(kind: str, repeats: int, compare_torch: bool, peak: float) -> dict:
     from minigpt_img.sizes import config_for
-    impls = ["ours"] + (["torch"] if compare_torch else [])
+    impls = ["ours"] + (torch_impls() if compare_torch else [])
     results = {}
     print(f"{kind} ({'forward, backward, Adam' if kind == 'train' else 'forward only'}), "
           f"fp32 GEMM peak {peak:.0f} GFLOP/s, {_threads()} threads")
     for size, res, batch in MODEL_CASES:
         cfg = config_for(size, res)
-        steps = {impl: _make_step(impl, cfg, batch, _threads()) for impl in impls}
+        steps = {impl: _make_step(impl, cfg, batch, _threads(), size, kind) for impl in impls}
         fns = {impl: (st.train_step if kind == "train" else st.forward) for impl, st in steps.items()}
         for fn in fns.values():
-            fn()
-            fn()
+            for _ in range(3):  # warm-up (torch.compile compiles here)
+                fn()
         times = {impl: [] for impl in impls}
         for _ in range(max(repeats, 5)):
             for impl in impls:  # alternate, so load changes hit both alike
@@ -269,10 +282,10 @@ def bench_model(kind: str, repeats: int, compare_torch: bool, peak: float) -> di
         line = (f"  {size}@{res} b{batch}: ours {case['ours']['step_s'] * 1e3:8.1f} ms, "
                 f"{case['ours']['tokens_per_s']:9,.0f} tok/s, {case['ours']['gflops']:6.1f} GFLOP/s "
                 f"({case['ours']['peak_fraction']:.0%} of peak), peak RSS {case['ours']['peak_rss_mb']:,.0f} MB")
-        if compare_torch:
-            case["ratio_ours_over_torch"] = case["ours"]["step_s"] / case["torch"]["step_s"]
-            line += (f" | torch {case['torch']['step_s'] * 1e3:8.1f} ms, peak RSS "
-                     f"{case['torch']['peak_rss_mb']:,.0f} MB | ours/torch {case['ratio_ours_over_torch']:.2f}")
+        for impl in impls[1:]:
+            case[f"ratio_ours_over_{impl}"] = case["ours"]["step_s"] / case[impl]["step_s"]
+            line += (f" | {impl} {case[impl]['step_s'] * 1e3:8.1f} ms, peak RSS "
+                     f"{case[impl]['peak_rss_mb']:,.0f} MB, ours/{impl} {case[f'ratio_ours_over_{impl}']:.2f}")
         print(line)
         results[f"{size}@{res}_b{batch}"] = case
     return results

@@ -217,17 +217,7 @@ class Trainer:
                 while self.step < self.total and self.stop_reason is None:
                     t_step = time.time()
                     lr = lr_at(self.step, cfg.lr, self.warmup, self.total, self.task.decay)
-                    loss = self.accumulate_gradients()
-                    if not math.isfinite(loss):
-                        raise self.diverged(f"the loss became {loss}")
-                    grad_norm = clip_grad_norm(self.params, cfg.clip)
-                    if not math.isfinite(grad_norm):
-                        raise self.diverged(f"the gradient norm became {grad_norm}")
-                    self.opt.step(lr)
-                    self.opt.zero_grad()
-                    if not self.weights_finite():
-                        raise self.diverged("the update made weights non-finite")
-                    self.step += 1
+                    loss, grad_norm = self.optimizer_step(lr)
 
                     tok_s = tokens_per_step / (time.time() - t_step)
                     bar.update(1)
@@ -306,6 +296,22 @@ class Trainer:
             kept = (f"{self.folder.ckpt} keeps the weights of step {self.saved_step}: resume with a lower "
                     f"--lr (now {self.cfg.lr:g}) or a tighter --clip (now {self.cfg.clip:g})")
         return TrainingDiverged(f"{what} at step {self.step + 1}; {kept}")
+
+    def optimizer_step(self, lr: float):
+        """One optimiser step at learning rate lr (the formulas in the module docstring); returns
+        (loss, gradient norm before clipping). Anything non-finite stops the run before it is kept."""
+        loss = self.accumulate_gradients()
+        if not math.isfinite(loss):
+            raise self.diverged(f"the loss became {loss}")
+        grad_norm = clip_grad_norm(self.params, self.cfg.clip)
+        if not math.isfinite(grad_norm):
+            raise self.diverged(f"the gradient norm became {grad_norm}")
+        self.opt.step(lr)
+        self.opt.zero_grad()
+        if not self.weights_finite():
+            raise self.diverged("the update made weights non-finite")
+        self.step += 1
+        return loss, grad_norm
 
     def accumulate_gradients(self) -> float:
         """Back-propagate the grad_accum micro-batches of this step (this rank's slice of each),
