@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 
-from .threads import configure
+from .threads import configure, default_threads
 
 
 class Parser(argparse.ArgumentParser):
@@ -49,10 +48,9 @@ def run(work, args) -> int:
     """Apply --threads, then return work(args, comm)'s exit code, comm being the processes of the
     run (parallel.world(): several under mpiexec). A user's error prints `error: ...` and exits 2 (1
     when training diverged); under mpiexec the failing rank's message ends the whole job."""
-    from .parallel import MPIMissing, local_size, world
+    configure(args.threads or default_threads())  # before anything imports NumPy
+    from .parallel import MPIMissing, world
 
-    # before NumPy loads its BLAS; under mpiexec the cores are shared among this machine's ranks
-    configure(args.threads or (max(1, (os.cpu_count() or 1) // local_size()) if local_size() > 1 else None))
     try:
         comm = world()
     except MPIMissing as e:

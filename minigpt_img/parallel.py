@@ -17,34 +17,15 @@ only when it is started under mpiexec.
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 
 import numpy as np
 
-# Variables an MPI launcher sets in each process it starts (Open MPI, MPICH/Hydra, PMIx).
-_SIZE_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE")
-_LOCAL_SIZE_VARIABLES = ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "PMI_LOCAL_SIZE")
+from .threads import launched_processes
 
 
 class MPIMissing(Exception):
     """Started by mpiexec, but mpi4py cannot be imported."""
-
-
-def launched_size() -> int:
-    """How many processes the launcher started (1 when not under mpiexec)."""
-    for name in _SIZE_VARIABLES:
-        if os.environ.get(name, "").isdigit():
-            return int(os.environ[name])
-    return 1
-
-
-def local_size() -> int:
-    """How many of those processes share this machine (1 when not under mpiexec)."""
-    for name in _LOCAL_SIZE_VARIABLES:
-        if os.environ.get(name, "").isdigit():
-            return max(1, int(os.environ[name]))
-    return 1
 
 
 class Solo:
@@ -133,12 +114,12 @@ class MPIWorld(Solo):
 
 def world() -> Solo:
     """The processes of this run: MPIWorld under mpiexec with N > 1, else Solo."""
-    if launched_size() <= 1:
+    if launched_processes() <= 1:
         return Solo()
     try:
         import mpi4py  # noqa: F401
     except ImportError:
-        raise MPIMissing(f"started by mpiexec as one of {launched_size()} processes, but mpi4py is not "
+        raise MPIMissing(f"started by mpiexec as one of {launched_processes()} processes, but mpi4py is not "
                          "installed: pip install -e \".[mpi]\"") from None
     return MPIWorld()
 

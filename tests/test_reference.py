@@ -81,3 +81,16 @@ def test_the_layer_check_sees_a_planted_upward_import(tmp_path):
     planted = tmp_path / "kernels.py"
     planted.write_text("def f():\n    from .trainer import Trainer\n    from minigpt_img.model import ImageGPT\n")
     assert package_imports(planted) == {"trainer", "model"}
+
+
+def test_scripts_set_threads_before_numpy_loads():
+    """The scripts' helpers import nothing that loads NumPy (and so its BLAS) before the thread
+    settings are applied; under mpiexec the cores are divided among the processes of a machine."""
+    import os
+    import subprocess
+    import sys
+    code = ("import sys, minigpt_img.cli, minigpt_img.threads as t; print('numpy' in sys.modules, "
+            "t.default_threads())")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert r.stdout.split() == ["False", str(max(1, (os.cpu_count() or 1) // 2))], r.stderr
