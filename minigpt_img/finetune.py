@@ -22,13 +22,11 @@ from __future__ import annotations
 import json
 
 import numpy as np
-from tqdm import tqdm
 
 from . import checkpoint as ck
 from . import nn, ops
 from .data import cached_tokens
 from .objectives import generative_loss
-from .parallel import strided
 from .streams import generator
 from .tensor import no_grad
 
@@ -68,15 +66,10 @@ class FineTuning:
         """Accuracy, L_GEN and L_CLF over the images (shared out among the ranks under MPI)."""
         run = self.run
         sums = np.zeros(3)  # correct, L_GEN and L_CLF summed over images
-        batches = strided(-(-len(tokens) // batch_size), run.comm)
         with no_grad():
-            for b in tqdm(batches, desc="scoring" if progress else "evaluating", unit="batch",
-                          disable=not run.comm.is_root, leave=False):
-                if run.stop_reason is not None:  # a stop signal: leave at once, the result is dropped
-                    break
-                x = tokens[b * batch_size:(b + 1) * batch_size].astype(np.int64)
-                y = labels[b * batch_size:(b + 1) * batch_size]
-                gen, clf_logits = self.forward(x, run.mask_for(x, generator(self.cfg.seed, "eval", b)))
+            for rows, x, mask in run.eval_batches(tokens, batch_size, "scoring" if progress else "evaluating"):
+                y = labels[rows]
+                gen, clf_logits = self.forward(x, mask)
                 sums += (np.sum(clf_logits.data.argmax(axis=1) == y), gen.item() * len(x),
                          ops.cross_entropy(clf_logits, y).item() * len(x))
         correct, gen_total, clf_total = run.comm.allreduce_sum(sums) / max(len(tokens), 1)

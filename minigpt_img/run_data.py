@@ -11,13 +11,13 @@ disk (data.cached_tokens).
 """
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from .data import Dataset, cached_tokens, load_dataset
+from .files import array_digest
 from .objectives import unigram_entropy
 from .palette import Palette, fit_palette, load_palette
 from .parallel import Solo
@@ -47,7 +47,7 @@ def prepare_data(cfg: RunConfig, start: dict | None, start_path=None, log=print,
         train_tokens = cached_tokens(ds.train.images, palette, cfg.cache_dir)              # (N, T)
         val_tokens = cached_tokens(ds.val.images[:cfg.eval_images], palette, cfg.cache_dir)
     data = RunData(ds, palette, train_tokens, val_tokens, ds.val.labels[:cfg.eval_images],
-                   hashlib.sha256(train_tokens.data).hexdigest()[:16],
+                   array_digest(train_tokens)[:16],
                    unigram_entropy(train_tokens, cfg.palette_size))
     log(f"data: {ds.name} {cfg.res}x{cfg.res}, {len(ds.train)} train / {len(ds.val)} val images, "
         f"{cfg.palette_size}-colour palette, unigram entropy {data.entropy:.3f} nats "

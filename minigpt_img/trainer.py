@@ -87,12 +87,7 @@ class Pretraining:
         run, tokens = self.run, self.run.data.val_tokens
         total = np.zeros(1)
         with no_grad():
-            for b in tqdm(strided(-(-len(tokens) // batch_size), run.comm), desc="evaluating", unit="batch",
-                          leave=False, disable=not run.comm.is_root):
-                if run.stop_reason is not None:  # a stop signal: leave at once, the result is dropped
-                    break
-                x = tokens[b * batch_size:(b + 1) * batch_size].astype(np.int64)
-                mask = run.mask_for(x, generator(self.cfg.seed, "eval", b))
+            for rows, x, mask in run.eval_batches(tokens, batch_size):
                 total += self.loss(x, None, mask).item() * len(x)
         return {"loss": float(run.comm.allreduce_sum(total)[0]) / max(len(tokens), 1)}
 
@@ -327,6 +322,19 @@ class Trainer:
             del loss  # free this graph before the next forward
         self.grads.average()
         return float(self.comm.allreduce_sum(loss_sum)[0]) / self.comm.size
+
+    def eval_batches(self, tokens: np.ndarray, batch_size: int, desc: str = "evaluating"):
+        """(rows, x, mask) for this rank's batches of `tokens` (batch b on rank b % size, its BERT
+        mask from generator(seed, "eval", b), the same at every evaluation and for any number of
+        ranks), behind a progress bar. A stop signal ends it before the next batch; the caller's
+        partial result is then dropped (Trainer.evaluate)."""
+        for b in tqdm(strided(-(-len(tokens) // batch_size), self.comm), desc=desc, unit="batch",
+                      leave=False, disable=not self.comm.is_root):
+            if self.stop_reason is not None:
+                return
+            rows = slice(b * batch_size, (b + 1) * batch_size)
+            x = tokens[rows].astype(np.int64)
+            yield rows, x, self.mask_for(x, generator(self.cfg.seed, "eval", b))
 
     def mask_for(self, x: np.ndarray, rng):
         """The objective's input mask for tokens x (BERT's masked positions; None for AR)."""
