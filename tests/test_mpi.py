@@ -131,8 +131,9 @@ def test_probe_and_sample_under_two_processes_match_one(folder, tmp_path):
     out = tmp_path / "p"
     r = run(1, "train.py", *train_args(folder, out, "--steps", 6))
     assert r.returncode == 0, r.stderr[-2000:]
+    # the same BLAS threads per process: OpenBLAS rounds products differently at other counts
     common = ["--ckpt", str(out / "ckpt.npz"), "--cache-dir", str(folder / "cache"), "--batch-size", "5",
-              "--labels-per-class", "2"]
+              "--labels-per-class", "2", "--threads", "2"]
     reports = []
     for n in (1, 2):
         r = run(n, "probe.py", *common, "--out", str(tmp_path / f"probe{n}"))
