@@ -68,7 +68,9 @@ def train(args, comm) -> int:
     if getattr(args, "download", False):
         with comm.root_first():  # rank 0 fetches; the others then find the files in place
             download(cfg.data, cfg.data_dir)
-    trainer = Trainer(cfg, resume=args.resume, comm=comm)
+    from minigpt_img.threads import FairShare
+    fair_share = None if args.threads or comm.size > 1 else FairShare()  # --threads: a fixed count
+    trainer = Trainer(cfg, resume=args.resume, comm=comm, fair_share=fair_share)
     trainer.log("config: " + ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
                                        for k, v in vars(cfg).items()))
     if comm.size > 1:

@@ -1,8 +1,8 @@
 """Benchmarks, measured as ratios within one run (this machine is shared and noisy).
 
     python benchmarks/bench.py                      # every case
-    python benchmarks/bench.py --cases train        # a subset: train forward sampling attention palette
-                                                    # data_parallel
+    python benchmarks/bench.py --cases train        # a subset: train forward profile contention sampling
+                                                    # attention palette data_parallel
     python benchmarks/bench.py --compare-torch      # also PyTorch on the same model (if installed)
     python benchmarks/bench.py --json out.json      # also write the results
 
@@ -19,6 +19,13 @@ attention: multi-head causal attention forward+backward, T=1024, 8 heads, head s
 numba flash kernel against the materialised NumPy reference (the same float32 math with the whole
 (T, T) matrix per head). Times are medians over repeats, taken alternately; peak memory is each
 variant's rise in peak RSS over its own baseline, measured in a fresh child process.
+
+profile: where a training step's time goes, op by op, beside each op's FLOP-bound limit
+(benchmarks/step_profile.py).
+
+contention: micro@16 batch 16 alone, beside a busy single-threaded process and beside a second job of
+the same kind, ours (with train.py's FairShare, and with fixed threads) and PyTorch eager
+(benchmarks/contention.py).
 
 data_parallel: micro@16 batch 16 through train.py's Trainer, 1 process x 2 threads against
 `mpiexec -n 2` ranks x 1 thread (benchmarks/data_parallel.py): tokens/s and the share of a step spent
@@ -335,6 +342,23 @@ def bench_data_parallel(repeats: int) -> dict:
     return results
 
 
+def bench_profile(peak: float) -> dict:
+    """Per-op profile of a training step through the Trainer (benchmarks/step_profile.py)."""
+    from step_profile import print_profile, profile_step
+    results = {}
+    print(f"where a training step's time goes (fp32 GEMM peak {peak:.0f} GFLOP/s, {_threads()} threads)")
+    for size, res, batch in MODEL_CASES:
+        results[f"{size}@{res}_b{batch}"] = p = profile_step(size, res, batch, peak)
+        print_profile(f"{size}@{res} b{batch}", p)
+    return results
+
+
+def bench_contention(seconds: float, threads: int, compare_torch: bool) -> dict:
+    """A shared CPU (benchmarks/contention.py)."""
+    from contention import bench_contention as run
+    return run(seconds, threads, compare_torch)
+
+
 CASES = {  # name -> function of (arguments, fp32 GEMM peak)
     "train": lambda a, peak: bench_model("train", a.repeats, a.compare_torch, peak),
     "forward": lambda a, peak: bench_model("forward", a.repeats, a.compare_torch, peak),
@@ -342,6 +366,8 @@ CASES = {  # name -> function of (arguments, fp32 GEMM peak)
     "attention": lambda a, peak: bench_attention(a.repeats),
     "palette": lambda a, peak: bench_palette(a.repeats, a.data, a.data_dir),
     "data_parallel": lambda a, peak: bench_data_parallel(a.repeats),
+    "profile": lambda a, peak: bench_profile(peak),
+    "contention": lambda a, peak: bench_contention(40.0, _threads(), a.compare_torch),
 }
 
 
@@ -372,7 +398,7 @@ def main() -> None:
                            "threads": numba.get_num_threads(), "python": platform.python_version(),
                            "numpy": np.__version__, "numba": numba.__version__,
                            "date": time.strftime("%Y-%m-%d")}}
-    peak = matmul_peak_gflops() if {"train", "forward"} & set(args.cases) else None
+    peak = matmul_peak_gflops() if {"train", "forward", "profile"} & set(args.cases) else None
     results["machine"]["fp32_gemm_peak_gflops"] = peak
     for name in args.cases:
         results[name] = CASES[name](args, peak)

@@ -41,9 +41,10 @@ L2_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 # ---- features ----------------------------------------------------------------------------------
 def extract_features(model, tokens: np.ndarray, objective: str = "ar", batch_size: int = 64,
                      mask_rate: float = 0.15, n_masks: int = 1, seed: int = 0,
-                     desc: str = "features", comm: Solo | None = None) -> np.ndarray:
+                     desc: str = "features", comm: Solo | None = None, fair_share=None) -> np.ndarray:
     """tokens (N, T) -> pooled features (N, L + 1, C) float32, one no-grad forward per batch. Under
-    MPI the batches are shared out among the ranks and the features summed into every rank."""
+    MPI the batches are shared out among the ranks and the features summed into every rank.
+    fair_share (threads.FairShare): adapt the thread count to the machine's load after each batch."""
     cfg, comm = model.config, comm or Solo()
     feats = np.zeros((len(tokens), cfg.n_layer + 1, cfg.n_embd), np.float32)
     repeats = n_masks if objective == "bert" else 1  # AR inputs are not random: one pass is the mean
@@ -57,6 +58,10 @@ def extract_features(model, tokens: np.ndarray, objective: str = "ar", batch_siz
                 _, ns = model.forward_features(inputs, causal, mask)
                 acc = acc + np.stack([n.data.mean(axis=1) for n in ns], axis=1)     # (B, L+1, C)
             feats[b * batch_size:b * batch_size + len(x)] = acc / repeats
+            if fair_share is not None:
+                fair_share.update()
+    if fair_share is not None:
+        fair_share.reset()  # the regressions' rounding depends on the BLAS thread count: keep it fixed
     return comm.allreduce_sum(feats)
 
 
@@ -171,9 +176,11 @@ def _best(rows: list) -> dict:
 
 def probe_report(ckpt, data=None, data_dir=None, eval_split="test", layers=None, max_train=None,
                  max_eval=None, batch_size=64, labels_per_class=(), bert_masks=1, seed=0,
-                 baselines=True, cache_dir="runs/cache", log=print, comm: Solo | None = None) -> dict:
+                 baselines=True, cache_dir="runs/cache", log=print, comm: Solo | None = None,
+                 fair_share=None) -> dict:
     """Probe every layer of a checkpoint; see probe.py for the options. Returns the report dict.
-    Under MPI, features are extracted and the regressions fitted by all ranks together."""
+    Under MPI, features are extracted and the regressions fitted by all ranks together.
+    fair_share: a threads.FairShare the feature extraction keeps up to date."""
     ckpt, comm = Path(ckpt), comm or Solo()
     model, centers, meta, _ = load_model(ckpt)
     run, cfg = meta.get("run", {}), model.config
@@ -203,7 +210,7 @@ def probe_report(ckpt, data=None, data_dir=None, eval_split="test", layers=None,
     def features(m, tokens, split, tag):
         return shared_cached(feat_dir / f"{tag}-{key}-{split}{len(tokens)}.npy", lambda: extract_features(
             m, tokens, objective, batch_size, run.get("mask_rate", 0.15), bert_masks, seed,
-            desc=f"{tag} {split} features", comm=comm), comm)
+            desc=f"{tag} {split} features", comm=comm, fair_share=fair_share), comm)
 
     log(f"probing {ckpt} ({cfg.n_layer} layers, width {cfg.n_embd}) on {name}: {tr_n} train images, "
         f"{ev_n} {eval_split} images, {K} classes")

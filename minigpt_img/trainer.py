@@ -49,7 +49,7 @@ from .files import FolderBusy, check_writable
 from .finetune import FineTuning
 from .model import ImageGPT
 from .objectives import NATS_TO_BITS, draw_mask, generative_loss
-from .optim import Adam, clip_grad_norm, lr_at
+from .optim import Adam, clip_factor, grad_norm, lr_at
 from .parallel import GradientBuffer, Solo, share, strided
 from .plots import image_grid, save_png, with_caption
 from .run_data import prepare_data
@@ -59,6 +59,7 @@ from .sampling import generate
 from .sizes import config_for, memory_problem, training_bytes
 from .streams import generator
 from .tensor import no_grad
+from .threads import FairShare
 
 
 class TrainingDiverged(Exception):
@@ -121,11 +122,14 @@ class Pretraining:
 class Trainer:
     """One run: its data, model, task, optimiser and schedule, and the loop that trains them."""
 
-    def __init__(self, cfg: RunConfig, resume: bool = False, log=print, comm: Solo | None = None):
+    def __init__(self, cfg: RunConfig, resume: bool = False, log=print, comm: Solo | None = None,
+                 fair_share: FairShare | None = None):
         """resume: continue the run saved in cfg.out. cfg.finetune: start from that pre-trained
         checkpoint's palette and weights, with a classifier (§2.3). comm: the processes of a
-        data-parallel run (parallel.world()); one process when None."""
-        self.comm = comm or Solo()
+        data-parallel run (parallel.world()); one process when None. fair_share: adapt the thread
+        count to what other processes leave of the CPU, checked after every step (train.py passes
+        one unless --threads fixes the count)."""
+        self.comm, self.fair_share = comm or Solo(), fair_share
         self.cfg, self.log = cfg, (log if self.comm.is_root else lambda *a: None)
         self.folder = RunFolder(cfg.out)
         if cfg.batch_size % self.comm.size:
@@ -212,11 +216,14 @@ class Trainer:
                 while self.step < self.total and self.stop_reason is None:
                     t_step = time.time()
                     lr = lr_at(self.step, cfg.lr, self.warmup, self.total, self.task.decay)
-                    loss, grad_norm = self.optimizer_step(lr)
+                    loss, norm = self.optimizer_step(lr)
 
                     tok_s = tokens_per_step / (time.time() - t_step)
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
+                    threads = self.fair_share.update() if self.fair_share is not None else None
+                    if threads is not None:
+                        bar.write(self.fair_share.describe())
                     if self.step == first_step + 1:
                         first_seconds = time.time() - t0
                     if self.step == first_step + 2:
@@ -225,7 +232,7 @@ class Trainer:
                         self.log(self.estimate((time.time() - t_settled) / 3, first_seconds))
                     if self.comm.is_root and (self.step % cfg.log_every == 0 or self.step == self.total):
                         self.folder.write(metrics, self.step, kind="train", loss=loss, lr=lr,
-                                          grad_norm=grad_norm, tokens_per_s=tok_s, elapsed_s=time.time() - t0)
+                                          grad_norm=norm, tokens_per_s=tok_s, elapsed_s=time.time() - t0)
                     if self.step % self.eval_every == 0 or self.step == self.total:
                         self.evaluate(metrics, bar.write, time.time() - t0)
                     if on_step is not None:
@@ -298,15 +305,15 @@ class Trainer:
         loss = self.accumulate_gradients()
         if not math.isfinite(loss):
             raise self.diverged(f"the loss became {loss}")
-        grad_norm = clip_grad_norm(self.params, self.cfg.clip)
-        if not math.isfinite(grad_norm):
-            raise self.diverged(f"the gradient norm became {grad_norm}")
-        self.opt.step(lr)
+        norm = grad_norm(self.params)
+        if not math.isfinite(norm):
+            raise self.diverged(f"the gradient norm became {norm}")
+        finite = self.opt.step(lr, grad_scale=clip_factor(norm, self.cfg.clip))
         self.opt.zero_grad()
-        if not self.weights_finite():
+        if not finite:
             raise self.diverged("the update made weights non-finite")
         self.step += 1
-        return loss, grad_norm
+        return loss, norm
 
     def accumulate_gradients(self) -> float:
         """Back-propagate the grad_accum micro-batches of this step (this rank's slice of each),

@@ -194,3 +194,21 @@ def test_row_max(n, dtype):
     row = np.random.default_rng(n).standard_normal(n + 3).astype(dtype)
     row[n:] = 1e9  # beyond n: must not be read
     assert kernels.row_max(row, n) == row[:n].max()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n", [1, 63, 65, 1001])
+@pytest.mark.parametrize("decay", [0.0, 0.1])
+def test_adam_update_matches_its_twin_to_the_bit(dtype, n, decay):
+    from minigpt_img.optim import adam_update, adam_update_ref
+    rng = np.random.default_rng(n)
+    p, g, m = (rng.standard_normal(n).astype(dtype) for _ in range(3))
+    v = rng.random(n).astype(dtype)
+    f = np.dtype(dtype).type
+    scalars = (f(0.7), f(0.9), f(0.1), f(0.95), f(0.05), f(3e-3 / 0.271), f(0.143), f(1e-8), f(3e-3 * decay))
+    mine, ref = [a.copy() for a in (p, g, m, v)], [a.copy() for a in (p, g, m, v)]
+    assert adam_update(*mine, *scalars) and adam_update_ref(*ref, *scalars)
+    for a, b in zip(mine, ref):
+        np.testing.assert_array_equal(a, b)
+    g[n // 2] = np.inf  # a gradient that overflowed makes a weight non-finite: reported
+    assert not adam_update(p.copy(), g, m.copy(), v.copy(), *scalars)

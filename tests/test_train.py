@@ -273,3 +273,46 @@ def test_newcomer_flags(image_folder, tmp_path):
     assert any("--res 7 is not a resolution the paper uses" in line for line in lines)
     r = run_script("--res", "0", "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "argument --res: 0 is not a whole number >= 1" in r.stderr
+
+
+def test_the_loop_keeps_its_fair_share_up_to_date_and_says_when_it_changes(image_folder, tmp_path, capsys):
+    class Share:  # FairShare's interface; the load is faked: busy from the third step on
+        threads, calls = 2, 0
+
+        def update(self):
+            self.calls += 1
+            if self.calls == 3:
+                self.threads = 1
+                return 1
+            return None
+
+        def describe(self):
+            return "other processes keep 1.0 of 2 cores busy: 1 thread(s) now"
+    share = Share()
+    Trainer(tiny(image_folder, tmp_path / "run", steps=5, samples=0), log=lambda *a: None,
+            fair_share=share).train()
+    assert share.calls == 5
+    assert capsys.readouterr().out.count("1 thread(s) now") == 1
+
+
+def test_train_py_adapts_threads_unless_told_a_count(monkeypatch):
+    """train.py hands the Trainer a FairShare by default and none when --threads fixes the count."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("train_script", REPO / "train.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    seen = []
+
+    class Stub:
+        def __init__(self, cfg, resume=False, comm=None, fair_share=None, **kw):
+            seen.append(fair_share)
+            self.log = lambda *a: None
+
+        def train(self):
+            return "done"
+    monkeypatch.setattr("minigpt_img.trainer.Trainer", Stub)
+    monkeypatch.setattr("minigpt_img.runconfig.resolve_config", lambda given, resume: RunConfig())
+    from minigpt_img.parallel import Solo
+    assert script.train(script.parse([]), Solo()) == 0
+    assert script.train(script.parse(["--threads", "1"]), Solo()) == 0
+    assert type(seen[0]).__name__ == "FairShare" and seen[1] is None

@@ -1,0 +1,97 @@
+"""threads.FairShare: the thread count follows what other processes leave of the CPU."""
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from minigpt_img import threads
+
+
+class FakeMachine:
+    """/proc/stat and the clock under the test's control: `advance(wall, others, ours)` moves time
+    on by `wall` seconds with other processes using `others` cores and this one `ours`."""
+
+    def __init__(self, monkeypatch, tick=100):
+        self.t, self.busy, self.own, self.tick = 0.0, 0, 0.0, tick
+        self.calls = []
+        monkeypatch.setattr(threads, "_cpu_jiffies", lambda cpus: self.busy)
+        monkeypatch.setattr(threads, "_own_cpu_seconds", lambda: self.own)
+        monkeypatch.setattr(threads.time, "monotonic", lambda: self.t)
+        monkeypatch.setattr(threads, "set_threads", self.calls.append)
+
+    def advance(self, wall, others, ours):
+        self.t += wall
+        self.own += ours * wall
+        self.busy += int(round((others + ours) * wall * self.tick))
+
+
+def test_fair_share_follows_the_load(monkeypatch):
+    m = FakeMachine(monkeypatch)
+    share = threads.FairShare(max_threads=2, interval=3.0, cores=2)
+    share._tick = m.tick
+    m.advance(1.0, others=1.0, ours=2.0)
+    assert share.update() is None and m.calls == []          # not yet `interval` seconds
+    m.advance(3.0, others=1.0, ours=1.0)                      # a busy single-threaded process
+    assert share.update() == 1 and m.calls == [1] and share.threads == 1
+    assert "1.0 of 2 cores busy" in share.describe()
+    m.advance(3.0, others=1.0, ours=1.0)
+    assert share.update() is None                             # unchanged: nothing set again
+    m.advance(3.0, others=0.05, ours=1.0)                     # it finished
+    assert share.update() == 2 and m.calls == [1, 2]
+    m.advance(3.0, others=0.3, ours=2.0)                      # a light load keeps every thread
+    assert share.update() is None
+    m.advance(3.0, others=4.0, ours=0.5)                      # never below one thread
+    assert share.update() == 1
+    share.reset()
+    assert m.calls[-1] == 2 and share.threads == 2
+
+
+def test_fair_share_does_nothing_with_one_thread_or_off_linux(monkeypatch):
+    m = FakeMachine(monkeypatch)
+    share = threads.FairShare(max_threads=1, interval=0.0, cores=2)
+    m.advance(5.0, others=2.0, ours=1.0)
+    assert share.update() is None and m.calls == []
+    monkeypatch.setattr(threads, "_cpu_jiffies", lambda cpus: None)
+    share = threads.FairShare(max_threads=2, interval=0.0, cores=2)
+    m.advance(5.0, others=2.0, ours=1.0)
+    assert share.update() is None and m.calls == []
+
+
+def test_set_threads_changes_numba_and_openblas_in_a_running_process():
+    """In a fresh process started with 2 threads: after set_threads(1) both pools run 1 thread."""
+    code = textwrap.dedent("""
+        import ctypes
+        from minigpt_img.threads import configure, set_threads, _openblas_libraries
+        configure(2)
+        import numpy, numba, scipy.linalg
+        set_threads(1)
+        counts = []
+        for path in _openblas_libraries():
+            lib = ctypes.CDLL(path)
+            for name in ("scipy_openblas_get_num_threads64_", "scipy_openblas_get_num_threads",
+                         "openblas_get_num_threads64_", "openblas_get_num_threads"):
+                if hasattr(lib, name):
+                    counts.append(getattr(lib, name)())
+                    break
+        print(numba.get_num_threads(), counts)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    numba_threads, blas = out.split(maxsplit=1)
+    assert numba_threads == "1"
+    assert eval(blas) and set(eval(blas)) == {1}
+
+
+@pytest.mark.skipif(not hasattr(threads.os, "sched_getaffinity"), reason="Linux /proc only")
+def test_fair_share_sees_a_real_busy_process():
+    import time
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        share = threads.FairShare(max_threads=2, interval=0.0, cores=2)
+        before = share._sample()
+        time.sleep(1.5)
+        after = share._sample()
+    finally:
+        busy.kill()
+        busy.wait()
+    assert share.others(before, after) > 0.5  # the busy loop keeps about one core
