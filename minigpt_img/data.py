@@ -8,6 +8,7 @@ set is used when its files are present.
                         from the extracted folder or straight from the official .tar.gz; never unpickled
     stl10               official binary version (96x96, each channel stored column-major)
     shapes              procedurally drawn shapes (shapes.py): no files, the offline default
+    textures            procedural binary textures, 10 local rules (textures.py): no files
     <folder>            one sub-folder of images per class (or train/ and test/ holding those)
 
 Resolution (§3.2 downsampling): an area (box) filter to --res, applied only when --res differs from
@@ -33,6 +34,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .files import cached_array
 from .shapes import CLASSES as SHAPE_CLASSES, make_shapes
+from .textures import CLASSES as TEXTURE_CLASSES, make_textures
 from .sizes import memory_problem
 from .streams import generator
 
@@ -247,7 +249,7 @@ def _read_folder(root: Path, classes: list, res: int | None, required: bool = Tr
 
 def _load_folder(root: Path, res: int | None):
     if not root.is_dir():
-        raise DataError(f"unknown dataset '{root}': use shapes, cifar10, cifar100, stl10, or a folder "
+        raise DataError(f"unknown dataset '{root}': use textures, shapes, cifar10, cifar100, stl10, or a folder "
                         "of class sub-folders")
     base = root / "train" if (root / "train").is_dir() else root
     classes = sorted(p.name for p in base.iterdir() if p.is_dir() and p.name != "test")
@@ -288,6 +290,9 @@ def split_train_val(split: Split, seed: int, val_fraction: float = 0.1):
     return Split(split.images[tr], split.labels[tr]), Split(split.images[va], split.labels[va])
 
 
+PROCEDURAL = {"textures": (TEXTURE_CLASSES, make_textures), "shapes": (SHAPE_CLASSES, make_shapes)}
+
+
 def load_dataset(name: str, data_dir="data", res: int | None = None, seed: int = 0,
                  val_fraction: float = 0.1, shapes_size: int = 14000, official: bool = True) -> Dataset:
     """A dataset by name (or folder path), split into train / val (/ test), at resolution res.
@@ -295,15 +300,16 @@ def load_dataset(name: str, data_dir="data", res: int | None = None, seed: int =
     small files in the official formats)."""
     if res is not None and res < 1:
         raise DataError(f"--res must be positive, got {res}")
-    if name == "shapes":
+    if name in PROCEDURAL:
         r = res or 32
-        problem = memory_problem(3 * 4 * (shapes_size + shapes_size // 5) * r * r, f"shapes at {r}x{r}",
+        problem = memory_problem(3 * 4 * (shapes_size + shapes_size // 5) * r * r, f"{name} at {r}x{r}",
                                  "choose a smaller --res")
         if problem:
             raise DataError(problem)
-        train = Split(*make_shapes(shapes_size, r, generator(seed, "shapes", 0)))
-        test = Split(*make_shapes(max(shapes_size // 5, 10), r, generator(0, "shapes", 1)))  # fixed
-        classes = list(SHAPE_CLASSES)
+        classes, draw = PROCEDURAL[name]
+        train = Split(*draw(shapes_size, r, generator(seed, name, 0)))
+        test = Split(*draw(max(shapes_size // 5, 10), r, generator(0, name, 1)))  # the same for every seed
+        classes = list(classes)
     elif name in BINARY:
         classes, train, test = _load_binary(name, Path(data_dir), official)
     else:

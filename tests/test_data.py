@@ -14,6 +14,7 @@ from minigpt_img.data import (DataError, Split, augment, cached_tokens, load_dat
 from minigpt_img.download import download
 from minigpt_img.palette import Palette
 from minigpt_img.shapes import make_shapes
+from minigpt_img.textures import DARK as TEXTURE_DARK, LIGHT as TEXTURE_LIGHT, make_textures
 
 RNG = np.random.default_rng(0)
 
@@ -198,6 +199,37 @@ def test_shapes_is_not_linearly_trivial():
     W = np.linalg.solve(X[:2500].T @ X[:2500] + 10.0 * np.eye(X.shape[1]), X[:2500].T @ Y[:2500])
     acc = np.mean((X[2500:] @ W).argmax(1) == y[2500:])
     assert acc < 0.5, acc
+
+
+def test_textures_deterministic_balanced_any_resolution():
+    a, la = make_textures(50, 16, np.random.default_rng(4))
+    b, lb = make_textures(50, 16, np.random.default_rng(4))
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(la, lb)
+    assert np.bincount(la).tolist() == [5] * 10
+    for res in (4, 7, 24):
+        assert make_textures(10, res, np.random.default_rng(0))[0].shape == (10, res, res, 3)
+    assert set(np.unique(a)) == {TEXTURE_DARK, TEXTURE_LIGHT}
+
+
+def test_textures_hide_the_class_from_raw_pixels_but_not_from_local_rules():
+    """Every class's mean image is the same (each pixel dark w.p. 1/2), so ridge regression on raw
+    pixels stays near chance; the fraction of pixels equal to their left / upper / diagonal
+    neighbours, which a model drawing pixel by pixel must learn, separates the classes."""
+    x, y = make_textures(4000, 16, np.random.default_rng(0))
+    dark = (x[..., 0] == TEXTURE_DARK).astype(np.float64)                       # (N, 16, 16)
+    means = np.stack([dark[y == c].mean(0) for c in range(10)])
+    assert np.abs(means - 0.5).max() < 0.2                                      # 400 images a class
+
+    def ridge(F):
+        F = np.concatenate([F - F[:3000].mean(0), np.ones((len(F), 1))], 1)
+        Y = np.eye(10)[y]
+        W = np.linalg.solve(F[:3000].T @ F[:3000] + 10.0 * np.eye(F.shape[1]), F[:3000].T @ Y[:3000])
+        return np.mean((F[3000:] @ W).argmax(1) == y[3000:])
+    assert ridge(dark.reshape(len(x), -1)) < 0.35
+    same = [(dark == np.roll(dark, (dy, dx), (1, 2))).mean((1, 2)) for dy, dx in
+            [(0, 1), (1, 0), (1, 1), (1, -1), (0, 2), (2, 0)]]
+    assert ridge(np.stack(same, 1)) > 0.5  # a linear read-out of six numbers
 
 
 # ---- downloads ---------------------------------------------------------------------------------
