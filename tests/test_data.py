@@ -179,14 +179,20 @@ def test_token_cache_reuses_and_rebuilds(tmp_path, monkeypatch):
     assert len(list(tmp_path.glob("tokens-*.npy"))) == 2  # keyed by palette
 
 
-def test_shapes_deterministic_balanced_any_resolution():
-    a, la = make_shapes(50, 16, np.random.default_rng(4))
-    b, lb = make_shapes(50, 16, np.random.default_rng(4))
+@pytest.mark.parametrize("draw", [make_shapes, make_textures])
+def test_procedural_data_deterministic_balanced_any_resolution(draw):
+    a, la = draw(50, 16, np.random.default_rng(4))
+    b, lb = draw(50, 16, np.random.default_rng(4))
     np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(la, lb)
     assert np.bincount(la).tolist() == [5] * 10
-    assert make_shapes(10, 24, np.random.default_rng(0))[0].shape == (10, 24, 24, 3)
-    assert not np.array_equal(make_shapes(10, 16, np.random.default_rng(5))[0], a[:10])
+    for res in (4, 7, 24):
+        assert draw(10, res, np.random.default_rng(0))[0].shape == (10, res, res, 3)
+    assert not np.array_equal(draw(10, 16, np.random.default_rng(5))[0], a[:10])
+
+
+def test_textures_are_two_grey_levels():
+    assert set(np.unique(make_textures(20, 8, np.random.default_rng(0))[0])) == {TEXTURE_DARK, TEXTURE_LIGHT}
 
 
 def test_shapes_is_not_linearly_trivial():
@@ -199,17 +205,6 @@ def test_shapes_is_not_linearly_trivial():
     W = np.linalg.solve(X[:2500].T @ X[:2500] + 10.0 * np.eye(X.shape[1]), X[:2500].T @ Y[:2500])
     acc = np.mean((X[2500:] @ W).argmax(1) == y[2500:])
     assert acc < 0.5, acc
-
-
-def test_textures_deterministic_balanced_any_resolution():
-    a, la = make_textures(50, 16, np.random.default_rng(4))
-    b, lb = make_textures(50, 16, np.random.default_rng(4))
-    np.testing.assert_array_equal(a, b)
-    np.testing.assert_array_equal(la, lb)
-    assert np.bincount(la).tolist() == [5] * 10
-    for res in (4, 7, 24):
-        assert make_textures(10, res, np.random.default_rng(0))[0].shape == (10, res, res, 3)
-    assert set(np.unique(a)) == {TEXTURE_DARK, TEXTURE_LIGHT}
 
 
 def test_textures_hide_the_class_from_raw_pixels_but_not_from_local_rules():
