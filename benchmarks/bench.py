@@ -181,19 +181,14 @@ class OursStep:
     clipping, Adam) on the built-in shapes data at the case's resolution."""
 
     def __init__(self, cfg, batch, seed=0, size="micro", kind="train"):
-        import tempfile
+        from bench_trainer import bench_trainer
 
         from minigpt_img.model import ImageGPT
-        from minigpt_img.runconfig import RunConfig
-        from minigpt_img.trainer import Trainer
         self.x = np.random.default_rng(seed).integers(0, cfg.vocab, (batch, cfg.n_ctx))
         if kind != "train":
             self.model = ImageGPT(cfg, np.random.default_rng(seed))
             return
-        root = tempfile.mkdtemp(prefix="bench-")
-        run = RunConfig(size=size, res=cfg.n_px, batch_size=batch, steps=10**6, samples=0, seed=seed,
-                        out=f"{root}/run", cache_dir=f"{root}/cache")
-        self.trainer = Trainer(run, log=lambda *a: None)
+        self.trainer = bench_trainer(size, cfg.n_px, batch, seed=seed)
         self.model = self.trainer.model
 
     def train_step(self):

@@ -26,16 +26,11 @@ SIZE, RES, BATCH = "micro", 16, 16
 
 
 def child_ours(seconds: float, fair_share: bool) -> dict:
-    import tempfile
+    from bench_trainer import bench_trainer
 
-    from minigpt_img.runconfig import RunConfig
     from minigpt_img.threads import FairShare
-    from minigpt_img.trainer import Trainer
-    root = tempfile.mkdtemp(prefix="bench-contention-")
-    run = RunConfig(size=SIZE, res=RES, batch_size=BATCH, steps=10**6, eval_every=10**6, samples=0,
-                    time_budget=seconds / 60, out=f"{root}/run", cache_dir=f"{root}/cache")
     share = FairShare() if fair_share else None
-    trainer = Trainer(run, log=lambda *a: None, fair_share=share)
+    trainer = bench_trainer(SIZE, RES, BATCH, fair_share=share, eval_every=10**6, time_budget=seconds / 60)
     stamps, threads = [], []
 
     def on_step(t):
@@ -46,7 +41,6 @@ def child_ours(seconds: float, fair_share: bool) -> dict:
 
 
 def child_torch(seconds: float, threads: int) -> dict:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from torch_ref import TorchStep
 
     from minigpt_img.sizes import config_for

@@ -12,7 +12,6 @@ the Allreduce and the copies around it), measured on rank 0.
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,16 +29,13 @@ configure(args.threads)
 
 import numpy as np  # noqa: E402
 
+from bench_trainer import bench_trainer  # noqa: E402
+
 from minigpt_img.parallel import world  # noqa: E402
-from minigpt_img.runconfig import RunConfig  # noqa: E402
-from minigpt_img.trainer import Trainer  # noqa: E402
 
 comm = world()
-root = Path(tempfile.mkdtemp(prefix="bench-dp-")) if comm.is_root else None
-out = comm.allgather_objects(str(root) if root else None)[0]
-cfg = RunConfig(size=args.size, res=args.res, batch_size=args.batch_size, steps=3 + args.steps,
-                eval_every=10**6, samples=0, out=f"{out}/run", cache_dir=f"{out}/cache", log_every=10**6)
-trainer = Trainer(cfg, log=lambda *a: None, comm=comm)
+trainer = bench_trainer(args.size, args.res, args.batch_size, comm=comm, steps=3 + args.steps,
+                        eval_every=10**6, log_every=10**6)
 stamps, in_allreduce = [], [0.0]
 average = trainer.grads.average
 
@@ -55,7 +51,7 @@ trainer.grads.average = timed_average
 trainer.train(on_step=lambda r: stamps.append(time.perf_counter()))
 per_step = float(np.median(np.diff(stamps[2:])))
 if comm.is_root:
-    tokens = cfg.batch_size * trainer.model.config.n_ctx
+    tokens = trainer.cfg.batch_size * trainer.model.config.n_ctx
     print(json.dumps({"ranks": comm.size, "threads": args.threads, "seconds_per_step": per_step,
                       "tokens_per_s": tokens / per_step,
                       "allreduce_share": in_allreduce[0] / (stamps[-1] - stamps[2])}))

@@ -95,14 +95,8 @@ class OpTimer:
 
 def profile_step(size: str, res: int, batch: int, peak_gflops: float, steps: int = 5) -> dict:
     """Per-row seconds of one step (mean over `steps` after two warm-up steps) and the table."""
-    import tempfile
-
-    from minigpt_img.runconfig import RunConfig
-    from minigpt_img.trainer import Trainer
-    root = tempfile.mkdtemp(prefix="bench-profile-")
-    run = RunConfig(size=size, res=res, batch_size=batch, steps=10**6, samples=0, out=f"{root}/run",
-                    cache_dir=f"{root}/cache")
-    trainer = Trainer(run, log=lambda *a: None)
+    from bench_trainer import bench_trainer
+    trainer = bench_trainer(size, res, batch)
     for _ in range(2):
         trainer.optimizer_step(3e-4)
     untimed = []
