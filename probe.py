@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from minigpt_img.cli import Parser, add_threads_flag, nonnegative_int, positive_int, run
+from minigpt_img.cli import Parser, add_threads_flag, fair_share, nonnegative_int, positive_int, run
 
 
 def parse(argv=None):
@@ -45,13 +45,12 @@ def main(argv=None) -> int:
 
 def probe(args, comm) -> int:
     from minigpt_img.linear_probe import format_report, plot_report, probe_report
-    from minigpt_img.threads import FairShare
 
     report = probe_report(args.ckpt, args.data, args.data_dir, args.eval_split, args.layers,
                           args.max_train, args.max_eval, args.batch_size, args.labels_per_class,
                           args.bert_masks, args.seed, not args.no_baselines, args.cache_dir,
                           log=print if comm.is_root else lambda *a: None, comm=comm,
-                          fair_share=None if args.threads or comm.size > 1 else FairShare())
+                          fair_share=fair_share(args, comm))
     if not comm.is_root:  # rank 0 writes the report
         return 0
     out = Path(args.out or Path(args.ckpt).parent)

@@ -8,8 +8,8 @@
 import argparse
 import sys
 
-from minigpt_img.cli import (Parser, add_threads_flag, nonnegative_float, nonnegative_int, positive_float,
-                             positive_int, run)
+from minigpt_img.cli import (Parser, add_threads_flag, fair_share, nonnegative_float, nonnegative_int,
+                             positive_float, positive_int, run)
 
 S = argparse.SUPPRESS  # flags not given stay absent, so a resumed run keeps its checkpoint's values
 
@@ -69,9 +69,7 @@ def train(args, comm) -> int:
     if getattr(args, "download", False):
         with comm.root_first():  # rank 0 fetches; the others then find the files in place
             download(cfg.data, cfg.data_dir)
-    from minigpt_img.threads import FairShare
-    fair_share = None if args.threads or comm.size > 1 else FairShare()  # --threads: a fixed count
-    trainer = Trainer(cfg, resume=args.resume, comm=comm, fair_share=fair_share)
+    trainer = Trainer(cfg, resume=args.resume, comm=comm, fair_share=fair_share(args, comm))
     trainer.log("config: " + ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
                                        for k, v in vars(cfg).items()))
     if comm.size > 1:

@@ -44,6 +44,13 @@ def add_threads_flag(ap: argparse.ArgumentParser) -> None:
                     help="CPU threads for numba and BLAS (default: all cores)")
 
 
+def fair_share(args, comm):
+    """The FairShare a script's long loop keeps (threads.FairShare), or None where the thread count
+    is fixed: by --threads, or by mpiexec sharing the cores among ranks (default_threads)."""
+    from .threads import FairShare
+    return None if args.threads or comm.size > 1 else FairShare()
+
+
 def run(work, args) -> int:
     """Apply --threads, then return work(args, comm)'s exit code, comm being the processes of the
     run (parallel.world(): several under mpiexec). A user's error prints `error: ...` and exits 2 (1

@@ -316,3 +316,8 @@ def test_train_py_adapts_threads_unless_told_a_count(monkeypatch):
     assert script.train(script.parse([]), Solo()) == 0
     assert script.train(script.parse(["--threads", "1"]), Solo()) == 0
     assert type(seen[0]).__name__ == "FairShare" and seen[1] is None
+    from minigpt_img.cli import fair_share
+
+    class TwoRanks(Solo):
+        size = 2
+    assert fair_share(script.parse([]), TwoRanks()) is None  # mpiexec shares the cores out already
