@@ -135,7 +135,7 @@ def bench_palette(repeats: int, data: str = "shapes", data_dir: str = "data") ->
     from minigpt_img.data import load_dataset
     from minigpt_img.palette import Palette, fit_palette, to_unit
 
-    ds = load_dataset(data, data_dir, res=32, shapes_size=10000)
+    ds = load_dataset(data, data_dir, res=32, procedural_size=10000)
     images = ds.train.images
     images = np.concatenate([images] * -(-50000 // len(images)))[:50000]      # 51.2M pixels
     centers = fit_palette(ds.train.images, k=512, seed=0)

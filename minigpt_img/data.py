@@ -249,8 +249,8 @@ def _read_folder(root: Path, classes: list, res: int | None, required: bool = Tr
 
 def _load_folder(root: Path, res: int | None):
     if not root.is_dir():
-        raise DataError(f"unknown dataset '{root}': use textures, shapes, cifar10, cifar100, stl10, or a folder "
-                        "of class sub-folders")
+        raise DataError(f"unknown dataset '{root}': use shapes, textures, cifar10, cifar100, stl10, or a "
+                        "folder of class sub-folders")
     base = root / "train" if (root / "train").is_dir() else root
     classes = sorted(p.name for p in base.iterdir() if p.is_dir() and p.name != "test")
     if not classes:
@@ -294,21 +294,22 @@ PROCEDURAL = {"textures": (TEXTURE_CLASSES, make_textures), "shapes": (SHAPE_CLA
 
 
 def load_dataset(name: str, data_dir="data", res: int | None = None, seed: int = 0,
-                 val_fraction: float = 0.1, shapes_size: int = 14000, official: bool = True) -> Dataset:
+                 val_fraction: float = 0.1, procedural_size: int = 14000, official: bool = True) -> Dataset:
     """A dataset by name (or folder path), split into train / val (/ test), at resolution res.
     official=False accepts binary files with other record counts than the official ones (the tests'
-    small files in the official formats)."""
+    small files in the official formats). procedural_size: training images drawn for shapes or
+    textures (a fifth as many test images)."""
     if res is not None and res < 1:
         raise DataError(f"--res must be positive, got {res}")
     if name in PROCEDURAL:
         r = res or 32
-        problem = memory_problem(3 * 4 * (shapes_size + shapes_size // 5) * r * r, f"{name} at {r}x{r}",
+        problem = memory_problem(3 * 4 * (procedural_size + procedural_size // 5) * r * r, f"{name} at {r}x{r}",
                                  "choose a smaller --res")
         if problem:
             raise DataError(problem)
         classes, draw = PROCEDURAL[name]
-        train = Split(*draw(shapes_size, r, generator(seed, name, 0)))
-        test = Split(*draw(max(shapes_size // 5, 10), r, generator(0, name, 1)))  # the same for every seed
+        train = Split(*draw(procedural_size, r, generator(seed, name, 0)))
+        test = Split(*draw(max(procedural_size // 5, 10), r, generator(0, name, 1)))  # the same for every seed
         classes = list(classes)
     elif name in BINARY:
         classes, train, test = _load_binary(name, Path(data_dir), official)
