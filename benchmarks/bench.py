@@ -81,8 +81,10 @@ ATTN_VARIANTS = {
 
 
 def attention_inputs(B, NH, T, D, seed=0):
+    """q, k, v as views of one fused qkv (B, T, 3C), as the model passes them, and dO."""
     rng = np.random.default_rng(seed)
-    return [rng.standard_normal((B * NH, T, D), dtype=np.float32) for _ in range(4)]
+    q, k, v = attention.heads(rng.standard_normal((B, T, 3 * NH * D), dtype=np.float32), NH)
+    return [q, k, v, rng.standard_normal((B, T, NH, D), dtype=np.float32)]
 
 
 def attention_step(variant, q, k, v, do):

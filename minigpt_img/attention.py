@@ -2,31 +2,29 @@
 
     S = Q K^T / sqrt(D),  masked where key j > query i + q_offset (causal),  P = softmax(S),  O = P V
 
-Q, K, V are (BH, T, D): batch and heads flattened, each head's rows contiguous. The forward walks
-key tiles with an online softmax (running max m and denominator l per query row), so only a
-(TQ, TK) block of S exists at any time, and saves lse = m + log(l) per row for backward.
-q_offset places the queries after q_offset earlier positions (incremental decoding with a KV cache).
-The *_ref twins materialise the whole (Tq, Tk) matrix per head: the specification the tests check.
+Q, K, V come as (B, T, NH, D) views with any strides: the three thirds of the fused projection
+qkv (B, T, 3C) seen through heads(), or a KV cache. No head is ever copied out whole: the kernels
+copy one tile at a time into contiguous buffers for the GEMMs, write O straight into the (B, T, C)
+layout the next projection reads, and the backward writes dQ, dK, dV straight into the fused
+gradient (B, T, 3C). The forward walks key tiles with an online softmax (running max m and
+denominator l per query row), so only a (TQ, TK) block of S exists at any time, and saves
+lse = m + log(l) per row for backward. q_offset places the queries after q_offset earlier positions
+(incremental decoding with a KV cache). The *_ref twins materialise the whole (Tq, Tk) matrix per
+head: the specification the tests check.
 
-Legend: BH = B * NH rows of heads, T tokens, D = C / NH head size.
+Legend: B batch, T tokens, NH heads, D = C / NH head size, BH = B * NH.
 """
 import numpy as np
 from numba import njit, prange
 
 from .kernels import _JIT, exp_inplace, row_max
 
-def split_heads(qkv: np.ndarray, n_head: int):
-    """(B, T, 3C) fused projections -> q, k, v, each C-contiguous (B*NH, T, D), D = C / NH."""
+
+def heads(qkv: np.ndarray, n_head: int):
+    """(B, T, 3C) fused projections -> q, k, v, each a (B, T, NH, D) view (no copy), D = C / NH."""
     B, T, C3 = qkv.shape
-    D = C3 // 3 // n_head
-    x = qkv.reshape(B, T, 3, n_head, D).transpose(2, 0, 3, 1, 4)  # (3, B, NH, T, D)
-    return tuple(np.ascontiguousarray(x[i]).reshape(B * n_head, T, D) for i in range(3))
-
-
-def merge_heads(o: np.ndarray, B: int) -> np.ndarray:
-    """(B*NH, T, D) -> (B, T, NH*D), the heads side by side again."""
-    BH, T, D = o.shape
-    return np.ascontiguousarray(o.reshape(B, BH // B, T, D).transpose(0, 2, 1, 3)).reshape(B, T, -1)
+    qkv5 = qkv.reshape(B, T, 3, n_head, C3 // 3 // n_head)                    # (B, T, 3, NH, D)
+    return qkv5[:, :, 0], qkv5[:, :, 1], qkv5[:, :, 2]
 
 
 # Tiles: TQ query rows by TK keys. Every tile product is a BLAS GEMM of TQ * TK * D multiply-adds,
@@ -51,70 +49,89 @@ def _visible(a, i0, j0, bk, causal, q_offset):
     return max(0, min(bk, i0 + a + q_offset - j0 + 1))
 
 
+@njit(**_JIT)
+def _tile(x, b, i0, i1, h, out):
+    """out[:i1 - i0] = x[b, i0:i1, h]: rows of one head of a (B, T, NH, D) view, made contiguous."""
+    for a in range(i1 - i0):
+        for d in range(x.shape[3]):
+            out[a, d] = x[b, i0 + a, h, d]
+    return out[:i1 - i0]
+
+
 @njit(parallel=True, **_JIT)
 def attention_forward(q, k, v, causal, q_offset):
-    """q (BH, Tq, D), k, v (BH, Tk, D) -> o (BH, Tq, D), lse (BH, Tq) = log sum_j exp(S_ij).
+    """q (B, Tq, NH, D), k, v (B, Tk, NH, D), any strides -> o (B, Tq, NH, D) C-contiguous (so
+    o.reshape(B, Tq, C) has the heads side by side) and lse (B, NH, Tq) = log sum_j exp(S_ij).
     Tiles are computed in the inputs' precision (float32 SIMD for float32); row statistics m, l
     in float64."""
-    BH, Tq, D = q.shape
+    B, Tq, NH, D = q.shape
     Tk = k.shape[1]
     TK = _key_tile(D)
     scale = q.dtype.type(1.0 / np.sqrt(D))
-    o = np.empty_like(q)
-    lse = np.empty((BH, Tq), dtype=q.dtype)
-    n_qt = (Tq + TQ - 1) // TQ
-    for w in prange(BH * n_qt):  # head-major: each thread gets whole heads, so causal work balances
-        bh, i0 = w // n_qt, (w % n_qt) * TQ
-        i1 = min(i0 + TQ, Tq)
-        bq = i1 - i0
-        Qi = q[bh, i0:i1]                                          # (bq, D)
-        m = np.full(bq, -np.inf)                                   # running row max of S
-        l = np.zeros(bq)                                           # running sum of exp(S - m)
-        acc = np.zeros((bq, D), dtype=q.dtype)                     # running sum of exp(S - m) V
-        PV = np.empty((bq, D), dtype=q.dtype)
+    o = np.empty((B, Tq, NH, D), dtype=q.dtype)
+    lse = np.empty((B, NH, Tq), dtype=q.dtype)
+    k_len = min(Tk, Tq + q_offset) if causal else Tk               # keys any query sees
+    for bh in prange(B * NH):  # whole heads per thread: equal work each, causal or not
+        b, h = bh // NH, bh % NH
+        Kh = _tile(k, b, 0, k_len, h, np.empty((k_len, D), dtype=q.dtype))  # (k_len, D), copied once
+        Vh = _tile(v, b, 0, k_len, h, np.empty((k_len, D), dtype=q.dtype))
+        Q_buf = np.empty((TQ, D), dtype=q.dtype)
         S_buf, work = np.empty(TQ * TK, dtype=q.dtype), np.empty(TQ * TK, dtype=q.dtype)
-        k_end = min(Tk, i1 + q_offset) if causal else Tk           # keys any row of the tile sees
-        for j0 in range(0, k_end, TK):
-            j1 = min(j0 + TK, k_end)
-            bk = j1 - j0
-            S = S_buf[:bq * bk].reshape(bq, bk)
-            np.dot(Qi, k[bh, j0:j1].T, S)                          # (bq, bk) = Q_i K_j^T
-            for a in range(bq):                                    # S * scale - new running max
-                nb = _visible(a, i0, j0, bk, causal, q_offset)
-                row = S[a]
-                if nb == 0:
-                    row[:] = -np.inf
-                    continue
-                m_new = max(m[a], np.float64(row_max(row, nb)) * scale)
-                corr = np.exp(m[a] - m_new)                        # rescales what was summed so far
-                m[a], l[a] = m_new, l[a] * corr
-                acc[a] *= q.dtype.type(corr)
-                shift = q.dtype.type(m_new)
-                for b in range(nb):
-                    row[b] = row[b] * scale - shift
-                row[nb:] = -np.inf
-            exp_inplace(S_buf[:bq * bk], work)                     # P = exp(S - m_new), one call per tile
+        for i0 in range(0, Tq, TQ):
+            i1 = min(i0 + TQ, Tq)
+            bq = i1 - i0
+            Qi = _tile(q, b, i0, i1, h, Q_buf)                         # (bq, D)
+            m = np.full(bq, -np.inf)                                   # running row max of S
+            l = np.zeros(bq)                                           # running sum of exp(S - m)
+            acc = np.zeros((bq, D), dtype=q.dtype)                     # running sum of exp(S - m) V
+            PV = np.empty((bq, D), dtype=q.dtype)
+            k_end = min(Tk, i1 + q_offset) if causal else Tk           # keys any row of the tile sees
+            for j0 in range(0, k_end, TK):
+                j1 = min(j0 + TK, k_end)
+                bk = j1 - j0
+                S = S_buf[:bq * bk].reshape(bq, bk)
+                np.dot(Qi, Kh[j0:j1].T, S)                             # (bq, bk) = Q_i K_j^T
+                for a in range(bq):                                    # S * scale - new running max
+                    nb = _visible(a, i0, j0, bk, causal, q_offset)
+                    row = S[a]
+                    if nb == 0:
+                        row[:] = -np.inf
+                        continue
+                    m_new = max(m[a], np.float64(row_max(row, nb)) * scale)
+                    corr = np.exp(m[a] - m_new)                        # rescales what was summed so far
+                    m[a], l[a] = m_new, l[a] * corr
+                    acc[a] *= q.dtype.type(corr)
+                    shift = q.dtype.type(m_new)
+                    for c in range(nb):
+                        row[c] = row[c] * scale - shift
+                    row[nb:] = -np.inf
+                exp_inplace(S_buf[:bq * bk], work)                     # P = exp(S - m_new), one call per tile
+                for a in range(bq):
+                    nb = _visible(a, i0, j0, bk, causal, q_offset)
+                    row = S[a]
+                    row_sum = 0.0
+                    for c in range(nb):
+                        row_sum += row[c]
+                    row[nb:] = 0.0                                     # masked keys: exactly zero
+                    l[a] += row_sum
+                np.dot(S, Vh[j0:j1], PV)                               # (bq, D) = P V_j
+                acc += PV
             for a in range(bq):
-                nb = _visible(a, i0, j0, bk, causal, q_offset)
-                row = S[a]
-                row_sum = 0.0
-                for b in range(nb):
-                    row_sum += row[b]
-                row[nb:] = 0.0                                     # masked keys: exactly zero
-                l[a] += row_sum
-            np.dot(S, v[bh, j0:j1], PV)                            # (bq, D) = P V_j
-            acc += PV
-        for a in range(bq):
-            inv = 1.0 / l[a]
-            for d in range(D):
-                o[bh, i0 + a, d] = acc[a, d] * inv
-            lse[bh, i0 + a] = m[a] + np.log(l[a])
+                inv = 1.0 / l[a]
+                for d in range(D):
+                    o[b, i0 + a, h, d] = acc[a, d] * inv
+                lse[b, h, i0 + a] = m[a] + np.log(l[a])
     return o, lse
+
+
+def _per_head(x):
+    """(B, T, NH, D) -> (B, NH, T, D), the layout in which the twins do plain matrix products."""
+    return np.swapaxes(x, 1, 2)
 
 
 def _attention_probs_ref(q, k, causal, q_offset):
     D = q.shape[-1]
-    S = (q @ np.swapaxes(k, -1, -2)) / np.sqrt(D).astype(q.dtype)    # (BH, Tq, Tk)
+    S = (_per_head(q) @ np.swapaxes(_per_head(k), -1, -2)) / np.sqrt(D).astype(q.dtype)  # (B, NH, Tq, Tk)
     if causal:
         Tq, Tk = S.shape[-2:]
         S = np.where(np.arange(Tk)[None, :] > np.arange(Tq)[:, None] + q_offset, -np.inf, S)
@@ -126,39 +143,45 @@ def _attention_probs_ref(q, k, causal, q_offset):
 def attention_forward_ref(q, k, v, causal, q_offset):
     """The materialised version: the whole (Tq, Tk) matrix per head."""
     P, lse = _attention_probs_ref(q, k, causal, q_offset)
-    return (P @ v).astype(q.dtype), lse.astype(q.dtype)
+    return _per_head(P @ _per_head(v)).astype(q.dtype), lse.astype(q.dtype)
 
 
 @njit(parallel=True, **_JIT)
 def attention_backward(q, k, v, o, lse, do, causal, q_offset):
-    """Backward of attention_forward. In the forward pass O = P V with P = softmax(S), so:
+    """Backward of attention_forward: do (B, Tq, NH, D) -> the fused gradient (B, T, 3, NH, D) =
+    (dQ, dK, dV) side by side, which reshapes to (B, T, 3C) like qkv. In the forward pass
+    O = P V with P = softmax(S), so:
 
         dV = P^T dO,   dP = dO V^T,   dS = P * (dP - rowsum(dO * O)),   dQ = dS K / sqrt(D),
         dK = dS^T Q / sqrt(D)
     (rowsum(dO * O) = rowsum(dP * P), the softmax Jacobian's diagonal term). P is rebuilt tile by
     tile from the saved lse; for each key tile, dK and dV are summed over the query tiles that see it.
+    Needs Tq = Tk (training, q_offset = 0 unless testing).
     """
-    BH, Tq, D = q.shape
+    B, Tq, NH, D = q.shape
     Tk = k.shape[1]
     TK = _key_tile(D)
     scale = q.dtype.type(1.0 / np.sqrt(D))
-    dq = np.zeros_like(q)
-    dk = np.empty_like(k)
-    dv = np.empty_like(v)
-    for bh in prange(BH):
+    dqkv = np.zeros((B, Tq, 3, NH, D), dtype=q.dtype)
+    for bh in prange(B * NH):
+        b, h = bh // NH, bh % NH
         delta = np.empty(Tq, dtype=q.dtype)                        # rowsum(dO * O)
         for i in range(Tq):
             s = 0.0
             for d in range(D):
-                s += np.float64(do[bh, i, d]) * o[bh, i, d]
+                s += np.float64(do[b, i, h, d]) * o[b, i, h, d]
             delta[i] = s
         P_buf, dS_buf = np.empty(TQ * TK, dtype=q.dtype), np.empty(TQ * TK, dtype=q.dtype)
         work = np.empty(TQ * TK, dtype=q.dtype)
+        Qh = _tile(q, b, 0, Tq, h, np.empty((Tq, D), dtype=q.dtype))   # this head's rows, copied once
+        dOh = _tile(do, b, 0, Tq, h, np.empty((Tq, D), dtype=q.dtype))
+        Kh = _tile(k, b, 0, Tk, h, np.empty((Tk, D), dtype=q.dtype))
+        Vh = _tile(v, b, 0, Tk, h, np.empty((Tk, D), dtype=q.dtype))
         tmp_k, tmp_q = np.empty((TK, D), dtype=q.dtype), np.empty((TQ, D), dtype=q.dtype)
         for j0 in range(0, Tk, TK):
             j1 = min(j0 + TK, Tk)
             bk = j1 - j0
-            Kj, Vj = k[bh, j0:j1], v[bh, j0:j1]                    # (bk, D)
+            Kj, Vj = Kh[j0:j1], Vh[j0:j1]                          # (bk, D)
             dKj = np.zeros((bk, D), dtype=q.dtype)
             dVj = np.zeros((bk, D), dtype=q.dtype)
             tk = tmp_k[:bk]
@@ -166,14 +189,14 @@ def attention_backward(q, k, v, o, lse, do, causal, q_offset):
             for i0 in range(i_first - i_first % TQ, Tq, TQ):
                 i1 = min(i0 + TQ, Tq)
                 bq = i1 - i0
-                Qi, dOi = q[bh, i0:i1], do[bh, i0:i1]              # (bq, D)
+                Qi, dOi = Qh[i0:i1], dOh[i0:i1]                    # (bq, D)
                 P = P_buf[:bq * bk].reshape(bq, bk)
                 np.dot(Qi, Kj.T, P)                                # S, then P in place
                 for a in range(bq):
                     nb = _visible(a, i0, j0, bk, causal, q_offset)
-                    row, lse_a = P[a], lse[bh, i0 + a]
-                    for b in range(nb):
-                        row[b] = row[b] * scale - lse_a
+                    row, lse_a = P[a], lse[b, h, i0 + a]
+                    for c in range(nb):
+                        row[c] = row[c] * scale - lse_a
                     row[nb:] = -np.inf
                 exp_inplace(P_buf[:bq * bk], work)                 # one call per tile
                 for a in range(bq):
@@ -184,23 +207,28 @@ def attention_backward(q, k, v, o, lse, do, causal, q_offset):
                 np.dot(dOi, Vj.T, dS)                              # dP, then dS in place
                 for a in range(bq):
                     delta_a = delta[i0 + a]
-                    for b in range(bk):
-                        dS[a, b] = P[a, b] * (dS[a, b] - delta_a) * scale
+                    for c in range(bk):
+                        dS[a, c] = P[a, c] * (dS[a, c] - delta_a) * scale
                 tq = tmp_q[:bq]
                 np.dot(dS, Kj, tq)                                 # (bq, D)
-                dq[bh, i0:i1] += tq
+                for a in range(bq):
+                    for d in range(D):
+                        dqkv[b, i0 + a, 0, h, d] += tq[a, d]
                 np.dot(dS.T, Qi, tk)                               # (bk, D)
                 dKj += tk
-            dk[bh, j0:j1] = dKj
-            dv[bh, j0:j1] = dVj
-    return dq, dk, dv
+            for c in range(bk):
+                for d in range(D):
+                    dqkv[b, j0 + c, 1, h, d] = dKj[c, d]
+                    dqkv[b, j0 + c, 2, h, d] = dVj[c, d]
+    return dqkv
 
 
 def attention_backward_ref(q, k, v, o, lse, do, causal, q_offset):
     P, _ = _attention_probs_ref(q, k, causal, q_offset)
     scale = 1.0 / np.sqrt(q.shape[-1])
+    q, k, v, o, do = (_per_head(x) for x in (q, k, v, o, do))                # (B, NH, T, D)
     dv = np.swapaxes(P, -1, -2) @ do
     dP = do @ np.swapaxes(v, -1, -2)
     dS = P * (dP - np.sum(do * o, axis=-1, keepdims=True)) * scale
     dq, dk = dS @ k, np.swapaxes(dS, -1, -2) @ q
-    return dq.astype(q.dtype), dk.astype(q.dtype), dv.astype(q.dtype)
+    return np.stack([_per_head(d) for d in (dq, dk, dv)], axis=2).astype(q.dtype)  # (B, T, 3, NH, D)

@@ -162,20 +162,21 @@ class ImageGPT(nn.Module):
 class KVCache:
     """Keys and values of every layer for the positions decoded so far, so that each new token costs
     one pass over the new position plus an attention read of the cache (O(T) per token, not O(T^2)).
-    Arrays are (L, B*NH, n_ctx, D), preallocated for the whole image."""
+    Arrays are (L, B, n_ctx, NH, D), preallocated for the whole image."""
 
     def __init__(self, cfg: GPTConfig, batch: int, dtype=np.float32):
         D = cfg.n_embd // cfg.n_head
-        self.k = np.zeros((cfg.n_layer, batch * cfg.n_head, cfg.n_ctx, D), dtype=dtype)
+        self.k = np.zeros((cfg.n_layer, batch, cfg.n_ctx, cfg.n_head, D), dtype=dtype)
         self.v = np.zeros_like(self.k)
         self.length = 0
 
     def attend(self, layer: int, qkv: np.ndarray, n_head: int) -> np.ndarray:
         """Store this step's keys/values, attend its queries to every position so far -> (B, T, C)."""
-        q, k, v = attention.split_heads(qkv, n_head)                       # 3 x (B*NH, T, D)
-        t0, t1 = self.length, self.length + q.shape[1]
+        q, k, v = attention.heads(qkv, n_head)                             # 3 x (B, T, NH, D) views
+        B, T = qkv.shape[:2]
+        t0, t1 = self.length, self.length + T
         self.k[layer, :, t0:t1] = k
         self.v[layer, :, t0:t1] = v
         # Causal with q_offset = t0: the kernel reads keys < t1 only, never the unwritten rest.
         o, _ = attention.attention_forward(q, self.k[layer], self.v[layer], True, t0)
-        return attention.merge_heads(o, qkv.shape[0])
+        return o.reshape(B, T, -1)                                         # (B, T, C)

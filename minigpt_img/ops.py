@@ -429,25 +429,24 @@ class Attention(Function):
 
         head h:  O_h = softmax(Q_h K_h^T / sqrt(D) + mask) V_h,     mask = -inf where key j > query i
     (causal=True, the AR model) or no mask (causal=False, the BERT model). Forward and backward are
-    the tiled numba kernels in attention.py (formulas in attention.attention_backward); only q, k, v, O
-    and the per-row log-sum-exp are saved, never the (T, T) matrix.
+    the tiled numba kernels in attention.py (formulas in attention.attention_backward). Saved for
+    backward: views of qkv and O (arrays the graph holds anyway) and the per-row log-sum-exp; never
+    the (T, T) matrix, and no per-head copies.
     """
 
     def forward(self, qkv, n_head, causal=True):
-        self.B, self.causal = qkv.shape[0], causal
-        self.q, self.k, self.v = attention_kernels.split_heads(qkv, n_head)            # 3 x (B*NH, T, D)
+        B, T, C3 = qkv.shape
+        self.causal = causal
+        self.q, self.k, self.v = attention_kernels.heads(qkv, n_head)                  # 3 x (B, T, NH, D) views
         self.o, self.lse = attention_kernels.attention_forward(self.q, self.k, self.v, causal, 0)
-        return attention_kernels.merge_heads(self.o, self.B)                            # (B, T, C)
+        return self.o.reshape(B, T, C3 // 3)                                            # (B, T, C)
 
     def backward(self, g):
-        B, BH, T, D = self.B, *self.q.shape
-        do = np.ascontiguousarray(g.reshape(B, T, BH // B, D).transpose(0, 2, 1, 3)).reshape(BH, T, D)
-        dq, dk, dv = attention_kernels.attention_backward(self.q, self.k, self.v, self.o, self.lse, do,
-                                                self.causal, 0)
-        dqkv = np.empty((B, T, 3, BH // B, D), dtype=g.dtype)       # undo split_heads
-        for i, d in enumerate((dq, dk, dv)):
-            dqkv[:, :, i] = d.reshape(B, BH // B, T, D).transpose(0, 2, 1, 3)
-        return dqkv.reshape(B, T, -1)
+        B, T, NH, D = self.q.shape
+        do = np.ascontiguousarray(g).reshape(B, T, NH, D)
+        dqkv = attention_kernels.attention_backward(self.q, self.k, self.v, self.o, self.lse, do,
+                                                    self.causal, 0)                     # (B, T, 3, NH, D)
+        return dqkv.reshape(B, T, 3 * NH * D)                                           # (B, T, 3C)
 
 
 # ---- the public functional API -------------------------------------------------------------

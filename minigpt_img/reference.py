@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .attention import attention_forward_ref, merge_heads, split_heads
+from .attention import attention_forward_ref, heads
 from .kernels import gelu2_forward_ref, norm_forward_ref
 
 
@@ -35,9 +35,9 @@ def linear(x, p, name):
 def attn(x, p, name, n_head, causal):
     """softmax(Q K^T / sqrt(D) + mask) V per head, on the fused projection qkv = x W_attn."""
     qkv = linear(x, p, name + ".c_attn")                                      # (B, T, 3C)
-    q, k, v = split_heads(qkv, n_head)                                        # 3 x (B*NH, T, D)
-    o, _ = attention_forward_ref(q, k, v, causal, 0)                          # (B*NH, T, D)
-    return linear(merge_heads(o, len(x)), p, name + ".c_proj")                # (B, T, C)
+    q, k, v = heads(qkv, n_head)                                              # 3 x (B, T, NH, D)
+    o, _ = attention_forward_ref(q, k, v, causal, 0)                          # (B, T, NH, D)
+    return linear(o.reshape(qkv.shape[0], qkv.shape[1], -1), p, name + ".c_proj")  # (B, T, C)
 
 
 def mlp(x, p, name):
