@@ -18,6 +18,7 @@ sees its inputs masked as in pre-training (§4.6), optionally averaged over seve
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,7 @@ from .palette import Palette
 from .plots import line_chart
 from .streams import generator
 from .tensor import no_grad
+from .threads import current_threads, set_blas_threads
 
 L2_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
@@ -80,8 +82,17 @@ def shared_cached(path: Path, compute, comm: Solo) -> np.ndarray:
 
 def fan_out(jobs: list, comm: Solo) -> list:
     """[job() for job in jobs], the jobs shared out among the ranks (job i on rank i % size) and
-    every result returned to every rank, in order."""
-    mine = {i: jobs[i]() for i in strided(len(jobs), comm)}
+    every result returned to every rank, in order. Each rank runs its jobs side by side on as many
+    threads as it has (NumPy releases the GIL in its loops), BLAS at one thread each: a fit's
+    rounding then never depends on how many threads the machine offers."""
+    workers = current_threads()
+    set_blas_threads(1)
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            ids = strided(len(jobs), comm)
+            mine = dict(zip(ids, pool.map(lambda i: jobs[i](), ids)))
+    finally:
+        set_blas_threads(workers)
     merged = {}
     for part in comm.allgather_objects(mine):
         merged.update(part)

@@ -142,10 +142,20 @@ class FairShare:
 
 def set_threads(n: int) -> None:
     """Set numba's and every loaded OpenBLAS's thread count now (after NumPy has loaded)."""
-    import ctypes
-
     import numba
     numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    set_blas_threads(n)
+
+
+def current_threads() -> int:
+    """The thread count this process runs its pools at now (numba's; set_threads keeps BLAS's equal)."""
+    import numba
+    return numba.get_num_threads()
+
+
+def set_blas_threads(n: int) -> None:
+    """Set every loaded OpenBLAS's thread count now (NumPy's and SciPy's are separate libraries)."""
+    import ctypes
     for path in _openblas_libraries():
         lib = ctypes.CDLL(path)
         for name in ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",

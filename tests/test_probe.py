@@ -62,6 +62,27 @@ def test_lbfgs_reaches_the_optimum_on_a_separable_problem():
     assert J == pytest.approx(tight.fun, abs=1e-7)
 
 
+def test_fits_run_side_by_side_with_results_independent_of_the_thread_count():
+    """fan_out runs a rank's fits on its threads at once, BLAS at one thread each: the same
+    results, in order, whether the process has one thread or two."""
+    from minigpt_img.linear_probe import fan_out
+    from minigpt_img.parallel import Solo
+    from minigpt_img.threads import current_threads, set_threads
+    rng = np.random.default_rng(3)
+    F, y = rng.standard_normal((300, 20)), rng.integers(0, 4, 300)
+    jobs = [lambda lam=lam: LogisticProbe(lam).fit(F, y, 4).W for lam in (1e-4, 1e-2, 1.0)]
+    before = current_threads()
+    try:
+        set_threads(1)
+        one = fan_out(jobs, Solo())
+        set_threads(2)
+        two = fan_out(jobs, Solo())
+    finally:
+        set_threads(before)
+    assert len(one) == 3 and all(np.array_equal(a, b) for a, b in zip(one, two))
+    assert not np.array_equal(one[0], one[2])  # in order: each job's own result
+
+
 def test_low_data_subsets_are_balanced_and_seeded():
     y = np.repeat(np.arange(4), 30)
     a = balanced_subsets(y, 5, 3, seed=1)
