@@ -40,7 +40,7 @@ def sample(args, comm) -> int:
     from minigpt_img.checkpoint import CheckpointError, load_hf, load_model
     from minigpt_img.data import trained_on
     from minigpt_img.palette import Palette
-    from minigpt_img.plots import image_grid, save_png, with_caption
+    from minigpt_img.plots import GRID_PAD, image_grid, save_png, with_caption
     from minigpt_img.sampling import completion_rows, sample_shared
 
     if args.init_from:
@@ -82,7 +82,7 @@ def sample(args, comm) -> int:
         labels = ["original", f"given top {args.frac:.0%}"] + [f"completion {i + 1}" for i in range(args.per_image)]
         grid = with_caption(image_grid(rows, ncols=2 + args.per_image, scale=scale),
                             [f"{source}: {ds.name} images completed from their top {args.frac:.0%}",
-                             settings], labels, column_width=cfg.n_px * scale + 1)
+                             settings], labels, column_width=cfg.n_px * scale + GRID_PAD)
     else:
         n = args.n or 16
         tokens = sample_shared(model, n, rng, args.temperature, args.top_k, progress=True, comm=comm)

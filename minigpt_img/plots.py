@@ -8,10 +8,14 @@ import numpy as np
 from PIL import Image
 
 
-def image_grid(images: np.ndarray, ncols: int, scale: int = 1, pad: int = 1,
-               background: int = 255) -> np.ndarray:
+GRID_PAD = 2      # pixels between the images of a grid
+
+
+def image_grid(images: np.ndarray, ncols: int, scale: int = 1, pad: int = GRID_PAD,
+               background: int = 128) -> np.ndarray:
     """images (N, H, W, 3) uint8 -> one (rows*(H+pad)+pad, ncols*(W+pad)+pad, 3) uint8 grid, row
-    by row, each image enlarged `scale` times with nearest-neighbour so single pixels stay visible."""
+    by row, each image enlarged `scale` times with nearest-neighbour so single pixels stay visible,
+    on a mid-grey background that stands apart from both white and black images."""
     images = np.asarray(images, dtype=np.uint8)
     if scale > 1:
         images = images.repeat(scale, axis=1).repeat(scale, axis=2)
@@ -25,17 +29,23 @@ def image_grid(images: np.ndarray, ncols: int, scale: int = 1, pad: int = 1,
     return grid
 
 
-LINE_HEIGHT = 14  # pixels per line of caption text (Pillow's default bitmap font)
+FONT_SIZE = 12    # Pillow's default scalable font; at its own default size 10 it drops spaces
+LINE_HEIGHT = 15  # pixels per line of caption text
+
+
+def _font():
+    from PIL import ImageFont
+    return ImageFont.load_default(size=FONT_SIZE)
 
 
 def with_caption(grid: np.ndarray, lines: list, column_labels: list | None = None,
-                 column_width: int | None = None, pad: int = 1) -> np.ndarray:
+                 column_width: int | None = None, pad: int = GRID_PAD) -> np.ndarray:
     """The grid under a white strip with the caption's lines and, when given, one label above each
     column (column_width: the width of a cell, image plus its padding)."""
-    from PIL import ImageDraw, ImageFont
+    from PIL import ImageDraw
     rows = len(lines) + (1 if column_labels else 0)
     strip = Image.new("RGB", (grid.shape[1], rows * LINE_HEIGHT + 4), "white")
-    draw, font = ImageDraw.Draw(strip), ImageFont.load_default()
+    draw, font = ImageDraw.Draw(strip), _font()
     for i, line in enumerate(lines):
         draw.text((4, 2 + i * LINE_HEIGHT), line, fill=(0, 0, 0), font=font)
     for c, label in enumerate(column_labels or []):
@@ -70,8 +80,8 @@ def line_chart(series: dict, path, title: str = "", xlabel: str = "", ylabel: st
     """Draw named (x, y) series as lines (a series of one point is drawn as a dot), optional
     horizontal reference lines {label: y}, with axes, ticks and a legend, to a PNG. ylim fixes the
     y range (accuracies: 0 to 100, so that noise does not look like a trend)."""
-    from PIL import ImageDraw, ImageFont
-    font = ImageFont.load_default()
+    from PIL import ImageDraw
+    font = _font()
     W, H = size
     left, right, top, bottom = 80, 24, 44, 56
     img = Image.new("RGB", size, "white")

@@ -86,7 +86,14 @@ def test_grid_layout():
     g = image_grid(images, ncols=2, scale=2, pad=1)
     assert g.shape == (3 * (4 + 1) + 1, 2 * (6 + 1) + 1, 3)
     np.testing.assert_array_equal(g[1:5, 8:14], images[1].repeat(2, 0).repeat(2, 1))
-    assert np.all(g[11:15, 8:14] == 255)  # the empty sixth cell stays background
+    assert np.all(g[11:15, 8:14] == 128)  # the empty sixth cell stays background (mid-grey)
+
+
+def test_caption_font_keeps_its_spaces():
+    """Pillow's default scalable font at its default size 10 draws a space 2 pixels wide, which
+    anti-aliasing closes up ("from microafter 787 stepson"): captions use a size whose spaces show."""
+    from minigpt_img.plots import _font
+    assert _font().getlength("a b") - _font().getlength("ab") >= 3
 
 
 def test_sample_script(tmp_path):
@@ -99,8 +106,10 @@ def test_sample_script(tmp_path):
     assert r.returncode == 0, r.stderr
     assert not (tmp_path / "samples.png").exists()  # a training run's own samples.png is never replaced
     picture = np.asarray(Image.open(tmp_path / "samples-seed0.png"))
-    caption = 2 * 14 + 4                            # two lines of caption above the grid
-    assert picture.shape == (caption + 9 + 1, 4 * 9 + 1, 3)  # 4 images of 8 px, 1 px gaps
+    from minigpt_img.plots import GRID_PAD, LINE_HEIGHT
+    caption = 2 * LINE_HEIGHT + 4                   # two lines of caption above the grid
+    cell = 8 + GRID_PAD                             # 4 images of 8 px, with gaps
+    assert picture.shape == (caption + cell + GRID_PAD, 4 * cell + GRID_PAD, 3)
     assert (picture[:caption] < 128).any()          # the caption is written
     save_model(tmp_path / "bert.npz", m, pal, meta={"run": {"objective": "bert"}})
     r = subprocess.run([sys.executable, str(REPO / "sample.py"), "--ckpt", str(tmp_path / "bert.npz")],
@@ -118,7 +127,9 @@ def test_sample_from_hugging_face_folder(tmp_path):
                         "--n", "2", "--scale", "1", "--out", str(out)],
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert Image.open(out).size == (2 * 5 + 1, 2 * 14 + 4 + 5 + 1)
+    from minigpt_img.plots import GRID_PAD, LINE_HEIGHT
+    n_px = 4                                            # two 4x4 samples side by side, under the caption
+    assert Image.open(out).size == (2 * (n_px + GRID_PAD) + GRID_PAD, 2 * LINE_HEIGHT + 4 + n_px + 2 * GRID_PAD)
     (tmp_path / "hf" / "preprocessor_config.json").unlink()
     r = subprocess.run([sys.executable, str(REPO / "sample.py"), "--init-from", str(tmp_path / "hf")],
                        capture_output=True, text=True, env=env, timeout=300)
