@@ -20,8 +20,8 @@ def parse(argv=None):
     a = ap.add_argument
     a("--size", help="model size: nano, micro, mini, s, m, l, xl (default micro)")
     a("--res", type=positive_int, help="image side in pixels after box-filter downsampling (default 16)")
-    a("--data", help="shapes | textures | cifar10 | cifar100 | stl10 | path to a folder of class folders "
-      "(default shapes)")
+    a("--data", help="streaks | shapes | cifar10 | cifar100 | stl10 | path to a folder of class folders "
+      "(default streaks)")
     a("--data-dir", help="folder holding the dataset files (default data)")
     a("--download", action="store_true", help="fetch cifar10/cifar100/stl10 into --data-dir first")
     a("--objective", choices=["ar", "bert"], help="ar (autoregressive) or bert (masked) (default ar)")

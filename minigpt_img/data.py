@@ -7,8 +7,8 @@ set is used when its files are present.
     cifar10, cifar100   official *binary* versions (records: label byte(s) + 1024 R, 1024 G, 1024 B),
                         from the extracted folder or straight from the official .tar.gz; never unpickled
     stl10               official binary version (96x96, each channel stored column-major)
-    shapes              procedurally drawn shapes (shapes.py): no files, the offline default
-    textures            procedural binary textures, 10 local rules (textures.py): no files
+    streaks             binary streaks along ten offsets (streaks.py): no files, the offline default
+    shapes              procedurally drawn shapes (shapes.py): no files
     <folder>            one sub-folder of images per class (or train/ and test/ holding those)
 
 Resolution (§3.2 downsampling): an area (box) filter to --res, applied only when --res differs from
@@ -34,7 +34,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .files import cached_array
 from .shapes import CLASSES as SHAPE_CLASSES, make_shapes
-from .textures import CLASSES as TEXTURE_CLASSES, make_textures
+from .streaks import CLASSES as STREAK_CLASSES, make_streaks
 from .sizes import memory_problem
 from .streams import generator
 
@@ -249,7 +249,7 @@ def _read_folder(root: Path, classes: list, res: int | None, required: bool = Tr
 
 def _load_folder(root: Path, res: int | None):
     if not root.is_dir():
-        raise DataError(f"unknown dataset '{root}': use shapes, textures, cifar10, cifar100, stl10, or a "
+        raise DataError(f"unknown dataset '{root}': use streaks, shapes, cifar10, cifar100, stl10, or a "
                         "folder of class sub-folders")
     base = root / "train" if (root / "train").is_dir() else root
     classes = sorted(p.name for p in base.iterdir() if p.is_dir() and p.name != "test")
@@ -290,15 +290,15 @@ def split_train_val(split: Split, seed: int, val_fraction: float = 0.1):
     return Split(split.images[tr], split.labels[tr]), Split(split.images[va], split.labels[va])
 
 
-PROCEDURAL = {"textures": (TEXTURE_CLASSES, make_textures), "shapes": (SHAPE_CLASSES, make_shapes)}
+PROCEDURAL = {"streaks": (STREAK_CLASSES, make_streaks), "shapes": (SHAPE_CLASSES, make_shapes)}
 
 
 def load_dataset(name: str, data_dir="data", res: int | None = None, seed: int = 0,
                  val_fraction: float = 0.1, procedural_size: int = 14000, official: bool = True) -> Dataset:
     """A dataset by name (or folder path), split into train / val (/ test), at resolution res.
     official=False accepts binary files with other record counts than the official ones (the tests'
-    small files in the official formats). procedural_size: training images drawn for shapes or
-    textures (a fifth as many test images)."""
+    small files in the official formats). procedural_size: training images drawn for streaks or
+    shapes (a fifth as many test images)."""
     if res is not None and res < 1:
         raise DataError(f"--res must be positive, got {res}")
     if name in PROCEDURAL:

@@ -197,7 +197,7 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(prog="python -m minigpt_img.palette", description=main.__doc__)
     ap.add_argument("--preview", required=True, help="output PNG path")
-    ap.add_argument("--data", default="shapes", help="dataset name or image folder (default shapes)")
+    ap.add_argument("--data", default="streaks", help="dataset name or image folder (default streaks)")
     ap.add_argument("--data-dir", default="data", help="folder holding the dataset files (default data)")
     ap.add_argument("--res", type=int, default=None, help="resolution (default: the dataset's own)")
     ap.add_argument("--palette-size", type=int, default=512, help="k, number of colours (default 512)")

@@ -29,7 +29,7 @@ class ConfigError(Exception):
 class RunConfig:
     size: str = "micro"              # departure: a CPU size; the paper's smallest is "s" (iGPT-S)
     res: int = 16                    # departure: the paper trains at 32x32 to 64x64
-    data: str = "shapes"
+    data: str = "streaks"
     data_dir: str = "data"
     objective: str = "ar"
     mask_rate: float = 0.15

@@ -18,11 +18,11 @@ STREAMS = {
     "mask": 5,            # (step, micro): BERT's masked positions of one micro-batch
     "eval": 6,            # BERT's masks on the validation images (the same at every evaluation)
     "samples": 7,         # samples.png at the end of a run
-    # data (data.py, textures.py, shapes.py, palette.py)
+    # data (data.py, streaks.py, shapes.py, palette.py)
     "split": 8,           # which training images are held out for validation
     "palette": 9,         # the pixels k-means sees and its k-means++ start
     "shapes": 10,         # (split): drawing the built-in shapes data set
-    "textures": 15,       # (split): drawing the built-in textures data set
+    "streaks": 15,        # (split): drawing the built-in streaks data set
     # linear probes (linear_probe.py)
     "probe_masks": 11,    # BERT's masks when extracting features
     "probe_holdout": 12,  # the slice of training images that chooses lambda

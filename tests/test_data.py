@@ -14,7 +14,7 @@ from minigpt_img.data import (DataError, Split, augment, cached_tokens, load_dat
 from minigpt_img.download import download
 from minigpt_img.palette import Palette
 from minigpt_img.shapes import make_shapes
-from minigpt_img.textures import DARK as TEXTURE_DARK, LIGHT as TEXTURE_LIGHT, make_textures
+from minigpt_img.streaks import DARK as STREAK_DARK, LIGHT as STREAK_LIGHT, OFFSETS, STAY, make_streaks
 
 RNG = np.random.default_rng(0)
 
@@ -179,7 +179,7 @@ def test_token_cache_reuses_and_rebuilds(tmp_path, monkeypatch):
     assert len(list(tmp_path.glob("tokens-*.npy"))) == 2  # keyed by palette
 
 
-@pytest.mark.parametrize("draw", [make_shapes, make_textures])
+@pytest.mark.parametrize("draw", [make_shapes, make_streaks])
 def test_procedural_data_deterministic_balanced_any_resolution(draw):
     a, la = draw(50, 16, np.random.default_rng(4))
     b, lb = draw(50, 16, np.random.default_rng(4))
@@ -191,8 +191,8 @@ def test_procedural_data_deterministic_balanced_any_resolution(draw):
     assert not np.array_equal(draw(10, 16, np.random.default_rng(5))[0], a[:10])
 
 
-def test_textures_are_two_grey_levels():
-    assert set(np.unique(make_textures(20, 8, np.random.default_rng(0))[0])) == {TEXTURE_DARK, TEXTURE_LIGHT}
+def test_streaks_are_two_grey_levels():
+    assert set(np.unique(make_streaks(20, 8, np.random.default_rng(0))[0])) == {STREAK_DARK, STREAK_LIGHT}
 
 
 def test_shapes_is_not_linearly_trivial():
@@ -207,14 +207,24 @@ def test_shapes_is_not_linearly_trivial():
     assert acc < 0.5, acc
 
 
-def test_textures_hide_the_class_from_raw_pixels_but_not_from_local_rules():
-    """Every class's mean image is the same (each pixel dark w.p. 1/2), so ridge regression on raw
-    pixels stays near chance; the fraction of pixels equal to their left / upper / diagonal
-    neighbours, which a model drawing pixel by pixel must learn, separates the classes."""
-    x, y = make_textures(4000, 16, np.random.default_rng(0))
-    dark = (x[..., 0] == TEXTURE_DARK).astype(np.float64)                       # (N, 16, 16)
+def test_streaks_repeat_along_their_class_offset_and_hide_the_class_from_raw_pixels():
+    """Each class repeats its pixels along its own offset (y, x) -> (y - dy, x - dx) with probability
+    STAY (plus half of the fresh coins); every class's mean image is the same (each pixel dark w.p.
+    1/2), so ridge regression on raw pixels stays near chance, while the ten agreement fractions,
+    what a model drawing pixel by pixel must learn to use, separate the classes."""
+    x, y = make_streaks(4000, 16, np.random.default_rng(0))
+    dark = (x[..., 0] == STREAK_DARK).astype(np.float64)                        # (N, 16, 16)
     means = np.stack([dark[y == c].mean(0) for c in range(10)])
     assert np.abs(means - 0.5).max() < 0.2                                      # 400 images a class
+
+    def agreement(dy, dx):                                                      # (N,) P(s = shifted s)
+        now = dark[:, dy:, max(dx, 0):16 + min(dx, 0)]
+        before = dark[:, :16 - dy, max(-dx, 0):16 - max(dx, 0)]
+        return (now == before).mean((1, 2))
+    same = np.stack([agreement(dy, dx) for dy, dx in OFFSETS], 1)               # (N, 10)
+    for c in range(10):
+        assert same[y == c, c].mean() > STAY + (1 - STAY) / 2 - 0.05            # its own offset
+        assert same[y == c].mean(0).argmax() == c                               # more than any other
 
     def ridge(F):
         F = np.concatenate([F - F[:3000].mean(0), np.ones((len(F), 1))], 1)
@@ -222,9 +232,7 @@ def test_textures_hide_the_class_from_raw_pixels_but_not_from_local_rules():
         W = np.linalg.solve(F[:3000].T @ F[:3000] + 10.0 * np.eye(F.shape[1]), F[:3000].T @ Y[:3000])
         return np.mean((F[3000:] @ W).argmax(1) == y[3000:])
     assert ridge(dark.reshape(len(x), -1)) < 0.35
-    same = [(dark == np.roll(dark, (dy, dx), (1, 2))).mean((1, 2)) for dy, dx in
-            [(0, 1), (1, 0), (1, 1), (1, -1), (0, 2), (2, 0)]]
-    assert ridge(np.stack(same, 1)) > 0.5  # a linear read-out of six numbers
+    assert ridge(same) > 0.9  # a linear read-out of the ten agreements
 
 
 # ---- downloads ---------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ LAYERS = {
     "files": 0, "streams": 0, "threads": 0, "plots": 0, "parallel": 0,
     "tensor": 1, "ops": 1, "kernels": 1, "attention": 1,
     "nn": 2, "model": 2, "sizes": 2, "reference": 2,
-    "objectives": 3, "optim": 3, "data": 3, "shapes": 3, "textures": 3, "download": 3, "palette": 3, "checkpoint": 3,
+    "objectives": 3, "optim": 3, "data": 3, "shapes": 3, "streaks": 3, "download": 3, "palette": 3, "checkpoint": 3,
     "runconfig": 3, "run_data": 3, "run_folder": 3, "trainer": 3, "finetune": 3, "linear_probe": 3,
     "sampling": 3,
     "cli": 4,
