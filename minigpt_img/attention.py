@@ -3,10 +3,11 @@
     S = Q K^T / sqrt(D),  masked where key j > query i + q_offset (causal),  P = softmax(S),  O = P V
 
 Q, K, V come as (B, T, NH, D) views with any strides: the three thirds of the fused projection
-qkv (B, T, 3C) seen through heads(), or a KV cache. No head is ever copied out whole: the kernels
-copy one tile at a time into contiguous buffers for the GEMMs, write O straight into the (B, T, C)
-layout the next projection reads, and the backward writes dQ, dK, dV straight into the fused
-gradient (B, T, 3C). The forward walks key tiles with an online softmax (running max m and
+qkv (B, T, 3C) seen through heads(), or a KV cache. Nothing is split or merged outside the kernels:
+each thread copies the rows of the one head it works on into small contiguous buffers for the
+GEMMs (and drops them when it moves on), the forward writes O straight into the (B, T, C) layout the
+next projection reads, and the backward writes dQ, dK, dV straight into the fused gradient
+(B, T, 3C). The forward walks key tiles with an online softmax (running max m and
 denominator l per query row), so only a (TQ, TK) block of S exists at any time, and saves
 lse = m + log(l) per row for backward. q_offset places the queries after q_offset earlier positions
 (incremental decoding with a KV cache). The *_ref twins materialise the whole (Tq, Tk) matrix per

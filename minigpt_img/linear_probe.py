@@ -63,7 +63,7 @@ def extract_features(model, tokens: np.ndarray, objective: str = "ar", batch_siz
             if fair_share is not None:
                 fair_share.update()
     if fair_share is not None:
-        fair_share.reset()  # the regressions' rounding depends on the BLAS thread count: keep it fixed
+        fair_share.reset()  # the fits after this run on as many threads as the process has (fan_out)
     return comm.allreduce_sum(feats)
 
 

@@ -431,13 +431,13 @@ class Attention(Function):
     (causal=True, the AR model) or no mask (causal=False, the BERT model). Forward and backward are
     the tiled numba kernels in attention.py (formulas in attention.attention_backward). Saved for
     backward: views of qkv and O (arrays the graph holds anyway) and the per-row log-sum-exp; never
-    the (T, T) matrix, and no per-head copies.
+    the (T, T) matrix, and no per-head copies (the kernels copy one head at a time while they run).
     """
 
     def forward(self, qkv, n_head, causal=True):
         B, T, C3 = qkv.shape
         self.causal = causal
-        self.q, self.k, self.v = attention_kernels.heads(qkv, n_head)                  # 3 x (B, T, NH, D) views
+        self.q, self.k, self.v = attention_kernels.heads(qkv, n_head)                  # (B, T, NH, D) views
         self.o, self.lse = attention_kernels.attention_forward(self.q, self.k, self.v, causal, 0)
         return self.o.reshape(B, T, C3 // 3)                                            # (B, T, C)
 
