@@ -34,7 +34,8 @@ def parse(argv=None):
     a("--warmup-steps", type=nonnegative_int, help="linear warm-up steps (default: one epoch, at most 10%% of the run)")
     a("--weight-decay", type=nonnegative_float, help="decoupled weight decay (default 0, as the paper)")
     a("--clip", type=nonnegative_float, help="global gradient-norm clip, 0 for none (default 1.0)")
-    a("--palette-size", type=positive_int, help="k-means colours, the vocabulary (default 512)")
+    a("--palette-size", type=positive_int, help="k-means k, the most colours; images with fewer distinct "
+      "colours get one token each (default 512)")
     a("--palette", help="use this palette instead of fitting one: a (k, 3) .npy in [-1, 1] or a Hugging "
       "Face preprocessor_config.json with 'clusters' (OpenAI's released palette) (default: fit)")
     a("--no-augment", dest="augment", action="store_false", help="no random crop/flip (default: on)")

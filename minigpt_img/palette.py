@@ -5,6 +5,7 @@ Image GPT does not model the 3 x 8 bits of a pixel: it clusters (R, G, B) values
 
     u(p)      = p / 127.5 - 1                                pixels scaled to [-1, 1] (released code)
     centres   = k-means on u(p) over pixels sampled from the training split (k-means++ start, Lloyd)
+                (images with at most k distinct colours: those colours, one centre each)
     encode(p) = argmin_k ||u(p) - c_k||^2                    exact nearest centre, lowest k on ties
     decode(k) = round(127.5 (c_k + 1))                       back to 8-bit colour
 
@@ -116,9 +117,6 @@ def _kmeans_pp(points, weights, k, rng):
     kernels.min_sq_dist_update(points, centers[0], d2)
     for j in range(1, k):
         score = np.cumsum(weights * d2)
-        if score[-1] <= 0:  # fewer distinct colours than k: duplicate (re-seeded later if empty)
-            centers[j:] = centers[0]
-            break
         centers[j] = points[min(np.searchsorted(score, rng.random() * score[-1]), len(points) - 1)]
         kernels.min_sq_dist_update(points, centers[j], d2)
     return centers
@@ -128,7 +126,11 @@ def fit_palette(images: np.ndarray, k: int = 512, n_pixels: int = 1_000_000, see
                 max_iter: int = 50, history: list | None = None) -> np.ndarray:
     """k-means palette (k, 3) float32 in [-1, 1] from up to n_pixels pixels sampled from images
     (N, H, W, 3) uint8. Deterministic given seed. Appends each iteration's inertia (weighted mean
-    squared distance) to `history` when given."""
+    squared distance) to `history` when given.
+
+    When the sample holds at most k distinct colours the palette is those colours, (n, 3) with n <= k:
+    k-means would only add copies, tokens the data never uses but the model must still learn to
+    give no probability (two-colour images with k = 512 left 510 such tokens)."""
     rng = generator(seed, "palette")
     pixels = np.asarray(images, dtype=np.uint8).reshape(-1, 3)
     if len(pixels) > n_pixels:
@@ -137,6 +139,8 @@ def fit_palette(images: np.ndarray, k: int = 512, n_pixels: int = 1_000_000, see
     uniq, counts = np.unique(packed, return_counts=True)
     colours = np.stack([(uniq >> 16) & 255, (uniq >> 8) & 255, uniq & 255], axis=1).astype(np.uint8)
     points, weights = to_unit(colours), counts.astype(np.float64)      # (n, 3), (n,)
+    if len(points) <= k:
+        return points.astype(np.float32)
 
     centers = _kmeans_pp(points, weights, k, rng)
     labels = None
@@ -200,7 +204,7 @@ def main(argv=None) -> int:
     ap.add_argument("--data", default="streaks", help="dataset name or image folder (default streaks)")
     ap.add_argument("--data-dir", default="data", help="folder holding the dataset files (default data)")
     ap.add_argument("--res", type=int, default=None, help="resolution (default: the dataset's own)")
-    ap.add_argument("--palette-size", type=int, default=512, help="k, number of colours (default 512)")
+    ap.add_argument("--palette-size", type=int, default=512, help="k, the most colours (default 512)")
     ap.add_argument("--n", type=int, default=16, help="images to show (default 16)")
     ap.add_argument("--seed", type=int, default=0, help="seed for the sample and k-means (default 0)")
     args = ap.parse_args(argv)
@@ -215,7 +219,7 @@ def main(argv=None) -> int:
     pairs = np.stack([shown, quantised], axis=1).reshape(-1, *shown.shape[1:])  # original, quantised
     scale = max(1, 128 // shown.shape[1])
     path = save_png(image_grid(pairs, ncols=8, scale=scale), args.preview)
-    print(f"wrote {path}: {len(shown)} {ds.name} images (left) beside their {args.palette_size}-colour "
+    print(f"wrote {path}: {len(shown)} {ds.name} images (left) beside their {len(pal)}-colour "
           f"versions (right)")
     return 0
 

@@ -6,8 +6,9 @@ Legend: N images, T = res^2 tokens, V palette size.
 
 The palette is, in this order of precedence: the one saved in the checkpoint the run starts from
 (resume, fine-tuning: the model's tokens must mean the same colours), a palette file (--palette, e.g.
-OpenAI's released clusters), or k-means fitted on the training images (§3.2). Tokens are cached on
-disk (data.cached_tokens).
+OpenAI's released clusters), or k-means fitted on the training images (§3.2). --palette-size is
+k, the most colours: images with fewer distinct colours get one token per colour, and the model's
+vocabulary V is the palette's length. Tokens are cached on disk (data.cached_tokens).
 """
 from __future__ import annotations
 
@@ -48,9 +49,11 @@ def prepare_data(cfg: RunConfig, start: dict | None, start_path=None, log=print,
         val_tokens = cached_tokens(ds.val.images[:cfg.eval_images], palette, cfg.cache_dir)
     data = RunData(ds, palette, train_tokens, val_tokens, ds.val.labels[:cfg.eval_images],
                    array_digest(train_tokens)[:16],
-                   unigram_entropy(train_tokens, cfg.palette_size))
+                   unigram_entropy(train_tokens, len(palette)))
+    fewer = (f" (the images hold only {len(palette)} distinct colours)"
+             if start is None and not cfg.palette and len(palette) < cfg.palette_size else "")
     log(f"data: {ds.name} {cfg.res}x{cfg.res}, {len(ds.train)} train / {len(ds.val)} val images, "
-        f"{cfg.palette_size}-colour palette, unigram entropy {data.entropy:.3f} nats "
+        f"{len(palette)}-colour palette{fewer}, unigram entropy {data.entropy:.3f} nats "
         f"({time.time() - t:.1f} s)")
     return data
 
@@ -71,7 +74,9 @@ def _choose_palette(cfg: RunConfig, ds, start, start_path, comm: Solo) -> Palett
             raise ConfigError(f"{cfg.palette} holds {len(centers)} colours, not --palette-size "
                               f"{cfg.palette_size}: pass --palette-size {len(centers)}")
         return Palette(centers)
-    centers = np.zeros((cfg.palette_size, 3), np.float32)
+    centers, count = np.zeros((cfg.palette_size, 3), np.float32), np.zeros(1, np.int64)
     if comm.is_root:
-        centers = fit_palette(ds.train.images, k=cfg.palette_size, seed=cfg.seed)
-    return Palette(comm.broadcast(np.ascontiguousarray(centers, dtype=np.float32)))
+        fitted = fit_palette(ds.train.images, k=cfg.palette_size, seed=cfg.seed)  # (n <= k, 3)
+        centers[:len(fitted)], count[0] = fitted, len(fitted)
+    n = int(comm.broadcast(count)[0])  # the same n on every rank, then the n centres
+    return Palette(comm.broadcast(centers)[:n])

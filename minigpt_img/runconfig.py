@@ -41,7 +41,7 @@ class RunConfig:
     warmup_steps: int | None = None
     weight_decay: float = 0.0
     clip: float = 1.0                # departure: the paper does not clip gradients; 0 turns it off
-    palette_size: int = 512
+    palette_size: int = 512          # k, the most colours: fewer when the images hold fewer
     palette: str | None = None       # a palette file to use instead of fitting one (palette.load_palette)
     augment: bool = True
     seed: int = 0

@@ -159,8 +159,8 @@ class Trainer:
             raise ConfigError(f"{self.folder.ckpt} exists: pass --resume to continue that run, or choose "
                               "another --out (nothing was overwritten)")
         check_writable(cfg.cache_dir, "--cache-dir")
-        model_cfg = config_for(cfg.size, cfg.res, cfg.palette_size)
-        problem = memory_problem(training_bytes(model_cfg, cfg.batch_size),
+        most = config_for(cfg.size, cfg.res, cfg.palette_size)  # V = palette_size bounds the memory
+        problem = memory_problem(training_bytes(most, cfg.batch_size),
                                  f"a training step of {cfg.size} at {cfg.res}x{cfg.res}, batch {cfg.batch_size},",
                                  "lower --batch-size (--grad-accum keeps the batch), --res or --size")
         if problem:
@@ -169,6 +169,7 @@ class Trainer:
         start_path = self.folder.ckpt if resume else cfg.finetune
         start = ck.load_arrays(start_path) if start_path else None          # the checkpoint we start from
         self.data = prepare_data(cfg, start, start_path, log, self.comm)
+        model_cfg = config_for(cfg.size, cfg.res, len(self.data.palette))  # V: the palette's colours
         self.model = ImageGPT(model_cfg, generator(cfg.seed, "init"))
         self.task = FineTuning(self, resume) if cfg.finetune else Pretraining(self)
         self.params = self.model.parameters() + [p for h in self.task.heads.values() for p in h.parameters()]

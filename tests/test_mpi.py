@@ -74,6 +74,16 @@ def test_two_processes_reach_the_weights_of_one_and_only_rank_0_writes(folder, t
     assert two.stdout.count("done: 6 steps") == 1 and "data-parallel over 2 processes" in two.stdout
 
 
+def test_every_rank_gets_a_palette_of_the_colours_the_images_hold(tmp_path):
+    """Three flat greys under --palette-size 16: rank 0 fits three centres and sends how many."""
+    for split, seed in (("train", 0), ("test", 1)):
+        write_image_folder(tmp_path / "imgs" / split, per_class=8, noise=1, seed=seed)
+    two = run(2, "train.py", *train_args(tmp_path, tmp_path / "two", "--steps", 2))
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert "3-colour palette" in two.stdout
+    assert ck.read_meta(tmp_path / "two" / "ckpt.npz")[0].vocab == 3
+
+
 def test_a_batch_that_does_not_divide_is_one_line(folder, tmp_path):
     r = run(2, "train.py", *train_args(folder, tmp_path / "odd", "--steps", 2, "--batch-size", 3))
     assert r.returncode != 0 and "--batch-size 3 does not divide among 2 processes" in r.stderr

@@ -120,7 +120,7 @@ def test_kmeans_with_fewer_colours_than_k():
     images = np.zeros((2, 4, 4, 3), np.uint8)
     images[0] = 255
     centers = fit_palette(images, k=5, seed=0)
-    assert np.all(np.isfinite(centers))
+    assert centers.shape == (2, 3)  # one centre per colour, no copies the data never uses
     assert set(map(tuple, Palette(centers).decode(Palette(centers).encode(images)).reshape(-1, 3))) \
         == {(0, 0, 0), (255, 255, 255)}
 

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from minigpt_img import Tensor, ops
-from minigpt_img.checkpoint import load_arrays
+from minigpt_img.checkpoint import load_arrays, read_meta
 from minigpt_img.model import GPTConfig, ImageGPT
 from minigpt_img.objectives import ar_inputs, ar_loss, bert_loss, bert_mask, unigram_entropy
 from minigpt_img.optim import Adam, lr_at
@@ -243,6 +243,24 @@ def test_released_palette_file_is_used_instead_of_fitting(image_folder, tmp_path
     with pytest.raises(ConfigError, match="holds 16 colours, not --palette-size 32"):
         Trainer(tiny(image_folder, tmp_path / "pal2", palette_size=32,
                          palette=str(tmp_path / "preprocessor_config.json")), log=lambda *a: None)
+
+
+def test_the_vocabulary_is_the_colours_the_images_hold(tmp_path):
+    """Images with fewer distinct colours than --palette-size: one token per colour, and the model,
+    its checkpoint, a resumed run and a fine-tuning run all have that vocabulary."""
+    flat = write_image_folder(tmp_path / "flat", per_class=8, noise=1)   # three flat greys
+    lines = []
+    run = Trainer(tiny(flat, tmp_path / "run", steps=3), log=lines.append)
+    assert len(run.data.palette) == 3 and run.model.config.vocab == 3
+    assert any("3-colour palette (the images hold only 3 distinct colours)" in l for l in lines)
+    assert run.train() == "done"
+    assert read_meta(tmp_path / "run" / "ckpt.npz")[0].vocab == 3
+    resumed = Trainer(resolve_config({"out": str(tmp_path / "run"), "steps": 5}, resume=True), resume=True,
+                      log=lambda *a: None)
+    assert resumed.model.config.vocab == 3 and resumed.train() == "done"
+    tuned = Trainer(resolve_config({"finetune": str(tmp_path / "run" / "ckpt.npz"), "steps": 2,
+                                    "out": str(tmp_path / "tuned")}, resume=False), log=lambda *a: None)
+    assert tuned.model.config.vocab == 3 and tuned.train() == "done"
 
 
 def test_the_time_estimate_leaves_out_compilation_and_respects_the_budget(image_folder, tmp_path):
