@@ -28,6 +28,8 @@ def parse(argv=None):
     a("--batch-size", type=positive_int, default=64, help="images per forward pass (default 64)")
     a("--labels-per-class", type=positive_int, nargs="*", default=[], help="also probe with this many labels per "
       "class, 5 random draws each, e.g. 4 25 400 (default: none)")
+    a("--concat", type=positive_int, default=1, help="also probe this many consecutive layers side by side, "
+      "centred on the best single layer, as the paper's strongest ImageNet probe (5 layers) (default 1: off)")
     a("--bert-masks", type=positive_int, default=1, help="BERT checkpoints: average features over this many "
       "random masks (default 1)")
     a("--no-baselines", action="store_true", help="skip the raw-pixel, histogram and random-init probes")
@@ -50,7 +52,7 @@ def probe(args, comm) -> int:
                           args.max_train, args.max_eval, args.batch_size, args.labels_per_class,
                           args.bert_masks, args.seed, not args.no_baselines, args.cache_dir,
                           log=print if comm.is_root else lambda *a: None, comm=comm,
-                          fair_share=fair_share(args, comm))
+                          fair_share=fair_share(args, comm), concat=args.concat)
     if not comm.is_root:  # rank 0 writes the report
         return 0
     out = Path(args.out or Path(args.ckpt).parent)

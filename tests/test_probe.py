@@ -12,7 +12,7 @@ from scipy.optimize import minimize
 
 from minigpt_img import ops
 from minigpt_img.checkpoint import load_arrays
-from minigpt_img.linear_probe import (LogisticProbe, balanced_subsets, extract_features,
+from minigpt_img.linear_probe import (LogisticProbe, balanced_subsets, concat_layers, extract_features,
                                       loss_and_grad, probe_layer)
 from minigpt_img.model import GPTConfig, ImageGPT
 from minigpt_img.objectives import ar_inputs
@@ -60,6 +60,9 @@ def test_lbfgs_reaches_the_optimum_on_a_separable_problem():
     tight = minimize(loss_and_grad, np.zeros_like(params), args=(X, y, 3, 1e-2), jac=True,
                      method="BFGS", options={"gtol": 1e-10, "maxiter": 5000})
     assert J == pytest.approx(tight.fun, abs=1e-7)
+    # warm-started from another lambda's optimum (the grid's walk): the same optimum
+    warm = LogisticProbe(lam=1e-2).fit(F, y, 3, start=LogisticProbe(lam=1.0).fit(F, y, 3).params)
+    assert loss_and_grad(warm.params, X, y, 3, 1e-2)[0] == pytest.approx(tight.fun, abs=1e-7)
 
 
 def test_fits_run_side_by_side_with_results_independent_of_the_thread_count():
@@ -124,7 +127,7 @@ def tiny_run(tmp_path_factory):
 def test_probe_script_writes_the_report(tiny_run):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     r = subprocess.run([sys.executable, str(REPO / "probe.py"), "--ckpt", str(tiny_run / "run" / "ckpt.npz"),
-                        "--cache-dir", str(tiny_run / "cache"), "--labels-per-class", "2", "4"],
+                        "--cache-dir", str(tiny_run / "cache"), "--labels-per-class", "2", "4", "--concat", "2"],
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr
     report = json.loads((tiny_run / "run" / "probe.json").read_text())
@@ -132,8 +135,26 @@ def test_probe_script_writes_the_report(tiny_run):
     assert {"raw_pixels", "token_histogram", "random_init", "low_data"} <= set(report)
     assert report["eval_split"] == "test" and report["n_eval"] == 15
     assert [d["per_class"] for d in report["low_data"]] == [2, 4]
+    best = report["best"]["layer"]
+    assert best in report["concat"]["layers"] and len(report["concat"]["layers"]) == 2
+    assert "concatenated" in r.stdout
     assert (tiny_run / "run" / "probe.png").is_file() and "best layer" in r.stdout
     assert list((tiny_run / "run" / "features").glob("*.npy"))  # cached for the next probe
+
+
+def test_concatenated_layers_centre_on_the_best_and_fit_inside():
+    assert concat_layers(5, 5, 13) == [3, 4, 5, 6, 7]
+    assert concat_layers(0, 5, 13) == [0, 1, 2, 3, 4] and concat_layers(12, 5, 13) == [8, 9, 10, 11, 12]
+    assert concat_layers(2, 2, 3) == [1, 2] and concat_layers(1, 3, 3) == [0, 1, 2]
+
+
+def test_a_concat_wider_than_the_model_is_refused_before_any_feature(tiny_run):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, str(REPO / "probe.py"), "--ckpt", str(tiny_run / "run" / "ckpt.npz"),
+                        "--cache-dir", str(tiny_run / "cache"), "--concat", "4"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 2 and "--concat 4" in r.stderr and "layers 0..2" in r.stderr
+    assert "Traceback" not in r.stderr and "features" not in r.stdout
 
 
 def test_probe_without_test_set_says_use_val(tmp_path, tiny_run):
