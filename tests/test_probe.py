@@ -44,6 +44,10 @@ def test_probe_gradient_matches_finite_differences():
     _, g = loss_and_grad(params, F, y, 3, 0.1)
     num = numeric_grad(lambda p: np.array(loss_and_grad(p, F, y, 3, 0.1)[0]), [params], 0, np.array(1.0))
     assert relative_error(g, num) < 1e-6
+    lam = rng.uniform(0.01, 2.0, (4, 1))  # per-feature penalties, as in the rounded coordinates
+    _, g = loss_and_grad(params, F, y, 3, lam)
+    num = numeric_grad(lambda p: np.array(loss_and_grad(p, F, y, 3, lam)[0]), [params], 0, np.array(1.0))
+    assert relative_error(g, num) < 1e-6
 
 
 def test_lbfgs_reaches_the_optimum_on_a_separable_problem():
