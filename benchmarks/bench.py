@@ -192,6 +192,7 @@ class OursStep:
             return
         self.trainer = bench_trainer(size, cfg.n_px, batch, seed=seed)
         self.model = self.trainer.model
+        assert self.model.config == cfg, f"ours {self.model.config} differs from the case's {cfg}"
 
     def train_step(self):
         self.trainer.optimizer_step(3e-4)

@@ -79,7 +79,8 @@ class OpTimer:
                 fwd_flops = lambda args: 2.0 * args[1].shape[0] * args[1].shape[1] ** 2 * args[1].shape[2] / 3
                 self._wrap(cls, "forward", lambda args, l=label: (l, "forward"), fwd_flops)
                 self._wrap(cls, "backward", lambda args, l=label: (l, "backward"),  # twice the forward
-                           lambda args: 4.0 * args[0].q.shape[0] * args[0].q.shape[1] ** 2 * args[0].q.shape[2])
+                           lambda args: 4.0 * args[0].q.shape[0] * args[0].q.shape[1] ** 2
+                           * args[0].q.shape[2] * args[0].q.shape[3])                  # q: (B, T, NH, D)
                 continue
             self._wrap(cls, "forward", lambda args, l=label: (l, "forward"))
             self._wrap(cls, "backward", lambda args, l=label: (l, "backward"))
