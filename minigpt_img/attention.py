@@ -10,8 +10,9 @@ next projection reads, and the backward writes dQ, dK, dV straight into the fuse
 (B, T, 3C). The forward walks key tiles with an online softmax (running max m and
 denominator l per query row), so only a (TQ, TK) block of S exists at any time, and saves
 lse = m + log(l) per row for backward. q_offset places the queries after q_offset earlier positions
-(incremental decoding with a KV cache). The *_ref twins materialise the whole (Tq, Tk) matrix per
-head: the specification the tests check.
+(incremental decoding with a KV cache). Decoding a token or a few goes through attention_decode
+instead, which reads a head-major cache (B, NH, n_ctx, D) in place. The *_ref twins materialise the
+whole (Tq, Tk) matrix per head: the specification the tests check.
 
 Legend: B batch, T tokens, NH heads, D = C / NH head size, BH = B * NH.
 """
@@ -123,6 +124,44 @@ def attention_forward(q, k, v, causal, q_offset):
                     o[b, i0 + a, h, d] = acc[a, d] * inv
                 lse[b, h, i0 + a] = m[a] + np.log(l[a])
     return o, lse
+
+
+DECODE_ROWS = 8  # KVCache.attend: up to this many new queries go through attention_decode
+
+
+@njit(parallel=True, **_JIT)
+def attention_decode(q, k_cache, v_cache, q_offset):
+    """Decoding with a KV cache: a few queries q (B, Tq, NH, D), any strides, placed after q_offset
+    cached positions, against the head-major cache k_cache, v_cache (B, NH, n_ctx, D), C-contiguous,
+    holding at least q_offset + Tq positions -> o (B, Tq, NH, D) C-contiguous; causal. Each head's
+    keys are one contiguous block, so the scores and P V are BLAS matrix-vector products on the
+    cache itself (the tiled forward would copy every head's keys and values on every step: 1.5x
+    slower sampling, measured). Specification: attention_forward_ref on the cache's first positions."""
+    B, Tq, NH, D = q.shape
+    scale = 1.0 / np.sqrt(D)
+    o = np.empty((B, Tq, NH, D), dtype=q.dtype)
+    for bh in prange(B * NH):
+        b, h = bh // NH, bh % NH
+        n = q_offset + Tq                                              # keys any query sees
+        Kh, Vh = k_cache[b, h, :n], v_cache[b, h, :n]                  # (n, D) contiguous views
+        qa, s, work = np.empty(D, dtype=q.dtype), np.empty(n, dtype=q.dtype), np.empty(n, dtype=q.dtype)
+        for a in range(Tq):
+            nb = q_offset + a + 1                                      # keys j <= i + q_offset
+            for d in range(D):
+                qa[d] = q[b, a, h, d]
+            sa = s[:nb]
+            np.dot(Kh[:nb], qa, sa)                                    # (nb,) = K q
+            m = np.float64(row_max(sa, nb)) * scale
+            for j in range(nb):
+                sa[j] = sa[j] * scale - q.dtype.type(m)
+            exp_inplace(sa, work)                                      # p = exp(s / sqrt(D) - max)
+            l = 0.0
+            for j in range(nb):
+                l += sa[j]
+            oa = np.dot(sa, Vh[:nb])                                   # (D,) = p V
+            for d in range(D):
+                o[b, a, h, d] = oa[d] / l
+    return o
 
 
 def _per_head(x):

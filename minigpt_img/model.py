@@ -162,11 +162,12 @@ class ImageGPT(nn.Module):
 class KVCache:
     """Keys and values of every layer for the positions decoded so far, so that each new token costs
     one pass over the new position plus an attention read of the cache (O(T) per token, not O(T^2)).
-    Arrays are (L, B, n_ctx, NH, D), preallocated for the whole image."""
+    Arrays are head-major, (L, B, NH, n_ctx, D), preallocated for the whole image: each head's keys
+    are one contiguous block that decoding reads in place (attention.attention_decode)."""
 
     def __init__(self, cfg: GPTConfig, batch: int, dtype=np.float32):
         D = cfg.n_embd // cfg.n_head
-        self.k = np.zeros((cfg.n_layer, batch, cfg.n_ctx, cfg.n_head, D), dtype=dtype)
+        self.k = np.zeros((cfg.n_layer, batch, cfg.n_head, cfg.n_ctx, D), dtype=dtype)
         self.v = np.zeros_like(self.k)
         self.length = 0
 
@@ -175,8 +176,12 @@ class KVCache:
         q, k, v = attention.heads(qkv, n_head)                             # 3 x (B, T, NH, D) views
         B, T = qkv.shape[:2]
         t0, t1 = self.length, self.length + T
-        self.k[layer, :, t0:t1] = k
-        self.v[layer, :, t0:t1] = v
-        # Causal with q_offset = t0: the kernel reads keys < t1 only, never the unwritten rest.
-        o, _ = attention.attention_forward(q, self.k[layer], self.v[layer], True, t0)
+        self.k[layer, :, :, t0:t1] = k.transpose(0, 2, 1, 3)                # (B, NH, T, D)
+        self.v[layer, :, :, t0:t1] = v.transpose(0, 2, 1, 3)
+        # Causal with q_offset = t0: the kernels read keys < t1 only, never the unwritten rest.
+        if T <= attention.DECODE_ROWS:                                     # a token or a few
+            o = attention.attention_decode(q, self.k[layer], self.v[layer], t0)
+        else:                                                              # a prompt: the tiled kernel
+            o, _ = attention.attention_forward(q, self.k[layer].transpose(0, 2, 1, 3),
+                                               self.v[layer].transpose(0, 2, 1, 3), True, t0)
         return o.reshape(B, T, -1)                                         # (B, T, C)

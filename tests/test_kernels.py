@@ -145,6 +145,26 @@ def test_attention_with_offset_matches_reference(q_offset, Tq, Tk):
     np.testing.assert_allclose(lse, lse_ref, rtol=1e-11, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,NH,D,q_offset,Tq", [(1, 1, 8, 0, 1), (2, 3, 16, 9, 1), (1, 2, 32, 70, 5),
+                                                (3, 1, 64, 0, 8), (1, 1, 7, 127, 1)])
+def test_attention_decode_matches_reference(B, NH, D, q_offset, Tq, dtype):
+    """A few queries against the head-major cache (B, NH, n_ctx, D); the slots not yet written hold
+    NaN and must never be read."""
+    rng = np.random.default_rng(q_offset * 10 + D)
+    Tk, n_ctx = q_offset + Tq, q_offset + Tq + 20
+    q = rng.standard_normal((B, Tq, NH, D)).astype(dtype)
+    k, v = rng.standard_normal((2, B, NH, n_ctx, D)).astype(dtype)
+    k[:, :, Tk:] = np.nan
+    v[:, :, Tk:] = np.nan
+    o = attention.attention_decode(q, k, v, q_offset)
+    o_ref, _ = attention.attention_forward_ref(q, k[:, :, :Tk].transpose(0, 2, 1, 3),
+                                               v[:, :, :Tk].transpose(0, 2, 1, 3), True, q_offset)
+    assert o.dtype == dtype and o.flags.c_contiguous
+    t = dict(rtol=1e-4, atol=1e-5) if dtype == np.float32 else dict(rtol=1e-11, atol=1e-12)
+    np.testing.assert_allclose(o, o_ref, **t)
+
+
 @pytest.mark.parametrize("n,k", [(1, 1), (5, 3), (257, 64)])
 def test_min_sq_dist_update(n, k):
     rng = np.random.default_rng(n)
