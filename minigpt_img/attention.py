@@ -144,11 +144,11 @@ def attention_decode(q, k_cache, v_cache, q_offset):
         b, h = bh // NH, bh % NH
         n = q_offset + Tq                                              # keys any query sees
         Kh, Vh = k_cache[b, h, :n], v_cache[b, h, :n]                  # (n, D) contiguous views
-        qa, s, work = np.empty(D, dtype=q.dtype), np.empty(n, dtype=q.dtype), np.empty(n, dtype=q.dtype)
+        q_buf = np.empty((1, D), dtype=q.dtype)
+        s, work = np.empty(n, dtype=q.dtype), np.empty(n, dtype=q.dtype)
         for a in range(Tq):
             nb = q_offset + a + 1                                      # keys j <= i + q_offset
-            for d in range(D):
-                qa[d] = q[b, a, h, d]
+            qa = _tile(q, b, a, a + 1, h, q_buf)[0]                    # (D,) query row, contiguous
             sa = s[:nb]
             np.dot(Kh[:nb], qa, sa)                                    # (nb,) = K q
             m = np.float64(row_max(sa, nb)) * scale

@@ -214,6 +214,11 @@ def concat_layers(best: int, k: int, n_layers: int) -> list:
     return list(range(lo, lo + k))
 
 
+def concat_name(concat: dict) -> str:
+    """How reports and charts name a concatenated probe: 'layers a..b concatenated'."""
+    return f"layers {concat['layers'][0]}..{concat['layers'][-1]} concatenated"
+
+
 def probe_report(ckpt, data=None, data_dir=None, eval_split="test", layers=None, max_train=None,
                  max_eval=None, batch_size=64, labels_per_class=(), bert_masks=1, seed=0,
                  baselines=True, cache_dir="runs/cache", log=print, comm: Solo | None = None,
@@ -272,7 +277,8 @@ def probe_report(ckpt, data=None, data_dir=None, eval_split="test", layers=None,
         ls = concat_layers(best["layer"], concat, cfg.n_layer + 1)
         log(f"fitting a probe on layers {ls[0]}..{ls[-1]} side by side ({concat * cfg.n_embd} features)")
         F, G = F_tr[:, ls].reshape(tr_n, -1), F_ev[:, ls].reshape(ev_n, -1)             # (N, k C)
-        report["concat"] = {"layers": ls, **fan_out([lambda: probe_layer(F, y_tr, G, y_ev, K, seed)], comm)[0]}
+        fit = fan_out([lambda: probe_layer(F, y_tr, G, y_ev, K, seed)], comm)[0]
+        report["concat"] = {"layers": ls, **fit}
 
     if baselines:
         log("baselines: raw pixels, palette-token histogram, the same model at random init")
@@ -339,8 +345,7 @@ def format_report(report: dict) -> str:
     lines.append(f"best layer {b['layer']}: {b['eval_acc']:.2%}")
     if "concat" in report:
         c = report["concat"]
-        lines.append(f"layers {c['layers'][0]}..{c['layers'][-1]} concatenated: {c['eval_acc']:.2%} "
-                     f"(lambda {c['lam']:g})")
+        lines.append(f"{concat_name(c)}: {c['eval_acc']:.2%} (lambda {c['lam']:g})")
     for key, label in (("raw_pixels", "raw pixels"), ("token_histogram", "palette-token histogram")):
         if key in report:
             lines.append(f"baseline, {label}: {report[key]['eval_acc']:.2%}")
@@ -363,8 +368,7 @@ def plot_report(report: dict, path) -> None:
     hlines = {f"chance {chance:.1f}%": chance}
     if "concat" in report:
         c = report["concat"]
-        hlines[f"layers {c['layers'][0]}..{c['layers'][-1]} concatenated {100 * c['eval_acc']:.1f}%"] = \
-            100 * c["eval_acc"]
+        hlines[f"{concat_name(c)} {100 * c['eval_acc']:.1f}%"] = 100 * c["eval_acc"]
     if "raw_pixels" in report:
         hlines[f"raw pixels {100 * report['raw_pixels']['eval_acc']:.1f}%"] = 100 * report["raw_pixels"]["eval_acc"]
     line_chart(series, path, title=f"linear probe accuracy by layer ({report['data']}, "
