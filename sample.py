@@ -42,6 +42,8 @@ def sample(args, comm) -> int:
     from minigpt_img.palette import Palette
     from minigpt_img.plots import GRID_PAD, image_grid, save_png, with_caption
     from minigpt_img.sampling import completion_rows, sample_shared
+    from minigpt_img.streams import generator
+    from minigpt_img.streaks import judge_samples
 
     if args.init_from:
         model, centers = load_hf(args.init_from)
@@ -87,8 +89,11 @@ def sample(args, comm) -> int:
         n = args.n or 16
         tokens = sample_shared(model, n, rng, args.temperature, args.top_k, progress=True, comm=comm)
         out = Path(args.out or where / f"samples-seed{args.seed}.png")
-        grid = with_caption(image_grid(palette.decode(tokens), ncols=min(8, n), scale=scale),
+        images = palette.decode(tokens)                                  # (n, n_px, n_px, 3)
+        grid = with_caption(image_grid(images, ncols=min(8, n), scale=scale),
                             [f"{source}: {n} samples", settings])
+        if run_settings.get("data") == "streaks" and comm.is_root:  # the data's own judgement
+            print(judge_samples(images, generator(0, "streaks", 2)))
     if comm.is_root:  # the processes drew the images together; rank 0 writes them
         save_png(grid, out)
         print(f"wrote {out}")

@@ -1,6 +1,6 @@
 """Pre-train Image GPT (§2.1, §3.4) on a CPU.  python train.py --help
 
-    python train.py                                   # shapes, micro, 16x16: minutes
+    python train.py                                   # streaks, micro, 8x8: minutes
     python train.py --size s --res 32 --data cifar10 --data-dir ../shared/data   # the paper's iGPT-S
     python train.py --resume --out runs/default       # continue where a run stopped
     python train.py --finetune runs/default/ckpt.npz  # §2.3 fine-tuning, into runs/default-finetune
@@ -19,18 +19,21 @@ def parse(argv=None):
                 "--resume continues).", argument_default=S)
     a = ap.add_argument
     a("--size", help="model size: nano, micro, mini, s, m, l, xl (default micro)")
-    a("--res", type=positive_int, help="image side in pixels after box-filter downsampling (default 16)")
+    a("--res", type=positive_int, help="image side in pixels after box-filter downsampling (default 16; 8 "
+      "for streaks)")
     a("--data", help="streaks | shapes | cifar10 | cifar100 | stl10 | path to a folder of class folders "
       "(default streaks)")
     a("--data-dir", help="folder holding the dataset files (default data)")
     a("--download", action="store_true", help="fetch cifar10/cifar100/stl10 into --data-dir first")
     a("--objective", choices=["ar", "bert"], help="ar (autoregressive) or bert (masked) (default ar)")
     a("--mask-rate", type=positive_float, help="BERT: probability a position is masked (default 0.15)")
-    a("--batch-size", type=positive_int, help="images per micro-batch (default by size: 16 up to micro, 8 mini, 4 s, 1 m/l/xl)")
+    a("--batch-size", type=positive_int, help="images per micro-batch (default by size: 16 up to micro, 8 mini, 4 s, "
+      "1 m/l/xl; 8 for streaks)")
     a("--grad-accum", type=positive_int, help="micro-batches per optimiser step (default 1)")
-    a("--lr", type=positive_float, help="peak learning rate of Adam (default 3e-3)")
+    a("--lr", type=positive_float, help="peak learning rate of Adam (default 3e-3; 1.5e-3 for streaks)")
     a("--steps", type=positive_int, help="optimiser steps in the run (default: --epochs)")
-    a("--epochs", type=positive_float, help="passes over the training split (default 1 when --steps is not given)")
+    a("--epochs", type=positive_float, help="passes over the training split when --steps is not given (default 1; "
+      "4 for streaks)")
     a("--warmup-steps", type=nonnegative_int, help="linear warm-up steps (default: one epoch, at most 10%% of the run)")
     a("--weight-decay", type=nonnegative_float, help="decoupled weight decay (default 0, as the paper)")
     a("--clip", type=nonnegative_float, help="global gradient-norm clip, 0 for none (default 1.0)")
@@ -38,7 +41,9 @@ def parse(argv=None):
       "colours get one token each (default 512)")
     a("--palette", help="use this palette instead of fitting one: a (k, 3) .npy in [-1, 1] or a Hugging "
       "Face preprocessor_config.json with 'clusters' (OpenAI's released palette) (default: fit)")
-    a("--no-augment", dest="augment", action="store_false", help="no random crop/flip (default: on)")
+    a("--augment", choices=["wrn", "none"], help="wrn: reflection-pad, random crop and flip (the paper's "
+      "CIFAR fine-tuning augmentation); none (default wrn; none for streaks)")
+    a("--no-augment", dest="augment", action="store_const", const="none", help="the same as --augment none")
     a("--seed", type=nonnegative_int, help="seed of init, data order, augmentation, palette (default 0)")
     a("--out", help="run folder for ckpt.npz, metrics.jsonl, loss.png, samples.png (default runs/default)")
     a("--cache-dir", help="where quantised tokens are cached (default runs/cache)")

@@ -7,19 +7,20 @@ set is used when its files are present.
     cifar10, cifar100   official *binary* versions (records: label byte(s) + 1024 R, 1024 G, 1024 B),
                         from the extracted folder or straight from the official .tar.gz; never unpickled
     stl10               official binary version (96x96, each channel stored column-major)
-    streaks             binary streaks along ten offsets (streaks.py): no files, the offline default
+    streaks             binary lines in four directions (streaks.py): no files, the offline default
     shapes              procedurally drawn shapes (shapes.py): no files
     <folder>            one sub-folder of images per class (or train/ and test/ holding those)
 
 Resolution (§3.2 downsampling): an area (box) filter to --res, applied only when --res differs from
 the data's own size.
 
-Augmentation (`augment`): reflection-pad 4 pixels (scaled with the resolution), take a random crop of
-the original size, flip horizontally with probability 1/2. This is the Wide-ResNet augmentation the
-paper uses when fine-tuning on CIFAR (§3.4). Departure: train.py also applies it during pre-training
-(--no-augment turns it off), where the paper, pre-training on ImageNet, uses lightweight random-resized
-crops. Because quantising is per pixel, cropping and flipping token grids equals quantising augmented
-images, so it runs on tokens.
+Augmentation (`augment`, train.py's --augment wrn): reflection-pad 4 pixels (scaled with the
+resolution), take a random crop of the original size, flip horizontally with probability 1/2. This is
+the Wide-ResNet augmentation the paper uses when fine-tuning on CIFAR (§3.4). Departure: train.py also
+applies it during pre-training (--augment none turns it off), where the paper, pre-training on
+ImageNet, uses lightweight random-resized crops. `streaks` is not augmented (runconfig.DATA_PRESETS): a
+flip turns one diagonal class into the other. Because quantising is per pixel, cropping and flipping
+token grids equals quantising augmented images, so it runs on tokens.
 """
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ STREAMS = {
     "split": 8,           # which training images are held out for validation
     "palette": 9,         # the pixels k-means sees and its k-means++ start
     "shapes": 10,         # (split): drawing the built-in shapes data set
-    "streaks": 15,        # (split): drawing the built-in streaks data set
+    "streaks": 15,        # (split): drawing the built-in streaks data set (2: sample.py's reference)
     # linear probes (linear_probe.py)
     "probe_masks": 11,    # BERT's masks when extracting features
     "probe_holdout": 12,  # the slice of training images that chooses lambda

@@ -152,9 +152,9 @@ class Trainer:
         cfg, log = self.cfg, self.log
         if removed:
             log(f"removed {len(removed)} temporary file(s) a killed run left in {self.folder.path}")
-        if cfg.res not in (16, 24, 32, 48, 64):
+        if cfg.res not in (8, 16, 24, 32, 48, 64):
             log(f"note: --res {cfg.res} is not a resolution the paper uses (32, 48, 64; the CPU presets "
-                "here use 16 and 24): it trains, but nothing here was measured at it")
+                "here use 8 for streaks, 16 and 24): it trains, but nothing here was measured at it")
         if self.folder.ckpt.exists() and not resume:
             raise ConfigError(f"{self.folder.ckpt} exists: pass --resume to continue that run, or choose "
                               "another --out (nothing was overwritten)")
@@ -355,7 +355,7 @@ class Trainer:
         start = (step * self.cfg.grad_accum + micro) * B
         idx = np.asarray([self._order(g // N)[g % N] for g in range(start, start + B)])
         x = self.data.train_tokens[idx]                                          # (B, T)
-        if self.cfg.augment:
+        if self.cfg.augment == "wrn":
             res = self.cfg.res
             x = augment(x.reshape(B, res, res), generator(self.cfg.seed, "augment", step, micro))
             x = x.reshape(B, -1)

@@ -14,7 +14,8 @@ from minigpt_img.data import (DataError, Split, augment, cached_tokens, load_dat
 from minigpt_img.download import download
 from minigpt_img.palette import Palette
 from minigpt_img.shapes import make_shapes
-from minigpt_img.streaks import DARK as STREAK_DARK, LIGHT as STREAK_LIGHT, OFFSETS, STAY, make_streaks
+from minigpt_img.streaks import (DARK as STREAK_DARK, LIGHT as STREAK_LIGHT, OFFSETS, STAY,
+                                 class_log_likelihoods, judge_samples, make_streaks)
 
 RNG = np.random.default_rng(0)
 
@@ -185,10 +186,39 @@ def test_procedural_data_deterministic_balanced_any_resolution(draw):
     b, lb = draw(50, 16, np.random.default_rng(4))
     np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(la, lb)
-    assert np.bincount(la).tolist() == [5] * 10
+    counts = np.bincount(la)
+    assert counts.min() > 0 and counts.max() - counts.min() <= 1                # balanced classes
     for res in (4, 7, 24):
         assert draw(10, res, np.random.default_rng(0))[0].shape == (10, res, res, 3)
     assert not np.array_equal(draw(10, 16, np.random.default_rng(5))[0], a[:10])
+
+
+def test_streaks_class_likelihood_is_exact_and_judges_images():
+    """class_log_likelihoods against the chain rule written pixel by pixel; it names the class of
+    every real image, a flat image is equally likely under every class, and noise is no class."""
+    x, y = make_streaks(200, 6, np.random.default_rng(2))
+    L = class_log_likelihoods(x)                                                # (200, K)
+    p = STAY + (1 - STAY) / 2
+    dark = x[..., 0] == STREAK_DARK
+    for i in range(3):
+        for c, (dy, dx) in enumerate(OFFSETS):
+            want = 0.0
+            for yy in range(6):
+                for xx in range(6):
+                    py, px = yy - dy, xx - dx
+                    first = py < 0 or (dy == 0 and px < 0)                      # a chain's first pixel
+                    if not first:
+                        same = dark[i, yy, xx] == dark[i, py % 6, px % 6]
+                    want += np.log(0.5) if first else np.log(p if same else 1 - p)
+            assert L[i, c] == pytest.approx(want)
+    assert (L.argmax(1) == y).mean() > 0.97
+    flat = np.full((1, 6, 6, 3), STREAK_LIGHT, np.uint8)
+    np.testing.assert_allclose(class_log_likelihoods(flat), class_log_likelihoods(flat)[0, 0])
+    noise = np.where(np.random.default_rng(1).random((16, 8, 8, 1)) < 0.5, STREAK_DARK, STREAK_LIGHT)
+    line = judge_samples(np.repeat(noise, 3, 3).astype(np.uint8), np.random.default_rng(0))
+    assert line.endswith("0 of 16 are as likely as the middle 90% of real images of their class")
+    real = judge_samples(make_streaks(40, 8, np.random.default_rng(3))[0], np.random.default_rng(0))
+    assert "10 horizontal, 10 vertical" in real
 
 
 def test_streaks_are_two_grey_levels():
@@ -210,29 +240,31 @@ def test_shapes_is_not_linearly_trivial():
 def test_streaks_repeat_along_their_class_offset_and_hide_the_class_from_raw_pixels():
     """Each class repeats its pixels along its own offset (y, x) -> (y - dy, x - dx) with probability
     STAY (plus half of the fresh coins); every class's mean image is the same (each pixel dark w.p.
-    1/2), so ridge regression on raw pixels stays near chance, while the ten agreement fractions,
-    what a model drawing pixel by pixel must learn to use, separate the classes."""
-    x, y = make_streaks(4000, 16, np.random.default_rng(0))
-    dark = (x[..., 0] == STREAK_DARK).astype(np.float64)                        # (N, 16, 16)
-    means = np.stack([dark[y == c].mean(0) for c in range(10)])
-    assert np.abs(means - 0.5).max() < 0.2                                      # 400 images a class
+    1/2), so ridge regression on raw pixels stays far below the K agreement fractions, what a model
+    drawing pixel by pixel must learn to use, which separate the classes. (Raw pixels are above
+    chance: a linear score can still see how widely the pixels along one line swing together.)"""
+    K, n = len(OFFSETS), 16
+    x, y = make_streaks(4000, n, np.random.default_rng(0))
+    dark = (x[..., 0] == STREAK_DARK).astype(np.float64)                        # (N, n, n)
+    means = np.stack([dark[y == c].mean(0) for c in range(K)])
+    assert np.abs(means - 0.5).max() < 0.2                                      # 1,000 images a class
 
     def agreement(dy, dx):                                                      # (N,) P(s = shifted s)
-        now = dark[:, dy:, max(dx, 0):16 + min(dx, 0)]
-        before = dark[:, :16 - dy, max(-dx, 0):16 - max(dx, 0)]
+        now = dark[:, dy:, max(dx, 0):n + min(dx, 0)]
+        before = dark[:, :n - dy, max(-dx, 0):n - max(dx, 0)]
         return (now == before).mean((1, 2))
-    same = np.stack([agreement(dy, dx) for dy, dx in OFFSETS], 1)               # (N, 10)
-    for c in range(10):
+    same = np.stack([agreement(dy, dx) for dy, dx in OFFSETS], 1)               # (N, K)
+    for c in range(K):
         assert same[y == c, c].mean() > STAY + (1 - STAY) / 2 - 0.05            # its own offset
         assert same[y == c].mean(0).argmax() == c                               # more than any other
 
     def ridge(F):
         F = np.concatenate([F - F[:3000].mean(0), np.ones((len(F), 1))], 1)
-        Y = np.eye(10)[y]
+        Y = np.eye(K)[y]
         W = np.linalg.solve(F[:3000].T @ F[:3000] + 10.0 * np.eye(F.shape[1]), F[:3000].T @ Y[:3000])
         return np.mean((F[3000:] @ W).argmax(1) == y[3000:])
-    assert ridge(dark.reshape(len(x), -1)) < 0.35
-    assert ridge(same) > 0.9  # a linear read-out of the ten agreements
+    assert ridge(dark.reshape(len(x), -1)) < 1 / K + 0.15
+    assert ridge(same) > 0.9  # a linear read-out of the K agreements
 
 
 # ---- downloads ---------------------------------------------------------------------------------

@@ -218,6 +218,21 @@ def test_settings_from_a_crafted_checkpoint_are_checked_too(folder, tmp_path):
         resolve_config({"out": str(out)}, resume=True)
 
 
+def test_a_checkpoint_from_before_augment_had_names_still_resumes(folder, tmp_path):
+    """Runs saved augment as true/false; they resume as "wrn"/"none", and the flag that says the same
+    thing (--no-augment on a run saved with false) is not taken for a change."""
+    out = tmp_path / "legacy"
+    Trainer(config(folder, out, augment="none"), **QUIET).train(on_step=stop_at(2))
+    arrays = ck.load_arrays(out / "ckpt.npz")
+    stored = json.loads(str(arrays["config"]))
+    stored["meta"]["run"]["augment"] = False
+    ck.save_arrays(out / "ckpt.npz", {**arrays, "config": np.array(json.dumps(stored))})
+    assert resolve_config({"out": str(out)}, resume=True).augment == "none"
+    assert resolve_config({"out": str(out), "augment": "none"}, resume=True).augment == "none"
+    with pytest.raises(ConfigError, match="trained with --augment none, not wrn"):
+        resolve_config({"out": str(out), "augment": "wrn"}, resume=True)
+
+
 def test_a_resolution_the_memory_cannot_serve_is_refused_before_allocating(tmp_path):
     r = script("train.py", "--res", "1000", "--out", tmp_path / "o")
     assert "GiB available" in one_line_error(r)

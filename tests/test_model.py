@@ -167,5 +167,6 @@ def test_default_batch_by_size():
     from minigpt_img.sizes import default_batch
     from minigpt_img.runconfig import resolve_config
     assert [default_batch(s) for s in ("nano", "micro", "mini", "s", "m")] == [16, 16, 8, 4, 1]
-    assert resolve_config({"size": "s"}, resume=False).batch_size == 4
+    assert resolve_config({"size": "s", "data": "cifar10"}, resume=False).batch_size == 4
     assert resolve_config({"size": "s", "batch_size": 2}, resume=False).batch_size == 2
+    assert resolve_config({"size": "s"}, resume=False).batch_size == 8  # streaks' preset comes first

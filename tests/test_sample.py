@@ -117,6 +117,17 @@ def test_sample_script(tmp_path):
     assert r.returncode == 2 and "BERT" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_sample_script_judges_streaks_samples_by_the_datas_own_likelihood(tmp_path):
+    m = ImageGPT(GPTConfig(n_layer=1, n_embd=16, n_head=2, n_px=4, vocab=2), np.random.default_rng(0))
+    greys = np.array([[20.0] * 3, [235.0] * 3]) / 127.5 - 1                    # streaks' two states
+    save_model(tmp_path / "ckpt.npz", m, greys, meta={"run": {"objective": "ar", "data": "streaks"}})
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, str(REPO / "sample.py"), "--ckpt", str(tmp_path / "ckpt.npz"),
+                        "--n", "4"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "by the data's own likelihood the 4 samples are" in r.stdout
+
+
 def test_sample_from_hugging_face_folder(tmp_path):
     from minigpt_img.checkpoint import export_hf
     pal = np.random.default_rng(0).uniform(-1, 1, (6, 3)).astype(np.float32)

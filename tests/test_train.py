@@ -198,6 +198,30 @@ def test_configuration_errors(image_folder, tmp_path):
         Trainer(tiny(image_folder, tmp_path / "x", size="huge"), log=lambda *a: None)
 
 
+def test_streaks_brings_its_first_run_preset_and_a_flag_overrides_it(image_folder):
+    """runconfig.DATA_PRESETS: the default data trains at 8x8, batch 8, lr 1.5e-3 for 4 epochs and
+    without augmentation; other data keeps BASE and the size's batch; a flag beats both."""
+    c = resolve_config({}, resume=False)
+    assert (c.data, c.res, c.batch_size, c.lr, c.epochs, c.augment) == ("streaks", 8, 8, 1.5e-3, 4.0, "none")
+    c = resolve_config({"res": 16, "augment": "wrn"}, resume=False)
+    assert (c.res, c.augment, c.batch_size) == (16, "wrn", 8)
+    c = resolve_config({"data": str(image_folder)}, resume=False)
+    assert (c.res, c.batch_size, c.lr, c.epochs, c.augment) == (16, 16, 3e-3, None, "wrn")
+    with pytest.raises(ConfigError, match="--augment must be wrn or none, not flip"):
+        RunConfig(augment="flip")
+
+
+def test_streaks_batches_are_the_images_themselves(tmp_path):
+    """A flip turns one diagonal class of streaks into the other, so its batches are not augmented:
+    every image of a batch is a training image, unchanged, with its own label."""
+    run = Trainer(RunConfig(size="nano", steps=1, out=str(tmp_path / "o"), cache_dir=str(tmp_path / "c"),
+                            samples=0), log=lambda *a: None)
+    x, y = run.batch(0, 0)
+    rows = {t.tobytes(): label for t, label in zip(run.data.train_tokens.astype(np.int64),
+                                                   run.data.ds.train.labels)}
+    assert [rows.get(t.tobytes()) for t in x] == list(y)
+
+
 def run_script(*args, timeout=300, **kw):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run([sys.executable, str(REPO / "train.py"), *args], capture_output=True,
