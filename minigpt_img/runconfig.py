@@ -86,8 +86,8 @@ class RunConfig:
 # The values of the fields declared None, when the data set's preset does not set them.
 BASE = {"res": 16, "lr": 3e-3, "augment": "wrn"}
 # The first run (README quickstart): streaks at 8x8 learns all four classes in minutes at batch 8
-# and lr 1.5e-3 for 4 epochs (at 16x16 and batch 16 it learned one class); a flip would turn one
-# diagonal class into the other, and the data holds a fresh image for every one it could crop.
+# and lr 1.5e-3 for 4 epochs (at 16x16 and batch 16 it learned one class in the same minutes); it is
+# not augmented, since a flip turns one diagonal class into the other.
 DATA_PRESETS = {"streaks": {"res": 8, "batch_size": 8, "lr": 1.5e-3, "epochs": 4.0, "augment": "none"}}
 AUGMENTS = ("wrn", "none")  # data.augment (Wide-ResNet reflect-pad crop + flip), or none
 
