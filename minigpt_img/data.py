@@ -14,13 +14,16 @@ set is used when its files are present.
 Resolution (§3.2 downsampling): an area (box) filter to --res, applied only when --res differs from
 the data's own size.
 
-Augmentation (`augment`, train.py's --augment wrn): reflection-pad 4 pixels (scaled with the
-resolution), take a random crop of the original size, flip horizontally with probability 1/2. This is
-the Wide-ResNet augmentation the paper uses when fine-tuning on CIFAR (§3.4). Departure: train.py also
-applies it during pre-training (--augment none turns it off), where the paper, pre-training on
-ImageNet, uses lightweight random-resized crops. `streaks` is not augmented (runconfig.DATA_PRESETS): a
-flip turns one diagonal class into the other. Because quantising is per pixel, cropping and flipping
-token grids equals quantising augmented images, so it runs on tokens.
+Augmentation (train.py's --augment):
+    wrn    reflection-pad 4 pixels (scaled with the resolution), take a random crop of the original
+           size, flip horizontally with probability 1/2: the Wide-ResNet augmentation the paper uses
+           when fine-tuning on CIFAR (§3.4). Quantising is per pixel, so cropping and flipping token
+           grids equals quantising augmented images: it runs on tokens (`augment`).
+    crop   the paper's pre-training augmentation: a random square crop of the full-resolution image,
+           downsampled to --res, then quantised (`random_resized_crops`).
+    none
+Departure: pre-training defaults to wrn, where the paper, pre-training on ImageNet, uses crop.
+`streaks` is not augmented (runconfig.DATA_PRESETS): a flip turns one diagonal class into the other.
 """
 from __future__ import annotations
 
@@ -338,6 +341,21 @@ def augment(grids: np.ndarray, rng: np.random.Generator, pad: int | None = None)
     cols = ox[:, None] + np.arange(W)                                          # (B, W)
     cols = np.where(flip[:, None], cols[:, ::-1], cols)
     return padded[np.arange(B)[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
+def random_resized_crops(images: np.ndarray, res: int, rng: np.random.Generator,
+                         smallest: float = 0.75) -> np.ndarray:
+    """The paper's pre-training augmentation, lightweight random-resized crops: from each
+    full-resolution image (B, S, S, 3) a square of side s, drawn uniformly from ceil(smallest * S)
+    to S pixels, at a random place, box-filtered to (res, res). No padding, so no mirrored pixels;
+    no flip. The paper names no range for them; smallest = 3/4 (56-100% of the area) is ours.
+    -> (B, res, res, 3) uint8"""
+    B, S = images.shape[:2]
+    side = rng.integers(max(1, int(np.ceil(smallest * S))), S + 1, B)       # (B,)
+    top = rng.integers(0, S - side + 1)                                      # (B,) 0 .. S - side
+    left = rng.integers(0, S - side + 1)
+    return np.stack([np.asarray(Image.fromarray(im[t:t + k, l:l + k]).resize((res, res), Image.BOX))
+                     for im, k, t, l in zip(images, side, top, left)])
 
 
 # ---- quantised tokens, cached on disk ----------------------------------------------------------

@@ -48,7 +48,7 @@ class RunConfig:
     clip: float = 1.0                # departure: the paper does not clip gradients; 0 turns it off
     palette_size: int = 512          # k, the most colours: fewer when the images hold fewer
     palette: str | None = None       # a palette file to use instead of fitting one (palette.load_palette)
-    augment: str | None = None      # "wrn" or "none" (data.augment); BASE "wrn"
+    augment: str | None = None      # "wrn", "crop" or "none" (data.py); BASE "wrn"
     seed: int = 0
     out: str = "runs/default"
     cache_dir: str = "runs/cache"
@@ -80,7 +80,7 @@ class RunConfig:
         if self.objective not in ("ar", "bert"):
             raise ConfigError(f"--objective must be ar or bert, not {self.objective}")
         if self.augment not in AUGMENTS:
-            raise ConfigError(f"--augment must be {' or '.join(AUGMENTS)}, not {self.augment}")
+            raise ConfigError(f"--augment must be one of {', '.join(AUGMENTS)}, not {self.augment}")
 
 
 # The values of the fields declared None, when the data set's preset does not set them.
@@ -89,7 +89,7 @@ BASE = {"res": 16, "lr": 3e-3, "augment": "wrn"}
 # and lr 1.5e-3 for 4 epochs (at 16x16 and batch 16 it learned one class in the same minutes); it is
 # not augmented, since a flip turns one diagonal class into the other.
 DATA_PRESETS = {"streaks": {"res": 8, "batch_size": 8, "lr": 1.5e-3, "epochs": 4.0, "augment": "none"}}
-AUGMENTS = ("wrn", "none")  # data.augment (Wide-ResNet reflect-pad crop + flip), or none
+AUGMENTS = ("wrn", "crop", "none")  # data.py: Wide-ResNet pad-crop-flip, full-resolution crops, none
 
 
 def _valid(value, ok) -> bool:

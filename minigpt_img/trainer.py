@@ -44,7 +44,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import checkpoint as ck
-from .data import augment
+from .data import augment, random_resized_crops
 from .files import FolderBusy, check_writable
 from .finetune import FineTuning
 from .model import ImageGPT
@@ -354,11 +354,13 @@ class Trainer:
         B, N = self.cfg.batch_size, len(self.data.train_tokens)
         start = (step * self.cfg.grad_accum + micro) * B
         idx = np.asarray([self._order(g // N)[g % N] for g in range(start, start + B)])
-        x = self.data.train_tokens[idx]                                          # (B, T)
+        rng, res = generator(self.cfg.seed, "augment", step, micro), self.cfg.res
+        if self.cfg.augment == "crop":   # §3.4: crops of the full-resolution images, then quantised
+            x = self.data.palette.encode(random_resized_crops(self.data.full_train[idx], res, rng))
+        else:
+            x = self.data.train_tokens[idx]                                      # (B, T)
         if self.cfg.augment == "wrn":
-            res = self.cfg.res
-            x = augment(x.reshape(B, res, res), generator(self.cfg.seed, "augment", step, micro))
-            x = x.reshape(B, -1)
+            x = augment(x.reshape(B, res, res), rng).reshape(B, -1)
         return x.astype(np.int64), self.data.ds.train.labels[idx]
 
     def _order(self, epoch: int) -> np.ndarray:

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from minigpt_img.data import (DataError, Split, augment, cached_tokens, load_dataset, resize,
-                              split_train_val)
+from minigpt_img.data import (DataError, Split, augment, cached_tokens, load_dataset, random_resized_crops,
+                              resize, split_train_val)
 from minigpt_img.download import download
 from minigpt_img.palette import Palette
 from minigpt_img.shapes import make_shapes
@@ -160,6 +160,21 @@ def test_augment_crops_flips_and_is_seeded():
     assert augment(images, np.random.default_rng(1)).shape == (3, 16, 16, 3)
     seen = {augment(grids, np.random.default_rng(s))[0, 0, 0] for s in range(20)}
     assert len(seen) > 3  # it does move things
+
+
+def test_random_resized_crops_are_box_filtered_windows_of_the_full_image():
+    """Each output is some square window of its own image, of side 3/4 of the image or more,
+    box-filtered to res: no padding, so no mirrored pixels; seeded; the whole image when smallest=1."""
+    images = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
+    a = random_resized_crops(images, 6, np.random.default_rng(1))
+    np.testing.assert_array_equal(a, random_resized_crops(images, 6, np.random.default_rng(1)))
+    assert a.shape == (5, 6, 6, 3) and a.dtype == np.uint8
+    for b in range(5):
+        windows = [resize(images[b:b + 1, t:t + k, l:l + k], 6)[0]
+                   for k in (6, 7, 8) for t in range(9 - k) for l in range(9 - k)]
+        assert any(np.array_equal(a[b], w) for w in windows)
+    np.testing.assert_array_equal(random_resized_crops(images, 4, np.random.default_rng(2), smallest=1.0),
+                                  resize(images, 4))
 
 
 def test_token_cache_reuses_and_rebuilds(tmp_path, monkeypatch):

@@ -207,7 +207,7 @@ def test_streaks_brings_its_first_run_preset_and_a_flag_overrides_it(image_folde
     assert (c.res, c.augment, c.batch_size) == (16, "wrn", 8)
     c = resolve_config({"data": str(image_folder)}, resume=False)
     assert (c.res, c.batch_size, c.lr, c.epochs, c.augment) == (16, 16, 3e-3, None, "wrn")
-    with pytest.raises(ConfigError, match="--augment must be wrn or none, not flip"):
+    with pytest.raises(ConfigError, match="--augment must be one of wrn, crop, none, not flip"):
         RunConfig(augment="flip")
 
 
@@ -220,6 +220,20 @@ def test_streaks_batches_are_the_images_themselves(tmp_path):
     rows = {t.tobytes(): label for t, label in zip(run.data.train_tokens.astype(np.int64),
                                                    run.data.ds.train.labels)}
     assert [rows.get(t.tobytes()) for t in x] == list(y)
+
+
+def test_crop_augmentation_cuts_the_full_resolution_images_then_quantises(image_folder, tmp_path):
+    """--augment crop (the paper's pre-training augmentation): the batch is made from the 8x8 images
+    as loaded, cropped and box-filtered to --res 4, then quantised: valid tokens, not the plain ones."""
+    run = Trainer(tiny(image_folder, tmp_path / "crop", res=4, augment="crop"), log=lambda *a: None)
+    assert run.data.full_train.shape[1:] == (8, 8, 3)
+    assert len(run.data.full_train) == len(run.data.train_tokens)
+    x, y = run.batch(0, 0)
+    assert x.shape == (4, 16) and x.min() >= 0 and x.max() < len(run.data.palette)
+    plain = {t.tobytes() for t in run.data.train_tokens.astype(np.int64)}
+    assert any(t.tobytes() not in plain for t in x)
+    run.train()
+    assert (tmp_path / "crop" / "ckpt.npz").exists()
 
 
 def run_script(*args, timeout=300, **kw):
