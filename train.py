@@ -43,7 +43,8 @@ def parse(argv=None):
       "Face preprocessor_config.json with 'clusters' (OpenAI's released palette) (default: fit)")
     a("--augment", choices=["wrn", "crop", "none"], help="wrn: reflection-pad, random crop and flip (the "
       "paper's CIFAR fine-tuning augmentation); crop: random crops of the full-resolution image, then "
-      "downsampled (the paper's pre-training augmentation); none (default wrn; none for streaks)")
+      "downsampled (the paper's pre-training augmentation); none (default: crop when pre-training, wrn "
+      "when fine-tuning, none for streaks)")
     a("--no-augment", dest="augment", action="store_const", const="none", help="the same as --augment none")
     a("--seed", type=nonnegative_int, help="seed of init, data order, augmentation, palette (default 0)")
     a("--out", help="run folder for ckpt.npz, metrics.jsonl, loss.png, samples.png (default runs/default)")

@@ -14,6 +14,7 @@ def bench_trainer(size: str, res: int, batch: int, comm=None, fair_share=None, *
     from minigpt_img.trainer import Trainer
     comm = comm or Solo()
     root = comm.allgather_objects(tempfile.mkdtemp(prefix="bench-") if comm.is_root else None)[0]
+    # shapes: 512 colours, as PyTorch's side; wrn: the augmentation the README's tables were measured with
     run = RunConfig(**{"size": size, "res": res, "batch_size": batch, "steps": 10**6, "samples": 0, "data": "shapes",
-                       "out": f"{root}/run", "cache_dir": f"{root}/cache", **settings})
+                       "augment": "wrn", "out": f"{root}/run", "cache_dir": f"{root}/cache", **settings})
     return Trainer(run, log=lambda *a: None, comm=comm, fair_share=fair_share)

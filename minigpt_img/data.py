@@ -22,8 +22,8 @@ Augmentation (train.py's --augment):
     crop   the paper's pre-training augmentation: a random square crop of the full-resolution image,
            downsampled to --res, then quantised (`random_resized_crops`).
     none
-Departure: pre-training defaults to wrn, where the paper, pre-training on ImageNet, uses crop.
-`streaks` is not augmented (runconfig.DATA_PRESETS): a flip turns one diagonal class into the other.
+Pre-training defaults to crop and fine-tuning to wrn, as the paper (runconfig.BASE). `streaks` is
+not augmented (runconfig.DATA_PRESETS): a flip turns one diagonal class into the other.
 """
 from __future__ import annotations
 

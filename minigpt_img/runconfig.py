@@ -6,8 +6,8 @@ order, each overriding the one before:
     the declared defaults  <  the data set's preset (DATA_PRESETS)  <  a pre-trained checkpoint's
     (fine-tuning, §2.3)  <  the checkpoint being resumed (--resume)  <  the flags given
 
-A field declared None takes its value from the data set's preset, else from BASE (batch_size: from
-the model size, sizes.default_batch). The one preset is the first run's: `streaks` trains at 8x8,
+A field declared None takes its value from the data set's preset, else from BASE (FINETUNE_BASE
+first when fine-tuning; batch_size: from the model size, sizes.default_batch). The one preset is the first run's: `streaks` trains at 8x8,
 at batch 8 and a lower learning rate for 4 epochs, without augmentation (README, "Measured on this
 machine", says why and what was tried).
 
@@ -48,7 +48,7 @@ class RunConfig:
     clip: float = 1.0                # departure: the paper does not clip gradients; 0 turns it off
     palette_size: int = 512          # k, the most colours: fewer when the images hold fewer
     palette: str | None = None       # a palette file to use instead of fitting one (palette.load_palette)
-    augment: str | None = None      # "wrn", "crop" or "none" (data.py); BASE "wrn"
+    augment: str | None = None      # "wrn", "crop" or "none" (data.py); BASE "crop", fine-tuning "wrn"
     seed: int = 0
     out: str = "runs/default"
     cache_dir: str = "runs/cache"
@@ -66,7 +66,8 @@ class RunConfig:
     def __post_init__(self):
         if isinstance(self.size, str):
             self.size = self.size.lower()  # --size S is the paper's iGPT-S
-        for name, value in {**BASE, **DATA_PRESETS.get(self.data, {})}.items():
+        tuning = FINETUNE_BASE if self.finetune else {}
+        for name, value in {**BASE, **tuning, **DATA_PRESETS.get(self.data, {})}.items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
         if self.batch_size is None:
@@ -83,8 +84,10 @@ class RunConfig:
             raise ConfigError(f"--augment must be one of {', '.join(AUGMENTS)}, not {self.augment}")
 
 
-# The values of the fields declared None, when the data set's preset does not set them.
-BASE = {"res": 16, "lr": 3e-3, "augment": "wrn"}
+# The values of the fields declared None, when the data set's preset does not set them. §3.4:
+# pre-training augments with random-resized crops; fine-tuning (§4.5) with the Wide-ResNet one.
+BASE = {"res": 16, "lr": 3e-3, "augment": "crop"}
+FINETUNE_BASE = {"augment": "wrn"}
 # The first run (README quickstart): streaks at 8x8 learns all four classes in minutes at batch 8
 # and lr 1.5e-3 for 4 epochs (at 16x16 and batch 16 it learned one class in the same minutes); it is
 # not augmented, since a flip turns one diagonal class into the other.

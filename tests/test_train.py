@@ -200,13 +200,16 @@ def test_configuration_errors(image_folder, tmp_path):
 
 def test_streaks_brings_its_first_run_preset_and_a_flag_overrides_it(image_folder):
     """runconfig.DATA_PRESETS: the default data trains at 8x8, batch 8, lr 1.5e-3 for 4 epochs and
-    without augmentation; other data keeps BASE and the size's batch; a flag beats both."""
+    without augmentation; other data keeps BASE (crops when pre-training, the Wide-ResNet
+    augmentation when fine-tuning) and the size's batch; a flag beats both."""
     c = resolve_config({}, resume=False)
     assert (c.data, c.res, c.batch_size, c.lr, c.epochs, c.augment) == ("streaks", 8, 8, 1.5e-3, 4.0, "none")
     c = resolve_config({"res": 16, "augment": "wrn"}, resume=False)
     assert (c.res, c.augment, c.batch_size) == (16, "wrn", 8)
     c = resolve_config({"data": str(image_folder)}, resume=False)
-    assert (c.res, c.batch_size, c.lr, c.epochs, c.augment) == (16, 16, 3e-3, None, "wrn")
+    assert (c.res, c.batch_size, c.lr, c.epochs, c.augment) == (16, 16, 3e-3, None, "crop")
+    assert RunConfig(data=str(image_folder), finetune="pre.npz").augment == "wrn"     # §4.5, as the paper
+    assert RunConfig(finetune="pre.npz").augment == "none"                           # streaks: never
     with pytest.raises(ConfigError, match="--augment must be one of wrn, crop, none, not flip"):
         RunConfig(augment="flip")
 
