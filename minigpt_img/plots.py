@@ -83,7 +83,7 @@ def line_chart(series: dict, path, title: str = "", xlabel: str = "", ylabel: st
     from PIL import ImageDraw
     font = _font()
     W, H = size
-    left, right, top, bottom = 80, 24, 44, 56
+    left, right, top, bottom = 80, 24, 52, 56
     img = Image.new("RGB", size, "white")
     d = ImageDraw.Draw(img)
     xs = [np.asarray(x, float) for x, _ in series.values() if len(x)]
@@ -115,16 +115,20 @@ def line_chart(series: dict, path, title: str = "", xlabel: str = "", ylabel: st
         for xx in range(left, W - right, 12):  # dashed
             d.line([xx, yy, min(xx + 6, W - right), yy], fill=(120, 120, 120))
         d.text((W - right - 4, yy - 2), label, fill=(90, 90, 90), font=font, anchor="rb")
-    for i, (label, (x, y)) in enumerate(series.items()):
+    for i, (x, y) in enumerate(series.values()):
         colour = COLOURS[i % len(COLOURS)]
         pts = [px(a, b) for a, b in zip(x, y) if np.isfinite(b)]
         if len(pts) > 1:
             d.line(pts, fill=colour, width=2)
         for p in pts if len(pts) <= 40 else []:
             d.ellipse([p[0] - 3, p[1] - 3, p[0] + 3, p[1] + 3], fill=colour)
-        ly = top + 12 + 14 * i
-        d.line([left + 10, ly, left + 26, ly], fill=colour, width=2)
-        d.text((left + 32, ly), label, fill=colour, font=font, anchor="lm")
+    lx, ly = W - right, top - 12  # the legend: one row above the frame, right-aligned, off the data
+    for i, label in reversed(list(enumerate(series))):
+        colour = COLOURS[i % len(COLOURS)]
+        lx -= font.getlength(label)
+        d.text((lx, ly), label, fill=colour, font=font, anchor="lm")
+        d.line([lx - 22, ly, lx - 6, ly], fill=colour, width=2)
+        lx -= 22 + 16
     d.text((W / 2, 10), title, fill=(0, 0, 0), font=font, anchor="mt")
     d.text((W / 2, H - 18), xlabel, fill=(0, 0, 0), font=font, anchor="mt")
     d.text((8, top - 22), ylabel, fill=(0, 0, 0), font=font)

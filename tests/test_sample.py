@@ -96,6 +96,19 @@ def test_caption_font_keeps_its_spaces():
     assert _font().getlength("a b") - _font().getlength("ab") >= 3
 
 
+def test_chart_legend_sits_above_the_frame_off_the_data(tmp_path):
+    """A loss curve starts at its highest value on the left and a probe at 100% runs along the top:
+    the legend is drawn in the margin above the frame, so no series hides it or is hidden by it."""
+    from minigpt_img.plots import COLOURS, line_chart
+    path = line_chart({"train": ([0, 1, 2], [1.0, 1.0, 1.0]), "validation": ([0, 2], [0.0, 0.5])},
+                      tmp_path / "c.png", title="t")
+    img = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    frame = np.flatnonzero((img[:, 100] == 0).all(1))[0]        # the frame's top edge, under the title
+    for colour in COLOURS[:2]:
+        is_colour = (np.abs(img - np.array(colour)) < 40).all(2)
+        assert is_colour[:frame].any()                           # its legend entry: above the frame
+
+
 def test_sample_script(tmp_path):
     m = model()
     pal = np.random.default_rng(0).uniform(-1, 1, (6, 3))
