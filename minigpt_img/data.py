@@ -63,6 +63,7 @@ class Dataset:
     train: Split
     val: Split
     test: Split | None   # None when the official test files are not present
+    full_train: np.ndarray | None = None  # train's images before downsampling (load_dataset(full_train=True))
 
     @property
     def res(self) -> int:
@@ -298,11 +299,14 @@ PROCEDURAL = {"streaks": (STREAK_CLASSES, make_streaks), "shapes": (SHAPE_CLASSE
 
 
 def load_dataset(name: str, data_dir="data", res: int | None = None, seed: int = 0,
-                 val_fraction: float = 0.1, procedural_size: int = 14000, official: bool = True) -> Dataset:
+                 val_fraction: float = 0.1, procedural_size: int = 14000, official: bool = True,
+                 full_train: bool = False) -> Dataset:
     """A dataset by name (or folder path), split into train / val (/ test), at resolution res.
     official=False accepts binary files with other record counts than the official ones (the tests'
     small files in the official formats). procedural_size: training images drawn for streaks or
-    shapes (a fifth as many test images)."""
+    shapes (a fifth as many test images). full_train: also keep the training images as loaded,
+    before downsampling, in the same order (--augment crop cuts its crops from them; the built-in
+    sets are drawn at res)."""
     if res is not None and res < 1:
         raise DataError(f"--res must be positive, got {res}")
     if name in PROCEDURAL:
@@ -319,11 +323,15 @@ def load_dataset(name: str, data_dir="data", res: int | None = None, seed: int =
         classes, train, test = _load_binary(name, Path(data_dir), official)
     else:
         classes, train, test = _load_folder(Path(name), res)
+    native = train                                               # as loaded, before downsampling
+    if full_train and name not in PROCEDURAL and name not in BINARY:
+        native = _load_folder(Path(name), None)[1]               # folders were read at res: again
     if res is not None:
         train = Split(resize(train.images, res, name), train.labels)
         test = Split(resize(test.images, res, name), test.labels) if test is not None else None
     train, val = split_train_val(train, seed, val_fraction)
-    return Dataset(str(name), classes, train, val, test)
+    full = split_train_val(native, seed, val_fraction)[0].images if full_train else None  # same split
+    return Dataset(str(name), classes, train, val, test, full)
 
 
 def augment(grids: np.ndarray, rng: np.random.Generator, pad: int | None = None) -> np.ndarray:

@@ -13,7 +13,8 @@ As in the paper: the same Adam, the augmentation the paper uses when fine-tuning
 Wide ResNets: reflection pad 4, random crop, horizontal flip; data.augment; none on streaks, whose
 diagonal classes a flip swaps), a learning rate about 10x below pre-training's, a linear warm-up then
 a constant rate (no cosine decay), and early stopping on validation accuracy with the best checkpoint
-kept (best.npz). At the end the best checkpoint is scored on the test set (the validation split when no test set is present).
+kept (best.npz). At the end the best checkpoint is scored on the test set (the validation split when
+no test set is present).
 
 The head is named `score`, as in Hugging Face's ImageGPTForImageClassification (which also pools by
 averaging).

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .data import PROCEDURAL, Dataset, cached_tokens, load_dataset
+from .data import Dataset, cached_tokens, load_dataset
 from .files import array_digest
 from .objectives import unigram_entropy
 from .palette import Palette, fit_palette, load_palette
@@ -34,7 +34,6 @@ class RunData:
     val_labels: np.ndarray     # (eval_images,) int64
     data_hash: str             # identifies the training tokens: a resumed run must see the same
     entropy: float             # unigram entropy of the training tokens, nats: the bar to beat
-    full_train: np.ndarray | None = None  # (N_train, S, S, 3) uint8 at full resolution, for --augment crop
 
 
 def prepare_data(cfg: RunConfig, start: dict | None, start_path=None, log=print,
@@ -43,32 +42,21 @@ def prepare_data(cfg: RunConfig, start: dict | None, start_path=None, log=print,
     starts from, or None), and quantise the training and validation images. Under MPI rank 0 fits
     the palette and fills the token cache; the others receive the palette and read the cache."""
     comm, t = comm or Solo(), time.time()
-    ds = load_dataset(cfg.data, cfg.data_dir, res=cfg.res, seed=cfg.seed)
+    ds = load_dataset(cfg.data, cfg.data_dir, res=cfg.res, seed=cfg.seed,
+                      full_train=cfg.augment == "crop")  # the crops are cut before downsampling
     palette = _choose_palette(cfg, ds, start, start_path, comm)
     with comm.root_first():  # rank 0 fills the token cache, the others then read it
         train_tokens = cached_tokens(ds.train.images, palette, cfg.cache_dir)              # (N, T)
         val_tokens = cached_tokens(ds.val.images[:cfg.eval_images], palette, cfg.cache_dir)
     data = RunData(ds, palette, train_tokens, val_tokens, ds.val.labels[:cfg.eval_images],
                    array_digest(train_tokens)[:16],
-                   unigram_entropy(train_tokens, len(palette)), _full_train(cfg, ds))
+                   unigram_entropy(train_tokens, len(palette)))
     fewer = (f" (the images hold only {len(palette)} distinct colours)"
              if start is None and not cfg.palette and len(palette) < cfg.palette_size else "")
     log(f"data: {ds.name} {cfg.res}x{cfg.res}, {len(ds.train)} train / {len(ds.val)} val images, "
         f"{len(palette)}-colour palette{fewer}, unigram entropy {data.entropy:.3f} nats "
         f"({time.time() - t:.1f} s)")
     return data
-
-
-def _full_train(cfg: RunConfig, ds: Dataset) -> np.ndarray | None:
-    """--augment crop cuts its crops from the training images at their own resolution, before they
-    are downsampled (the same split, the same order). The built-in sets are drawn at --res."""
-    if cfg.augment != "crop":
-        return None
-    if cfg.data in PROCEDURAL:
-        return ds.train.images
-    full = load_dataset(cfg.data, cfg.data_dir, res=None, seed=cfg.seed).train
-    assert np.array_equal(full.labels, ds.train.labels), "the full-resolution split differs"
-    return full.images
 
 
 def _choose_palette(cfg: RunConfig, ds, start, start_path, comm: Solo) -> Palette:

@@ -7,9 +7,9 @@ order, each overriding the one before:
     (fine-tuning, §2.3)  <  the checkpoint being resumed (--resume)  <  the flags given
 
 A field declared None takes its value from the data set's preset, else from BASE (FINETUNE_BASE
-first when fine-tuning; batch_size: from the model size, sizes.default_batch). The one preset is the first run's: `streaks` trains at 8x8,
-at batch 8 and a lower learning rate for 4 epochs, without augmentation (README, "Measured on this
-machine", says why and what was tried).
+first when fine-tuning; batch_size: from the model size, sizes.default_batch). The one preset is
+the first run's: `streaks` trains at 8x8, at batch 8 and a lower learning rate for 4 epochs, without
+augmentation (README, "Measured on this machine", says why and what was tried).
 
 A resumed run must keep the settings that shape its weights (FIXED_ON_RESUME); the others (the
 length of the run, how often to evaluate, the time budget ...) may change between sessions.

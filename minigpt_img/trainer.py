@@ -356,7 +356,7 @@ class Trainer:
         idx = np.asarray([self._order(g // N)[g % N] for g in range(start, start + B)])
         rng, res = generator(self.cfg.seed, "augment", step, micro), self.cfg.res
         if self.cfg.augment == "crop":   # §3.4: crops of the full-resolution images, then quantised
-            x = self.data.palette.encode(random_resized_crops(self.data.full_train[idx], res, rng))
+            x = self.data.palette.encode(random_resized_crops(self.data.ds.full_train[idx], res, rng))
         else:
             x = self.data.train_tokens[idx]                                      # (B, T)
         if self.cfg.augment == "wrn":

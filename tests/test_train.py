@@ -229,8 +229,8 @@ def test_crop_augmentation_cuts_the_full_resolution_images_then_quantises(image_
     """--augment crop (the paper's pre-training augmentation): the batch is made from the 8x8 images
     as loaded, cropped and box-filtered to --res 4, then quantised: valid tokens, not the plain ones."""
     run = Trainer(tiny(image_folder, tmp_path / "crop", res=4, augment="crop"), log=lambda *a: None)
-    assert run.data.full_train.shape[1:] == (8, 8, 3)
-    assert len(run.data.full_train) == len(run.data.train_tokens)
+    assert run.data.ds.full_train.shape[1:] == (8, 8, 3)
+    assert len(run.data.ds.full_train) == len(run.data.train_tokens)
     x, y = run.batch(0, 0)
     assert x.shape == (4, 16) and x.min() >= 0 and x.max() < len(run.data.palette)
     plain = {t.tobytes() for t in run.data.train_tokens.astype(np.int64)}
