@@ -62,7 +62,9 @@ def parse(argv=None):
     a("--finetune", help="§2.3: fine-tune this pre-trained ckpt.npz with a classifier (default: pre-train)")
     a("--clf-only", action="store_true", help="fine-tuning: train on L_CLF alone, without L_GEN")
     a("--patience", type=positive_int, help="fine-tuning: stop after this many evaluations without a better "
-      "val accuracy (default 5)")
+      "held-out accuracy (default 5)")
+    a("--pool-layer", type=nonnegative_int, help="fine-tuning: pool the features n^l of this layer (0: the "
+      "embeddings) for the classifier (default: the last, n^L, as the paper)")
     add_threads_flag(ap)
     return ap.parse_args(argv)
 

@@ -3,6 +3,7 @@
 Legend: B batch, T positions, C width, K classes.
 
     f     = (1/T) sum_t n^L_t                 average-pooled final norm output, (B, C)
+                                              (--pool-layer l: n^l instead, the probe's features)
     l     = f W_clf                           class logits, (B, K); W_clf starts at zero, no bias
                                               (released iGPT: `wclf` initialised with stddev 0)
     L_CLF = cross-entropy(l, y)
@@ -12,9 +13,10 @@ L_GEN is the objective the model was pre-trained with (AR or BERT, objectives.py
 As in the paper: the same Adam, the augmentation the paper uses when fine-tuning on CIFAR (that of
 Wide ResNets: reflection pad 4, random crop, horizontal flip; data.augment; none on streaks, whose
 diagonal classes a flip swaps), a learning rate about 10x below pre-training's, a linear warm-up then
-a constant rate (no cosine decay), and early stopping on validation accuracy with the best checkpoint
-kept (best.npz). At the end the best checkpoint is scored on the test set (the validation split when
-no test set is present).
+a constant rate (no cosine decay), and early stopping on held-out accuracy with the best checkpoint
+kept (best.npz). At the end the best checkpoint is scored on the test set, or, when the data has
+none, on the validation split; the checkpoint is then chosen on a held-out slice of the training
+images (run_data.py), so that nothing is chosen on the images that give the result.
 
 The head is named `score`, as in Hugging Face's ImageGPTForImageClassification (which also pools by
 averaging).
@@ -29,6 +31,7 @@ from . import checkpoint as ck
 from . import nn, ops
 from .data import cached_tokens
 from .objectives import generative_loss
+from .runconfig import ConfigError
 from .streams import generator
 from .tensor import no_grad
 
@@ -44,6 +47,11 @@ class FineTuning:
         # released iGPT: the classifier starts at zero, so fine-tuning starts from the pre-trained loss
         self.heads = {"score": nn.Linear(run.model.config.n_embd, len(run.data.ds.classes),
                                          generator(self.cfg.seed, "heads"), std=0.0)}
+        n_layer = run.model.config.n_layer
+        self.pool_layer = n_layer if self.cfg.pool_layer is None else self.cfg.pool_layer
+        if self.pool_layer > n_layer:
+            raise ConfigError(f"--pool-layer {self.pool_layer}: {self.cfg.size} has layers 0 to {n_layer} "
+                              f"(0: the embeddings, {n_layer}: the final norm's output)")
         self.best_acc, self.evals_since_best = -1.0, 0
         if resume and run.folder.best.exists():
             _, meta = ck.read_meta(run.folder.best)
@@ -55,7 +63,7 @@ class FineTuning:
     def forward(self, x: np.ndarray, mask):
         """-> (L_GEN, class logits (B, K)) for tokens x (B, T) (mask: BERT's input mask, or None)."""
         gen, feats = generative_loss(self.run.model, x, self.cfg.objective, mask=mask, features=True)
-        pooled = ops.mean(feats[-1], axis=1)                                   # (B, C)
+        pooled = ops.mean(feats[self.pool_layer], axis=1)                      # (B, C)
         return gen, self.heads["score"](pooled)                                # (B, K)
 
     def loss(self, x, y, mask):
@@ -83,8 +91,9 @@ class FineTuning:
 
     def describe(self, m: dict) -> str:
         best = max(m["acc"], self.best_acc)
-        return (f"step {self.run.step}: val accuracy {m['acc']:.2%} on {len(self.run.data.val_tokens)} images "
-                f"(best so far {best:.2%}; L_CLF {m['clf_loss']:.4f}, L_GEN {m['gen_loss']:.4f} nats/token)")
+        data = self.run.data
+        return (f"step {self.run.step}: accuracy {m['acc']:.2%} on {len(data.val_tokens)} {data.eval_name} "
+                f"images (best so far {best:.2%}; L_CLF {m['clf_loss']:.4f}, L_GEN {m['gen_loss']:.4f} nats/token)")
 
     def after_eval(self, m: dict):
         """Keep the best checkpoint; "early stop" after `patience` evaluations without a better one."""
@@ -94,7 +103,8 @@ class FineTuning:
             return None
         self.evals_since_best += 1
         if self.evals_since_best >= self.cfg.patience:
-            self.run.log(f"early stop: no better validation accuracy in {self.cfg.patience} evaluations")
+            self.run.log(f"early stop: no better {self.run.data.eval_name} accuracy in {self.cfg.patience} "
+                         "evaluations")
             return "early stop"
         return None
 
@@ -111,11 +121,12 @@ class FineTuning:
         if run.stop_reason == "interrupted":
             run.log(f"scoring interrupted: no finetune.json; {run.folder.best} holds the best weights")
             return
-        run.log(f"best checkpoint (val accuracy {self.best_acc:.2%}): {name} accuracy "
+        run.log(f"best checkpoint ({run.data.eval_name} accuracy {self.best_acc:.2%}): {name} accuracy "
                 f"{result['acc']:.2%} on {len(split)} images")
-        summary = {"best_val_acc": self.best_acc, "eval_split": name, "eval_acc": result["acc"],
-                   "n_eval": len(split), "clf_only": self.cfg.clf_only, "steps": run.step}
+        summary = {"best_acc": self.best_acc, "chosen_on": run.data.eval_name, "eval_split": name,
+                   "eval_acc": result["acc"], "n_eval": len(split), "clf_only": self.cfg.clf_only,
+                   "pool_layer": self.pool_layer, "steps": run.step}
         if run.comm.is_root:
             (run.folder.path / "finetune.json").write_text(json.dumps(summary, indent=2))
-            run.folder.plot_accuracy(f"fine-tuning {self.cfg.size} on {self.cfg.data}: validation accuracy",
-                                     100 / len(ds.classes))
+            run.folder.plot_accuracy(f"fine-tuning {self.cfg.size} on {self.cfg.data}: accuracy on "
+                                     f"{run.data.eval_name} images", 100 / len(ds.classes), run.data.eval_name)

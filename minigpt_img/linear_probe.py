@@ -39,7 +39,7 @@ from .checkpoint import load_model, read_meta
 from .data import DataError, cached_tokens, trained_on
 from .files import file_digest, load_cached, store_cached
 from .model import ImageGPT
-from .objectives import model_inputs
+from .objectives import image_losses, model_inputs
 from .parallel import Solo, strided
 from .palette import Palette
 from .plots import line_chart
@@ -53,28 +53,32 @@ L2_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 # ---- features ----------------------------------------------------------------------------------
 def extract_features(model, tokens: np.ndarray, objective: str = "ar", batch_size: int = 64,
                      mask_rate: float = 0.15, n_masks: int = 1, seed: int = 0,
-                     desc: str = "features", comm: Solo | None = None, fair_share=None) -> np.ndarray:
-    """tokens (N, T) -> pooled features (N, L + 1, C) float32, one no-grad forward per batch. Under
-    MPI the batches are shared out among the ranks and the features summed into every rank.
+                     desc: str = "features", comm: Solo | None = None, fair_share=None):
+    """tokens (N, T) -> (pooled features (N, L + 1, C) float32, each image's generative loss (N,)
+    float64 from the same pass: objectives.image_losses), one no-grad forward per batch. Under MPI
+    the batches are shared out among the ranks and the results summed into every rank.
     fair_share (threads.FairShare): adapt the thread count to the machine's load after each batch."""
     cfg, comm = model.config, comm or Solo()
     feats = np.zeros((len(tokens), cfg.n_layer + 1, cfg.n_embd), np.float32)
+    losses = np.zeros(len(tokens))
     repeats = n_masks if objective == "bert" else 1  # AR inputs are not random: one pass is the mean
     with no_grad():
         for b in tqdm(strided(-(-len(tokens) // batch_size), comm), desc=desc, unit="batch", leave=False,
                       disable=not comm.is_root):
-            x = np.asarray(tokens[b * batch_size:(b + 1) * batch_size], dtype=np.int64)
-            rng, acc = generator(seed, "probe_masks", b), 0.0
+            rows = slice(b * batch_size, (b + 1) * batch_size)
+            x = np.asarray(tokens[rows], dtype=np.int64)
+            rng, acc, loss = generator(seed, "probe_masks", b), 0.0, 0.0
             for _ in range(repeats):
                 inputs, causal, mask = model_inputs(x, cfg.sos, objective, mask_rate, rng)
-                _, ns = model.forward_features(inputs, causal, mask)
+                logits, ns = model.forward_features(inputs, causal, mask)
                 acc = acc + np.stack([n.data.mean(axis=1) for n in ns], axis=1)     # (B, L+1, C)
-            feats[b * batch_size:b * batch_size + len(x)] = acc / repeats
+                loss = loss + image_losses(logits.data, x, mask)                    # (B,)
+            feats[rows], losses[rows] = acc / repeats, loss / repeats
             if fair_share is not None:
                 fair_share.update()
     if fair_share is not None:
         fair_share.reset()  # the fits after this run on as many threads as the process has (fan_out)
-    return comm.allreduce_sum(feats)
+    return comm.allreduce_sum(feats), comm.allreduce_sum(losses)
 
 
 def shared_cached(path: Path, compute, comm: Solo) -> np.ndarray:
@@ -256,13 +260,22 @@ def probe_report(ckpt, data=None, data_dir=None, eval_split="test", layers=None,
     key = f"{file_digest(ckpt)[:16]}-{Path(str(name)).name}-{cfg.n_px}-{objective}{bert_masks}"
 
     def features(m, tokens, split, tag):
-        return shared_cached(feat_dir / f"{tag}-{key}-{split}{len(tokens)}.npy", lambda: extract_features(
-            m, tokens, objective, batch_size, run.get("mask_rate", 0.15), bert_masks, seed,
-            desc=f"{tag} {split} features", comm=comm, fair_share=fair_share), comm)
+        """(features (N, L+1, C), loss per image (N,)) of model m, cached beside the checkpoint."""
+        stem, made = f"{tag}-{key}-{split}{len(tokens)}", {}
+
+        def part(i):  # one extraction fills both files
+            if not made:
+                made["both"] = extract_features(m, tokens, objective, batch_size, run.get("mask_rate", 0.15),
+                                                bert_masks, seed, desc=f"{tag} {split} features", comm=comm,
+                                                fair_share=fair_share)
+            return made["both"][i]
+        return (shared_cached(feat_dir / f"{stem}.npy", lambda: part(0), comm),
+                shared_cached(feat_dir / f"{stem}-loss.npy", lambda: part(1), comm))
 
     log(f"probing {ckpt} ({cfg.n_layer} layers, width {cfg.n_embd}) on {name}: {tr_n} train images, "
         f"{ev_n} {eval_split} images, {K} classes")
-    F_tr, F_ev = features(model, t_tr, "train", "trained"), features(model, t_ev, eval_split, "trained")
+    (F_tr, loss_tr), (F_ev, loss_ev) = (features(model, t_tr, "train", "trained"),
+                                        features(model, t_ev, eval_split, "trained"))
     chosen = list(range(cfg.n_layer + 1)) if layers is None else list(layers)
 
     def layer_job(F, G, l):
@@ -272,7 +285,9 @@ def probe_report(ckpt, data=None, data_dir=None, eval_split="test", layers=None,
     rows = fan_out([layer_job(F_tr, F_ev, l) for l in chosen], comm)
     best = _best(rows)
     report = {"checkpoint": str(ckpt), "data": str(name), "eval_split": eval_split, "n_train": tr_n,
-              "n_eval": ev_n, "n_classes": K, "layers": rows, "best": best, "objective": objective}
+              "n_eval": ev_n, "n_classes": K, "layers": rows, "best": best, "objective": objective,
+              # the generative loss on the same images, as they are (no augmentation): the real gap
+              "loss": {"train": float(loss_tr.mean()), "eval": float(loss_ev.mean())}}
     if concat > 1:
         ls = concat_layers(best["layer"], concat, cfg.n_layer + 1)
         log(f"fitting a probe on layers {ls[0]}..{ls[-1]} side by side ({concat * cfg.n_embd} features)")
@@ -288,8 +303,8 @@ def probe_report(ckpt, data=None, data_dir=None, eval_split="test", layers=None,
         hist_tr = np.stack([np.bincount(t, minlength=V) for t in t_tr]) / t_tr.shape[1]
         hist_ev = np.stack([np.bincount(t, minlength=V) for t in t_ev]) / t_ev.shape[1]
         random_model = ImageGPT(cfg, generator(seed, "random_init"))
-        R_tr = features(random_model, t_tr, "train", "random")
-        R_ev = features(random_model, t_ev, eval_split, "random")
+        R_tr = features(random_model, t_tr, "train", "random")[0]
+        R_ev = features(random_model, t_ev, eval_split, "random")[0]
         jobs = [lambda: probe_layer(pix_tr, y_tr, pix_ev, y_ev, K, seed),
                 lambda: probe_layer(hist_tr, y_tr, hist_ev, y_ev, K, seed)]
         jobs += [layer_job(R_tr, R_ev, l) for l in chosen]
@@ -318,9 +333,9 @@ def probe_along(snapshots: list, log=print, **kw) -> dict:
         report = probe_report(path, baselines=False, labels_per_class=(), log=log, **kw)
         split = report["eval_split"]
         points.append({"checkpoint": str(path), "step": meta["step"], "val_loss": meta["val_loss"],
-                       "best": report["best"], "layers": report["layers"]})
+                       "best": report["best"], "layers": report["layers"], "loss": report["loss"]})
         log(f"step {meta['step']}: val loss {meta['val_loss']:.4f}, best probe "
-            f"{report['best']['eval_acc']:.2%} (layer {report['best']['layer']})")
+            f"{report['best']['eval_acc']:.2%} (layer {report['best']['layer']}); {_loss_line(report)}")
     return {"points": points, "eval_split": split}
 
 
@@ -330,6 +345,14 @@ def plot_along(along: dict, path) -> None:
                                               [100 * p["best"]["eval_acc"] for p in pts])},
                path, title=f"best-layer probe accuracy vs validation loss ({along['eval_split']} split)",
                xlabel="validation loss (nats per token)", ylabel="accuracy %", ylim=(0, 100))
+
+
+def _loss_line(report: dict) -> str:
+    """The generative loss on the probe's own images, none augmented: how far the model fits the
+    training images better than the others."""
+    train, ev = report["loss"]["train"], report["loss"]["eval"]
+    return (f"generative loss (nats/token, images not augmented): train {train:.4f}, "
+            f"{report['eval_split']} {ev:.4f}, gap {ev - train:+.4f}")
 
 
 def format_report(report: dict) -> str:
@@ -343,6 +366,8 @@ def format_report(report: dict) -> str:
                      f"{r['lam']:<7g}{extra}")
     b = report["best"]
     lines.append(f"best layer {b['layer']}: {b['eval_acc']:.2%}")
+    if "loss" in report:
+        lines.append(_loss_line(report))
     if "concat" in report:
         c = report["concat"]
         lines.append(f"{concat_name(c)}: {c['eval_acc']:.2%} (lambda {c['lam']:g})")

@@ -26,7 +26,7 @@ import math
 
 import numpy as np
 
-from . import ops
+from . import kernels, ops
 
 NATS_TO_BITS = 1.0 / math.log(2.0)
 
@@ -81,6 +81,17 @@ def generative_loss(model, x: np.ndarray, objective: str = "ar", mask_rate: floa
     weights = None if input_mask is None else bert_weights(input_mask)        # BERT: masked only
     loss = ops.cross_entropy(logits, x, weights=weights)
     return (loss, feats) if features else loss
+
+
+def image_losses(logits: np.ndarray, x: np.ndarray, input_mask=None) -> np.ndarray:
+    """Each image's own term of L_AR or L_BERT, (B,) nats per token, from the logits (B, T, V) of
+    a no-grad forward pass: -log p(x_i | ...) averaged over the image's T positions (BERT: over its
+    masked positions). Their mean over the batch is generative_loss."""
+    B, T, V = logits.shape
+    nll = kernels.xent_forward(np.ascontiguousarray(logits.reshape(B * T, V)),
+                               np.ascontiguousarray(x, dtype=np.int64).reshape(-1))[0].reshape(B, T)
+    weights = np.full((B, T), 1.0 / T) if input_mask is None else bert_weights(input_mask)  # (B, T)
+    return (nll * weights).sum(axis=1)
 
 
 def ar_loss(model, x: np.ndarray):

@@ -6,7 +6,7 @@ Not a paper section: bookkeeping around the §3.4 loop.
     metrics.jsonl              one JSON line per logged step ("train") and per evaluation ("eval")
     loss.png                   the training and validation loss against the step
     samples.png                pre-training: images sampled at the end
-    best.npz, finetune.json    fine-tuning: the best checkpoint by validation accuracy, and its score
+    best.npz, finetune.json    fine-tuning: the best checkpoint by held-out accuracy, and its score
     snapshots/step<N>.npz      with --snapshots: the weights at every evaluation (§4.2)
 """
 from __future__ import annotations
@@ -65,19 +65,21 @@ class RunFolder:
                 out.append(record)
         return out
 
-    def plot_accuracy(self, title: str, chance: float) -> None:
-        """accuracy.png: the "eval" records' accuracy against the step (fine-tuning)."""
+    def plot_accuracy(self, title: str, chance: float, evaluated: str = "validation") -> None:
+        """accuracy.png: the "eval" records' accuracy against the step (fine-tuning), on the
+        `evaluated` images."""
         pts = [(r["step"], 100 * r["acc"]) for r in self.records() if r["kind"] == "eval" and "acc" in r]
         if pts:
-            line_chart({"validation accuracy": tuple(zip(*pts))}, self.path / "accuracy.png", title=title,
+            line_chart({f"{evaluated} accuracy": tuple(zip(*pts))}, self.path / "accuracy.png", title=title,
                        xlabel="step", ylabel="accuracy %", hlines={f"chance {chance:.1f}%": chance},
                        ylim=(0, 100))
 
-    def plot_loss(self, title: str, ylabel: str, hlines: dict) -> None:
-        """loss.png: the "train" and "eval" records' loss against the step."""
+    def plot_loss(self, title: str, ylabel: str, hlines: dict, evaluated: str = "validation") -> None:
+        """loss.png: the "train" and "eval" records' loss against the step (eval: on the `evaluated`
+        images)."""
         records = self.records()
         series = {}
-        for kind, label in (("train", "train"), ("eval", "validation")):
+        for kind, label in (("train", "train"), ("eval", evaluated)):
             pts = [(r["step"], r["loss"]) for r in records if r["kind"] == kind]
             if pts:
                 series[label] = tuple(zip(*pts))

@@ -7,9 +7,10 @@ order, each overriding the one before:
     (fine-tuning, §2.3)  <  the checkpoint being resumed (--resume)  <  the flags given
 
 A field declared None takes its value from the data set's preset, else from BASE (FINETUNE_BASE
-first when fine-tuning; batch_size: from the model size, sizes.default_batch). The one preset is
-the first run's: `streaks` trains at 8x8, at batch 8 and a lower learning rate for 4 epochs, without
-augmentation (README, "Measured on this machine", says why and what was tried).
+first when fine-tuning; batch_size: from the model size, sizes.default_batch; a preset's epochs
+only when --steps is not given). The one preset is the first run's: `streaks` trains at 8x8, at
+batch 8 and a lower learning rate for 4 epochs, without augmentation (README, "Measured on this
+machine", says why and what was tried).
 
 A resumed run must keep the settings that shape its weights (FIXED_ON_RESUME); the others (the
 length of the run, how often to evaluate, the time budget ...) may change between sessions.
@@ -61,13 +62,17 @@ class RunConfig:
     samples: int = 16
     finetune: str | None = None      # §2.3: a pre-trained checkpoint to fine-tune (finetune.py)
     clf_only: bool = False           # fine-tuning: L_CLF alone, without L_GEN
-    patience: int = 5                # fine-tuning: evaluations without a better val accuracy
+    patience: int = 5                # fine-tuning: evaluations without a better held-out accuracy
+    pool_layer: int | None = None    # fine-tuning: the layer l whose n^l is pooled; None: the last (§2.3)
 
     def __post_init__(self):
         if isinstance(self.size, str):
             self.size = self.size.lower()  # --size S is the paper's iGPT-S
         tuning = FINETUNE_BASE if self.finetune else {}
-        for name, value in {**BASE, **tuning, **DATA_PRESETS.get(self.data, {})}.items():
+        preset = DATA_PRESETS.get(self.data, {})
+        if self.steps is not None:  # --steps sets the length: the preset's epochs would only mislead
+            preset = {k: v for k, v in preset.items() if k != "epochs"}
+        for name, value in {**BASE, **tuning, **preset}.items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
         if self.batch_size is None:
@@ -126,13 +131,14 @@ _RULES = {
     "time_budget": (lambda v: v >= 0, "a finite number of minutes >= 0"),
     "samples": (lambda v: v == int(v) and v >= 0, "a whole number >= 0"),
     "patience": (lambda v: v == int(v) and v >= 1, "a whole number >= 1"),
+    "pool_layer": (lambda v: v == int(v) and v >= 0, "a whole number >= 0 (0: the embeddings)"),
 }
 
 
 # Settings a resumed run must share with its checkpoint (the rest may change between sessions).
 FIXED_ON_RESUME = ("size", "res", "data", "objective", "mask_rate", "batch_size", "grad_accum",
                    "warmup_steps", "weight_decay", "palette_size", "palette", "augment", "seed",
-                   "finetune", "clf_only")
+                   "finetune", "clf_only", "pool_layer")
 # Settings a resumed run may change, to recover from a divergence; the change is logged and recorded
 # in the checkpoint ("changes"), and the run is no longer bit-identical to an uninterrupted one.
 CHANGEABLE_ON_RESUME = ("lr", "clip")
@@ -178,9 +184,12 @@ def resolve_config(given: dict, resume: bool) -> RunConfig:
         path = Path(values["out"]) / "ckpt.npz"
         saved = _saved_run(path, "resume a train.py run")
         for key in FIXED_ON_RESUME:
-            if key in given and given[key] != saved[key]:
-                raise ConfigError(f"{path} was trained with --{key.replace('_', '-')} {saved[key]}, not "
-                                  f"{given[key]}: drop that flag to resume, or start a new --out")
+            was = saved.get(key, _field_defaults()[key])  # a setting newer than the checkpoint: its default
+            if key in given and given[key] != was:
+                flag = "--" + key.replace("_", "-")
+                had = f"with {flag} {was}" if was is not None else f"without {flag}"
+                raise ConfigError(f"{path} was trained {had}, not {given[key]}: drop that flag to resume, "
+                                  "or start a new --out")
         kept = {k: v for k, v in saved.items() if k not in WRITTEN_PATHS}
         values = {**_field_defaults(), **kept, "out": values["out"], **given}
     try:

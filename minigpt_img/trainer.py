@@ -16,7 +16,7 @@ generative objective alone) and finetune.FineTuning (a classifier on top, L_GEN 
     heads                    {name: Module} trained beside the model (saved as head/<name>/...)
     decay                    "cosine" or "constant", the schedule after warm-up
     loss(x, y, rng)          the scalar loss Tensor of tokens x (B, T) with labels y (B,)
-    evaluate()               {"loss": ..., ...} on the validation images
+    evaluate()               {"loss": ..., ...} on the images data.val_tokens (run_data.RunData)
     describe(metrics)        one line for the log
     after_eval(metrics)      a reason to stop (fine-tuning's "early stop"), or None
     finish()                 the run's final results (samples.png, finetune.json)
@@ -246,7 +246,7 @@ class Trainer:
                         last_ckpt = time.time()
             self.save()
             if self.comm.is_root:
-                self.folder.plot_loss(*self.task.chart)
+                self.folder.plot_loss(*self.task.chart, evaluated=self.data.eval_name)
             if self.step >= self.total or self.stop_reason in ("early stop", "time budget"):
                 self.task.finish()  # a spent budget ends the run as planned: its results are written too
         finally:

@@ -231,6 +231,11 @@ def test_a_checkpoint_from_before_augment_had_names_still_resumes(folder, tmp_pa
     assert resolve_config({"out": str(out), "augment": "none"}, resume=True).augment == "none"
     with pytest.raises(ConfigError, match="trained with --augment none, not wrn"):
         resolve_config({"out": str(out), "augment": "wrn"}, resume=True)
+    del stored["meta"]["run"]["pool_layer"]   # a setting added after the checkpoint was written
+    ck.save_arrays(out / "ckpt.npz", {**arrays, "config": np.array(json.dumps(stored))})
+    assert resolve_config({"out": str(out), "pool_layer": None}, resume=True).pool_layer is None
+    with pytest.raises(ConfigError, match="trained without --pool-layer, not 2"):
+        resolve_config({"out": str(out), "pool_layer": 2}, resume=True)
 
 
 def test_a_resolution_the_memory_cannot_serve_is_refused_before_allocating(tmp_path):

@@ -15,8 +15,8 @@ from minigpt_img.checkpoint import load_arrays
 from minigpt_img.linear_probe import (LogisticProbe, balanced_subsets, concat_layers, extract_features,
                                       loss_and_grad, probe_layer)
 from minigpt_img.model import GPTConfig, ImageGPT
-from minigpt_img.objectives import ar_inputs
-from minigpt_img.runconfig import RunConfig, resolve_config
+from minigpt_img.objectives import ar_inputs, ar_loss
+from minigpt_img.runconfig import ConfigError, RunConfig, resolve_config
 from minigpt_img.trainer import Trainer
 
 from helpers import numeric_grad, relative_error, write_image_folder
@@ -28,13 +28,16 @@ def test_features_are_the_models_pooled_n_l():
     cfg = GPTConfig(n_layer=3, n_embd=16, n_head=2, n_px=4, vocab=9)
     m = ImageGPT(cfg, np.random.default_rng(0))
     x = np.random.default_rng(1).integers(0, 9, (5, 16))
-    F = extract_features(m, x, batch_size=2)
+    F, losses = extract_features(m, x, batch_size=2)
     assert F.shape == (5, 4, 16) and F.dtype == np.float32
     _, ns = m.forward_features(ar_inputs(x, cfg.sos))
     for l in range(4):
         np.testing.assert_allclose(F[:, l], ns[l].data.mean(axis=1), rtol=1e-6, atol=1e-7)
-    Fb = extract_features(m, x, objective="bert", n_masks=2)
-    assert Fb.shape == F.shape and not np.allclose(Fb, F)
+    # each image's AR loss from the same pass: their mean is the loss of the whole batch
+    assert losses.shape == (5,) and losses.mean() == pytest.approx(ar_loss(m, x).item(), rel=1e-5)
+    assert losses[3] == pytest.approx(ar_loss(m, x[3:4]).item(), rel=1e-5)
+    Fb, bert_losses = extract_features(m, x, objective="bert", n_masks=2)
+    assert Fb.shape == F.shape and not np.allclose(Fb, F) and bert_losses.shape == (5,)
 
 
 def test_probe_gradient_matches_finite_differences():
@@ -137,6 +140,8 @@ def test_probe_script_writes_the_report(tiny_run):
     report = json.loads((tiny_run / "run" / "probe.json").read_text())
     assert [row["layer"] for row in report["layers"]] == [0, 1, 2]
     assert {"raw_pixels", "token_histogram", "random_init", "low_data"} <= set(report)
+    assert report["loss"]["train"] > 0 and report["loss"]["eval"] > 0
+    assert f"train {report['loss']['train']:.4f}, test {report['loss']['eval']:.4f}" in r.stdout
     assert report["eval_split"] == "test" and report["n_eval"] == 15
     assert [d["per_class"] for d in report["low_data"]] == [2, 4]
     best = report["best"]["layer"]
@@ -181,6 +186,7 @@ def test_probe_along_the_run_pairs_accuracy_with_validation_loss(tiny_run, tmp_p
     along = json.loads((tmp_path / "along.json").read_text())
     assert [p["step"] for p in along["points"]] == [4, 8]
     assert all(p["val_loss"] > 0 and 0 <= p["best"]["eval_acc"] <= 1 for p in along["points"])
+    assert all(p["loss"]["train"] > 0 and p["loss"]["eval"] > 0 for p in along["points"])
     assert (tmp_path / "along.png").is_file()
     empty = subprocess.run([sys.executable, str(REPO / "probe.py"), "--along", str(tmp_path)],
                            capture_output=True, text=True, env=env, timeout=600)
@@ -223,3 +229,46 @@ def test_finetuning_early_stops(tiny_run, tmp_path):
                           "steps": 1000, "eval_every": 1, "patience": 2, "lr": 1e-12}, resume=False)
     ft = Trainer(cfg, log=lambda *a: None)
     assert ft.train() == "done" and ft.step == 3  # accuracy never improves after the first eval
+
+
+def test_finetuning_without_a_test_set_chooses_its_checkpoint_on_held_out_training_images(tiny_run, tmp_path):
+    """The validation split gives the result when there is no test set, so it must choose nothing:
+    early stopping scores a held-out slice of the training images, which fine-tuning does not train on."""
+    import shutil
+    from minigpt_img.data import cached_tokens, load_dataset
+    shutil.copytree(tiny_run / "imgs" / "train", tmp_path / "flat")           # no test/ folder
+    cfg = resolve_config({"finetune": str(tiny_run / "run" / "ckpt.npz"), "data": str(tmp_path / "flat"),
+                          "out": str(tmp_path / "ft"), "steps": 4, "eval_every": 2}, resume=False)
+    lines = []
+    ft = Trainer(cfg, log=lines.append)
+    ds = load_dataset(str(tmp_path / "flat"), res=8, seed=cfg.seed)          # 43 train / 5 val images
+    assert ft.data.eval_name == "held-out training" and len(ft.data.val_tokens) == 4   # 10% of 43
+    assert len(ft.data.train_tokens) == len(ft.data.ds.train) == 39
+    np.testing.assert_array_equal(ft.data.val_tokens, cached_tokens(ds.train.images[39:], ft.data.palette,
+                                                                     cfg.cache_dir))
+    np.testing.assert_array_equal(ft.data.val_labels, ds.train.labels[39:])
+    np.testing.assert_array_equal(ft.data.ds.val.labels, ds.val.labels)      # validation untouched
+    assert any("39 train (4 more held out to choose the checkpoint on) / 5 val" in l for l in lines)
+    assert ft.train() == "done"
+    summary = json.loads((tmp_path / "ft" / "finetune.json").read_text())
+    assert summary["chosen_on"] == "held-out training"
+    assert summary["eval_split"] == "validation" and summary["n_eval"] == 5
+
+
+def test_finetuning_pools_the_layer_it_is_given(tiny_run, tmp_path):
+    pre = str(tiny_run / "run" / "ckpt.npz")
+    cfg = resolve_config({"finetune": pre, "out": str(tmp_path / "p1"), "steps": 2, "pool_layer": 1},
+                         resume=False)
+    ft = Trainer(cfg, log=lambda *a: None)
+    head = ft.task.heads["score"]
+    head.weight.data[...] = np.random.default_rng(0).standard_normal(head.weight.shape)
+    x, _ = ft.batch(0, 0)
+    _, logits = ft.task.forward(x, None)
+    feats = ft.model.forward_features(ar_inputs(x, ft.model.config.sos), True, None)[1]
+    np.testing.assert_allclose(logits.data, feats[1].data.mean(axis=1) @ head.weight.data, rtol=1e-5, atol=1e-6)
+    assert ft.train() == "done"
+    assert json.loads((tmp_path / "p1" / "finetune.json").read_text())["pool_layer"] == 1
+    with pytest.raises(ConfigError, match="--pool-layer 3: nano has layers 0 to 2"):
+        Trainer(resolve_config({"finetune": pre, "out": str(tmp_path / "p3"), "pool_layer": 3}, resume=False),
+                log=lambda *a: None)
+    assert not (tmp_path / "p3" / "ckpt.npz").exists()

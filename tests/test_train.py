@@ -15,7 +15,7 @@ from PIL import Image
 from minigpt_img import Tensor, ops
 from minigpt_img.checkpoint import load_arrays, read_meta
 from minigpt_img.model import GPTConfig, ImageGPT
-from minigpt_img.objectives import ar_inputs, ar_loss, bert_loss, bert_mask, unigram_entropy
+from minigpt_img.objectives import ar_inputs, ar_loss, bert_loss, bert_mask, image_losses, unigram_entropy
 from minigpt_img.optim import Adam, lr_at
 from minigpt_img.runconfig import ConfigError, RunConfig, resolve_config
 from minigpt_img.trainer import Trainer, TrainingDiverged
@@ -39,6 +39,8 @@ def test_ar_loss_predicts_each_token_from_the_ones_before():
     logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     manual = -np.mean(np.take_along_axis(logp, x[..., None], -1))
     assert ar_loss(m, x).item() == pytest.approx(manual, rel=1e-5)
+    per_image = -np.take_along_axis(logp, x[..., None], -1)[..., 0].mean(axis=1)       # (B,)
+    np.testing.assert_allclose(image_losses(logits, x), per_image, rtol=1e-5)
 
 
 def test_bert_mask_rate_and_masked_only_loss_averaged_per_image():
@@ -59,6 +61,7 @@ def test_bert_mask_rate_and_masked_only_loss_averaged_per_image():
     per_image = (nll[0, [1, 4]].mean() + nll[1, 7]) / 2
     assert not np.isclose(per_image, nll[mask].mean(), rtol=1e-3)  # the two averages differ here
     assert bert_loss(m, x, mask).item() == pytest.approx(per_image, rel=1e-5)
+    np.testing.assert_allclose(image_losses(logits, x, mask), [nll[0, [1, 4]].mean(), nll[1, 7]], rtol=1e-5)
     y = x.copy()
     y[~mask] = (y[~mask] + 1) % 5  # other targets differ, the masked ones' inputs are hidden anyway
     y_logits = m(y, causal=False, input_mask=mask)
@@ -206,6 +209,8 @@ def test_streaks_brings_its_first_run_preset_and_a_flag_overrides_it(image_folde
     assert (c.data, c.res, c.batch_size, c.lr, c.epochs, c.augment) == ("streaks", 8, 8, 1.5e-3, 4.0, "none")
     c = resolve_config({"res": 16, "augment": "wrn"}, resume=False)
     assert (c.res, c.augment, c.batch_size) == (16, "wrn", 8)
+    c = resolve_config({"steps": 50}, resume=False)
+    assert (c.steps, c.epochs) == (50, None)      # the run's length is --steps; the config line says so
     c = resolve_config({"data": str(image_folder)}, resume=False)
     assert (c.res, c.batch_size, c.lr, c.epochs, c.augment) == (16, 16, 3e-3, None, "crop")
     assert RunConfig(data=str(image_folder), finetune="pre.npz").augment == "wrn"     # §4.5, as the paper
