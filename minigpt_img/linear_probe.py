@@ -81,17 +81,19 @@ def extract_features(model, tokens: np.ndarray, objective: str = "ar", batch_siz
     return comm.allreduce_sum(feats), comm.allreduce_sum(losses)
 
 
-def shared_cached(path: Path, compute, comm: Solo) -> np.ndarray:
-    """files.cached_array for every rank: rank 0 checks the cache and says whether it holds the
-    array; if not, all ranks compute it together (compute is collective) and rank 0 stores it."""
-    array = load_cached(path) if comm.is_root else None
-    hit = comm.broadcast(np.array([array is not None], dtype=np.int64))[0]
+def shared_cached(paths: tuple, compute, comm: Solo) -> tuple:
+    """files.cached_array for every rank, for arrays computed together (compute() returns one per
+    path): rank 0 checks the cache and says whether it holds them all; if not, all ranks compute them
+    together (compute is collective) and rank 0 stores them."""
+    arrays = [load_cached(p) for p in paths] if comm.is_root else []
+    hit = comm.broadcast(np.array([all(a is not None for a in arrays)], dtype=np.int64))[0]
     if hit:
-        return array if comm.is_root else load_cached(path)
-    array = compute()
+        return tuple(arrays) if comm.is_root else tuple(load_cached(p) for p in paths)
+    arrays = compute()
     if comm.is_root:
-        store_cached(path, array)
-    return array
+        for path, array in zip(paths, arrays):
+            store_cached(path, array)
+    return tuple(arrays)
 
 
 def fan_out(jobs: list, comm: Solo) -> list:
@@ -261,16 +263,10 @@ def probe_report(ckpt, data=None, data_dir=None, eval_split="test", layers=None,
 
     def features(m, tokens, split, tag):
         """(features (N, L+1, C), loss per image (N,)) of model m, cached beside the checkpoint."""
-        stem, made = f"{tag}-{key}-{split}{len(tokens)}", {}
-
-        def part(i):  # one extraction fills both files
-            if not made:
-                made["both"] = extract_features(m, tokens, objective, batch_size, run.get("mask_rate", 0.15),
-                                                bert_masks, seed, desc=f"{tag} {split} features", comm=comm,
-                                                fair_share=fair_share)
-            return made["both"][i]
-        return (shared_cached(feat_dir / f"{stem}.npy", lambda: part(0), comm),
-                shared_cached(feat_dir / f"{stem}-loss.npy", lambda: part(1), comm))
+        stem = feat_dir / f"{tag}-{key}-{split}{len(tokens)}"
+        return shared_cached((Path(f"{stem}.npy"), Path(f"{stem}-loss.npy")), lambda: extract_features(
+            m, tokens, objective, batch_size, run.get("mask_rate", 0.15), bert_masks, seed,
+            desc=f"{tag} {split} features", comm=comm, fair_share=fair_share), comm)
 
     log(f"probing {ckpt} ({cfg.n_layer} layers, width {cfg.n_embd}) on {name}: {tr_n} train images, "
         f"{ev_n} {eval_split} images, {K} classes")

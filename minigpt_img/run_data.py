@@ -55,12 +55,13 @@ def prepare_data(cfg: RunConfig, start: dict | None, start_path=None, log=print,
     choose_on_train = cfg.finetune is not None and ds.test is None
     with comm.root_first():  # rank 0 fills the token cache, the others then read it
         train_tokens = cached_tokens(ds.train.images, palette, cfg.cache_dir)              # (N, T)
-        if not choose_on_train:
-            val_tokens = cached_tokens(ds.val.images[:cfg.eval_images], palette, cfg.cache_dir)
-            val_labels, eval_name = ds.val.labels[:cfg.eval_images], "validation"
+        val_tokens = None if choose_on_train else cached_tokens(ds.val.images[:cfg.eval_images], palette,
+                                                                 cfg.cache_dir)
     if choose_on_train:
         ds, train_tokens, (val_tokens, val_labels) = _hold_out(ds, train_tokens, cfg.eval_images)
         eval_name = "held-out training"
+    else:
+        val_labels, eval_name = ds.val.labels[:cfg.eval_images], "validation"
     data = RunData(ds, palette, train_tokens, val_tokens, val_labels, array_digest(train_tokens)[:16],
                    unigram_entropy(train_tokens, len(palette)), eval_name)
     fewer = (f" (the images hold only {len(palette)} distinct colours)"

@@ -183,8 +183,9 @@ def resolve_config(given: dict, resume: bool) -> RunConfig:
     if resume:
         path = Path(values["out"]) / "ckpt.npz"
         saved = _saved_run(path, "resume a train.py run")
+        defaults = _field_defaults()
         for key in FIXED_ON_RESUME:
-            was = saved.get(key, _field_defaults()[key])  # a setting newer than the checkpoint: its default
+            was = saved.get(key, defaults[key])  # a setting newer than the checkpoint: its default
             if key in given and given[key] != was:
                 flag = "--" + key.replace("_", "-")
                 had = f"with {flag} {was}" if was is not None else f"without {flag}"
