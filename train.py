@@ -63,8 +63,11 @@ def parse(argv=None):
     a("--clf-only", action="store_true", help="fine-tuning: train on L_CLF alone, without L_GEN")
     a("--patience", type=positive_int, help="fine-tuning: stop after this many evaluations without a better "
       "held-out accuracy (default 5)")
-    a("--pool-layer", type=nonnegative_int, help="fine-tuning: pool the features n^l of this layer (0: the "
-      "embeddings) for the classifier (default: the last, n^L, as the paper)")
+    a("--pool-layer", type=nonnegative_int, nargs="+", help="fine-tuning: pool the features n^l of this layer "
+      "(0: the embeddings) for the classifier; several layers: their features side by side, as probe.py "
+      "--concat (default: the last, n^L, as the paper)")
+    a("--head-from-probe", action="store_true", help="fine-tuning: start the classifier from a linear probe "
+      "of the pooled features instead of zero (departure: LP-FT; default: off)")
     add_threads_flag(ap)
     return ap.parse_args(argv)
 

@@ -3,7 +3,9 @@
 Legend: B batch, T positions, C width, K classes.
 
     f     = (1/T) sum_t n^L_t                 average-pooled final norm output, (B, C)
-                                              (--pool-layer l: n^l instead, the probe's features)
+                                              (--pool-layer l: n^l instead, the probe's features;
+                                              --pool-layer l1 l2 ..: [f^l1, f^l2, ..], (B, k C), the
+                                              probe's --concat)
     l     = f W_clf                           class logits, (B, K); W_clf starts at zero, no bias
                                               (released iGPT: `wclf` initialised with stddev 0)
     L_CLF = cross-entropy(l, y)
@@ -18,18 +20,33 @@ kept (best.npz). At the end the best checkpoint is scored on the test set, or, w
 none, on the validation split; the checkpoint is then chosen on a held-out slice of the training
 images (run_data.py), so that nothing is chosen on the images that give the result.
 
+--head-from-probe (departure: linear probing, then fine-tuning, "LP-FT", Kumar et al. 2022, "Fine-
+Tuning can Distort Pretrained Features and Underperform Out-of-Distribution") starts the classifier
+from the linear probe of linear_probe.py instead of zero: the probe is fitted on the pooled features
+of the training images as they are (lambda chosen on a held-out tenth of them), and its
+standardisation folded into the head, which then has a bias:
+
+    l = ((f - mu) / sigma) W + b = f (W / sigma) + (b - (mu / sigma) W)
+
+so fine-tuning starts from the probe's accuracy, and the first steps' gradients reach the network
+through a classifier that already separates the classes rather than through a zero one. The start
+is evaluated like any later step and is kept as best.npz unless fine-tuning does better.
+
 The head is named `score`, as in Hugging Face's ImageGPTForImageClassification (which also pools by
 averaging).
 """
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 
 from . import checkpoint as ck
 from . import nn, ops
 from .data import cached_tokens
+from .files import file_digest
+from .linear_probe import extract_features, fit_probe, shared_cached
 from .objectives import generative_loss
 from .runconfig import ConfigError
 from .streams import generator
@@ -44,14 +61,16 @@ class FineTuning:
 
     def __init__(self, run, resume: bool):
         self.run, self.cfg = run, run.cfg
-        # released iGPT: the classifier starts at zero, so fine-tuning starts from the pre-trained loss
-        self.heads = {"score": nn.Linear(run.model.config.n_embd, len(run.data.ds.classes),
-                                         generator(self.cfg.seed, "heads"), std=0.0)}
         n_layer = run.model.config.n_layer
-        self.pool_layer = n_layer if self.cfg.pool_layer is None else self.cfg.pool_layer
-        if self.pool_layer > n_layer:
-            raise ConfigError(f"--pool-layer {self.pool_layer}: {self.cfg.size} has layers 0 to {n_layer} "
-                              f"(0: the embeddings, {n_layer}: the final norm's output)")
+        self.pool_layers = [n_layer] if self.cfg.pool_layer is None else list(self.cfg.pool_layer)
+        if max(self.pool_layers) > n_layer:
+            raise ConfigError(f"--pool-layer {max(self.pool_layers)}: {self.cfg.size} has layers 0 to "
+                              f"{n_layer} (0: the embeddings, {n_layer}: the final norm's output)")
+        # released iGPT: the classifier starts at zero (no bias), so fine-tuning starts from the
+        # pre-trained loss; --head-from-probe: from a probe, with a bias (start())
+        self.heads = {"score": nn.Linear(len(self.pool_layers) * run.model.config.n_embd,
+                                         len(run.data.ds.classes), generator(self.cfg.seed, "heads"),
+                                         std=0.0, bias=self.cfg.head_from_probe)}
         self.best_acc, self.evals_since_best = -1.0, 0
         if resume and run.folder.best.exists():
             _, meta = ck.read_meta(run.folder.best)
@@ -63,8 +82,35 @@ class FineTuning:
     def forward(self, x: np.ndarray, mask):
         """-> (L_GEN, class logits (B, K)) for tokens x (B, T) (mask: BERT's input mask, or None)."""
         gen, feats = generative_loss(self.run.model, x, self.cfg.objective, mask=mask, features=True)
-        pooled = ops.mean(feats[self.pool_layer], axis=1)                      # (B, C)
-        return gen, self.heads["score"](pooled)                                # (B, K)
+        pooled = [ops.mean(feats[l], axis=1) for l in self.pool_layers]        # each (B, C)
+        f = pooled[0] if len(pooled) == 1 else ops.concat(pooled, axis=1)      # (B, k C)
+        return gen, self.heads["score"](f)                                     # (B, K)
+
+    def start(self) -> None:
+        """Once the pre-trained weights are in (a new run, not a resumed one): --head-from-probe
+        starts the classifier from a linear probe (the module docstring). Its features are cached
+        in --cache-dir, keyed by the pre-trained checkpoint and the training tokens."""
+        if not self.cfg.head_from_probe:
+            return
+        run, cfg, head = self.run, self.cfg, self.heads["score"]
+        tokens, labels = run.data.train_tokens, run.data.ds.train.labels                 # (N, T), (N,)
+        stem = (Path(cfg.cache_dir) / "features" /
+                f"finetune-{file_digest(cfg.finetune)[:16]}-{run.data.data_hash}-{cfg.objective}")
+        F, _ = shared_cached((Path(f"{stem}.npy"), Path(f"{stem}-loss.npy")), lambda: extract_features(
+            run.model, tokens, cfg.objective, mask_rate=cfg.mask_rate, seed=cfg.seed,
+            desc="probe features", comm=run.comm, fair_share=run.fair_share), run.comm)  # (N, L+1, C)
+        F = F[:, self.pool_layers].reshape(len(F), -1)                                    # (N, k C)
+        A, c = np.zeros(head.weight.shape), np.zeros(head.bias.shape)
+        if run.comm.is_root:  # one fit, sent to every rank: their heads must be the same
+            probe, lam, acc = fit_probe(F, labels, len(run.data.ds.classes), cfg.seed)
+            A, c = probe.raw_weights()
+            run.log(f"classifier started from a linear probe on layers {self.pool_layers} of {len(F)} "
+                    f"training images (lambda {lam:g}, {acc:.2%} on a tenth of them held out)")
+        head.weight.data[...] = run.comm.broadcast(np.ascontiguousarray(A))
+        head.bias.data[...] = run.comm.broadcast(np.ascontiguousarray(c))
+        m = self.evaluate()
+        run.log(f"{self.describe(m)} before fine-tuning")
+        self.after_eval(m)
 
     def loss(self, x, y, mask):
         gen, clf_logits = self.forward(x, mask)
@@ -125,7 +171,8 @@ class FineTuning:
                 f"{result['acc']:.2%} on {len(split)} images")
         summary = {"best_acc": self.best_acc, "chosen_on": run.data.eval_name, "eval_split": name,
                    "eval_acc": result["acc"], "n_eval": len(split), "clf_only": self.cfg.clf_only,
-                   "pool_layer": self.pool_layer, "steps": run.step}
+                   "pool_layer": self.pool_layers, "head_from_probe": self.cfg.head_from_probe,
+                   "steps": run.step}
         if run.comm.is_root:
             (run.folder.path / "finetune.json").write_text(json.dumps(summary, indent=2))
             run.folder.plot_accuracy(f"fine-tuning {self.cfg.size} on {self.cfg.data}: accuracy on "

@@ -158,6 +158,11 @@ class LogisticProbe:
         self.params, self.result = np.concatenate([self.W.ravel(), self.b]), res
         return self
 
+    def raw_weights(self) -> tuple:
+        """(A (C, K), c (K,)): the logits on features as they are, F A + c, with the standardisation
+        folded in: ((F - mean) / std) W + b = F (W / std) + (b - (mean / std) W)."""
+        return self.W / self.std[:, None], self.b - (self.mean / self.std) @ self.W
+
     def predict(self, F: np.ndarray) -> np.ndarray:
         return (((np.asarray(F, np.float64) - self.mean) / self.std) @ self.W + self.b).argmax(axis=1)
 
@@ -165,10 +170,10 @@ class LogisticProbe:
         return float(np.mean(self.predict(F) == y))
 
 
-def probe_layer(F_train, y_train, F_eval, y_eval, n_classes: int, seed: int = 0,
-                grid=L2_GRID, holdout: float = 0.1) -> dict:
-    """Choose lambda on a held-out slice of the training features, refit on all of them, score the
-    evaluation features. -> {lam, holdout_acc, eval_acc}."""
+def fit_probe(F_train, y_train, n_classes: int, seed: int = 0, grid=L2_GRID,
+              holdout: float = 0.1) -> tuple:
+    """Choose lambda on a held-out slice of the training features, then refit on all of them.
+    -> (the refitted LogisticProbe, its lambda, the held-out accuracy that chose it)."""
     rng = generator(seed, "probe_holdout")
     order = rng.permutation(len(y_train))
     n_hold = max(1, int(round(holdout * len(y_train))))
@@ -180,7 +185,14 @@ def probe_layer(F_train, y_train, F_eval, y_eval, n_classes: int, seed: int = 0,
     scores = [fits[lam].accuracy(F_train[hold], y_train[hold]) for lam in grid]
     best = int(np.argmax(scores))
     final = LogisticProbe(grid[best]).fit(F_train, y_train, n_classes, fits[grid[best]].params)
-    return {"lam": grid[best], "holdout_acc": scores[best], "eval_acc": final.accuracy(F_eval, y_eval)}
+    return final, grid[best], scores[best]
+
+
+def probe_layer(F_train, y_train, F_eval, y_eval, n_classes: int, seed: int = 0,
+                grid=L2_GRID, holdout: float = 0.1) -> dict:
+    """fit_probe, then score the evaluation features. -> {lam, holdout_acc, eval_acc}."""
+    probe, lam, holdout_acc = fit_probe(F_train, y_train, n_classes, seed, grid, holdout)
+    return {"lam": lam, "holdout_acc": holdout_acc, "eval_acc": probe.accuracy(F_eval, y_eval)}
 
 
 def balanced_subsets(y: np.ndarray, per_class: int, n_subsets: int, seed: int) -> list:

@@ -63,7 +63,9 @@ class RunConfig:
     finetune: str | None = None      # §2.3: a pre-trained checkpoint to fine-tune (finetune.py)
     clf_only: bool = False           # fine-tuning: L_CLF alone, without L_GEN
     patience: int = 5                # fine-tuning: evaluations without a better held-out accuracy
-    pool_layer: int | None = None    # fine-tuning: the layer l whose n^l is pooled; None: the last (§2.3)
+    pool_layer: list | None = None   # fine-tuning: the layers whose n^l are pooled, side by side;
+                                     # None: the last alone (§2.3)
+    head_from_probe: bool = False    # fine-tuning: the classifier starts from a linear probe (departure)
 
     def __post_init__(self):
         if isinstance(self.size, str):
@@ -77,10 +79,17 @@ class RunConfig:
                 setattr(self, name, value)
         if self.batch_size is None:
             self.batch_size = default_batch(self.size) if self.size in SIZES else 1
+        if self.pool_layer is not None:
+            if not isinstance(self.pool_layer, list):  # one layer, as checkpoints before lists wrote it
+                self.pool_layer = [self.pool_layer]
+            if not self.pool_layer or len(set(map(str, self.pool_layer))) < len(self.pool_layer):
+                raise ConfigError(f"--pool-layer {' '.join(map(str, self.pool_layer))} is not valid: it "
+                                  "must name one or more different layers")
         for name, (ok, needs) in _RULES.items():
             value = getattr(self, name)
-            if value is not None and not _valid(value, ok):
-                raise ConfigError(f"--{name.replace('_', '-')} {value} is not valid: it must be {needs}")
+            for v in (value if isinstance(value, list) else [value]):
+                if v is not None and not _valid(v, ok):
+                    raise ConfigError(f"--{name.replace('_', '-')} {v} is not valid: it must be {needs}")
         if self.size not in SIZES:
             raise ConfigError(f"unknown model size '{self.size}': choose one of {', '.join(SIZES)}")
         if self.objective not in ("ar", "bert"):
@@ -138,7 +147,7 @@ _RULES = {
 # Settings a resumed run must share with its checkpoint (the rest may change between sessions).
 FIXED_ON_RESUME = ("size", "res", "data", "objective", "mask_rate", "batch_size", "grad_accum",
                    "warmup_steps", "weight_decay", "palette_size", "palette", "augment", "seed",
-                   "finetune", "clf_only", "pool_layer")
+                   "finetune", "clf_only", "pool_layer", "head_from_probe")
 # Settings a resumed run may change, to recover from a divergence; the change is logged and recorded
 # in the checkpoint ("changes"), and the run is no longer bit-identical to an uninterrupted one.
 CHANGEABLE_ON_RESUME = ("lr", "clip")
@@ -164,7 +173,14 @@ def _saved_run(path: Path, what: str) -> dict:
     run = dict(meta["run"])
     if isinstance(run.get("augment"), bool):  # written before augment had names
         run["augment"] = "wrn" if run["augment"] else "none"
+    if isinstance(run.get("pool_layer"), int):  # written before --pool-layer took several layers
+        run["pool_layer"] = [run["pool_layer"]]
     return run
+
+
+def _shown(value) -> str:
+    """A setting as its flag takes it: a list as its items, space-separated."""
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 def resolve_config(given: dict, resume: bool) -> RunConfig:
@@ -188,9 +204,9 @@ def resolve_config(given: dict, resume: bool) -> RunConfig:
             was = saved.get(key, defaults[key])  # a setting newer than the checkpoint: its default
             if key in given and given[key] != was:
                 flag = "--" + key.replace("_", "-")
-                had = f"with {flag} {was}" if was is not None else f"without {flag}"
-                raise ConfigError(f"{path} was trained {had}, not {given[key]}: drop that flag to resume, "
-                                  "or start a new --out")
+                had = f"with {flag} {_shown(was)}" if was is not None else f"without {flag}"
+                raise ConfigError(f"{path} was trained {had}, not {_shown(given[key])}: drop that flag to "
+                                  "resume, or start a new --out")
         kept = {k: v for k, v in saved.items() if k not in WRITTEN_PATHS}
         values = {**_field_defaults(), **kept, "out": values["out"], **given}
     try:

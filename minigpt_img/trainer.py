@@ -14,6 +14,7 @@ What is trained is a *task*, an object the Trainer builds and calls; the Trainer
 generative objective alone) and finetune.FineTuning (a classifier on top, L_GEN + L_CLF). A task has
 
     heads                    {name: Module} trained beside the model (saved as head/<name>/...)
+    start()                  (fine-tuning) once the pre-trained weights are in, before step 1
     decay                    "cosine" or "constant", the schedule after warm-up
     loss(x, y, rng)          the scalar loss Tensor of tokens x (B, T) with labels y (B,)
     evaluate()               {"loss": ..., ...} on the images data.val_tokens (run_data.RunData)
@@ -195,6 +196,7 @@ class Trainer:
             self._restore(start)
         elif start is not None:
             self.load_weights(start, start_path)
+            self.task.start()  # fine-tuning: --head-from-probe fits the classifier's start
 
     # ---- the loop ------------------------------------------------------------------------------
     def train(self, on_step=None) -> str:

@@ -234,8 +234,13 @@ def test_a_checkpoint_from_before_augment_had_names_still_resumes(folder, tmp_pa
     del stored["meta"]["run"]["pool_layer"]   # a setting added after the checkpoint was written
     ck.save_arrays(out / "ckpt.npz", {**arrays, "config": np.array(json.dumps(stored))})
     assert resolve_config({"out": str(out), "pool_layer": None}, resume=True).pool_layer is None
-    with pytest.raises(ConfigError, match="trained without --pool-layer, not 2"):
-        resolve_config({"out": str(out), "pool_layer": 2}, resume=True)
+    with pytest.raises(ConfigError, match="trained without --pool-layer, not 2 3"):
+        resolve_config({"out": str(out), "pool_layer": [2, 3]}, resume=True)
+    stored["meta"]["run"]["pool_layer"] = 1   # one layer, as written before --pool-layer took several
+    ck.save_arrays(out / "ckpt.npz", {**arrays, "config": np.array(json.dumps(stored))})
+    assert resolve_config({"out": str(out), "pool_layer": [1]}, resume=True).pool_layer == [1]
+    with pytest.raises(ConfigError, match="trained with --pool-layer 1, not 1 2"):
+        resolve_config({"out": str(out), "pool_layer": [1, 2]}, resume=True)
 
 
 def test_a_resolution_the_memory_cannot_serve_is_refused_before_allocating(tmp_path):

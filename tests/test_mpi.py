@@ -157,3 +157,22 @@ def test_probe_and_sample_under_two_processes_match_one(folder, tmp_path):
         assert r.returncode == 0, r.stderr[-2000:]
         pictures.append(np.asarray(Image.open(tmp_path / f"s{n}.png")))
     np.testing.assert_array_equal(pictures[0], pictures[1])
+
+
+def test_finetuning_with_a_head_from_a_probe_runs_under_two_processes(folder, tmp_path):
+    """Rank 0 fits the probe and sends the head to every rank: the ranks start the same (every save
+    checks that all ranks hold the same weights, heads included) and score as one process does."""
+    pre = tmp_path / "pre"
+    r = run(1, "train.py", *train_args(folder, pre, "--steps", 6))
+    assert r.returncode == 0, r.stderr[-2000:]
+    results = []
+    for n in (1, 2):
+        r = run(n, "train.py", "--finetune", str(pre / "ckpt.npz"), "--out", str(tmp_path / f"ft{n}"),
+                "--cache-dir", str(tmp_path / f"cache{n}"), "--steps", "3", "--eval-every", "3",
+                "--pool-layer", "1", "2", "--head-from-probe")
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert r.stdout.count("classifier started from a linear probe on layers [1, 2]") == 1
+        assert set(k for k in ck.load_arrays(tmp_path / f"ft{n}" / "best.npz") if k.startswith("head/")) == \
+            {"head/score/weight", "head/score/bias"}
+        results.append(json.loads((tmp_path / f"ft{n}" / "finetune.json").read_text())["eval_acc"])
+    assert results[0] == results[1]

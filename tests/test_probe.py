@@ -11,7 +11,7 @@ from PIL import Image
 from scipy.optimize import minimize
 
 from minigpt_img import ops
-from minigpt_img.checkpoint import load_arrays
+from minigpt_img.checkpoint import load_arrays, read_meta
 from minigpt_img.linear_probe import (LogisticProbe, balanced_subsets, concat_layers, extract_features,
                                       loss_and_grad, probe_layer)
 from minigpt_img.model import GPTConfig, ImageGPT
@@ -267,8 +267,55 @@ def test_finetuning_pools_the_layer_it_is_given(tiny_run, tmp_path):
     feats = ft.model.forward_features(ar_inputs(x, ft.model.config.sos), True, None)[1]
     np.testing.assert_allclose(logits.data, feats[1].data.mean(axis=1) @ head.weight.data, rtol=1e-5, atol=1e-6)
     assert ft.train() == "done"
-    assert json.loads((tmp_path / "p1" / "finetune.json").read_text())["pool_layer"] == 1
+    assert json.loads((tmp_path / "p1" / "finetune.json").read_text())["pool_layer"] == [1]
     with pytest.raises(ConfigError, match="--pool-layer 3: nano has layers 0 to 2"):
         Trainer(resolve_config({"finetune": pre, "out": str(tmp_path / "p3"), "pool_layer": 3}, resume=False),
                 log=lambda *a: None)
     assert not (tmp_path / "p3" / "ckpt.npz").exists()
+
+
+def test_finetuning_pools_several_layers_side_by_side(tiny_run, tmp_path):
+    cfg = resolve_config({"finetune": str(tiny_run / "run" / "ckpt.npz"), "out": str(tmp_path / "p02"),
+                          "steps": 2, "pool_layer": [0, 2]}, resume=False)
+    ft = Trainer(cfg, log=lambda *a: None)
+    head = ft.task.heads["score"]
+    assert head.weight.shape == (64, 3) and not hasattr(head, "bias")
+    head.weight.data[...] = np.random.default_rng(0).standard_normal(head.weight.shape)
+    x, _ = ft.batch(0, 0)
+    _, logits = ft.task.forward(x, None)
+    feats = ft.model.forward_features(ar_inputs(x, ft.model.config.sos), True, None)[1]
+    f = np.concatenate([feats[0].data.mean(axis=1), feats[2].data.mean(axis=1)], axis=1)   # (B, 2C)
+    np.testing.assert_allclose(logits.data, f @ head.weight.data, rtol=1e-5, atol=1e-5)
+    assert ft.train() == "done"
+    for bad in ([1, 1], []):
+        with pytest.raises(ConfigError, match="must name one or more different layers"):
+            RunConfig(finetune="x", pool_layer=bad)
+
+
+def test_finetuning_head_from_probe_starts_where_the_probe_is(tiny_run, tmp_path):
+    """--head-from-probe: the classifier's logits at step 0 are the linear probe's on the pooled
+    features of the training images (standardisation folded in), and the start is scored and kept."""
+    from minigpt_img.linear_probe import fit_probe
+    pre = str(tiny_run / "run" / "ckpt.npz")
+    lines = []
+    cfg = resolve_config({"finetune": pre, "out": str(tmp_path / "lp"), "steps": 2, "pool_layer": [1, 2],
+                          "head_from_probe": True, "cache_dir": str(tmp_path / "cache")}, resume=False)
+    ft = Trainer(cfg, log=lines.append)
+    head = ft.task.heads["score"]
+    tokens, labels = ft.data.train_tokens, ft.data.ds.train.labels
+    F = extract_features(ft.model, tokens)[0][:, [1, 2]].reshape(len(tokens), -1)           # (N, 2C)
+    probe = fit_probe(F, labels, 3, cfg.seed)[0]
+    _, logits = ft.task.forward(np.asarray(tokens, np.int64), None)
+    standardised = ((F - probe.mean) / probe.std) @ probe.W + probe.b                       # (N, K)
+    np.testing.assert_allclose(logits.data, standardised, rtol=1e-4, atol=1e-4)
+    assert np.array_equal(logits.data.argmax(axis=1), probe.predict(F))
+    assert any("classifier started from a linear probe on layers [1, 2]" in l for l in lines)
+    assert any(l.startswith("step 0: accuracy") and "before fine-tuning" in l for l in lines)
+    assert read_meta(tmp_path / "lp" / "best.npz")[1]["step"] == 0      # the start is the best so far
+    assert list((tmp_path / "cache" / "features").glob("finetune-*.npy"))
+    assert ft.train() == "done"
+    assert json.loads((tmp_path / "lp" / "finetune.json").read_text())["head_from_probe"] is True
+    # without the flag the head starts at zero, without a bias (the released iGPT's)
+    plain = Trainer(resolve_config({"finetune": pre, "out": str(tmp_path / "zero")}, resume=False),
+                    log=lambda *a: None)
+    assert not hasattr(plain.task.heads["score"], "bias") and not plain.task.heads["score"].weight.data.any()
