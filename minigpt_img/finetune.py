@@ -23,14 +23,18 @@ images (run_data.py), so that nothing is chosen on the images that give the resu
 --head-from-probe (departure: linear probing, then fine-tuning, "LP-FT", Kumar et al. 2022, "Fine-
 Tuning can Distort Pretrained Features and Underperform Out-of-Distribution") starts the classifier
 from the linear probe of linear_probe.py instead of zero: the probe is fitted on the pooled features
-of the training images as they are (lambda chosen on a held-out tenth of them), and its
-standardisation folded into the head, which then has a bias:
+of the training images as they are, and its standardisation folded into the head, which then has a
+bias:
 
     l = ((f - mu) / sigma) W + b = f (W / sigma) + (b - (mu / sigma) W)
 
 so fine-tuning starts from the probe's accuracy, and the first steps' gradients reach the network
 through a classifier that already separates the classes rather than through a zero one. The start
-is evaluated like any later step and is kept as best.npz unless fine-tuning does better.
+is evaluated like any later step and is kept as best.npz unless fine-tuning does better. lambda is
+the strongest within one standard error of the best on a held-out tenth of the training images
+(linear_probe.fit_probe, one_se), not the best alone: the weights of a nearly unregularised probe
+are large (on CIFAR-10 here ~700x the norm a zero-started head reaches), which makes every step's
+change of the features swing the logits; measured in the README.
 
 The head is named `score`, as in Hugging Face's ImageGPTForImageClassification (which also pools by
 averaging).
@@ -102,7 +106,7 @@ class FineTuning:
         F = F[:, self.pool_layers].reshape(len(F), -1)                                    # (N, k C)
         A, c = np.zeros(head.weight.shape), np.zeros(head.bias.shape)
         if run.comm.is_root:  # one fit, sent to every rank: their heads must be the same
-            probe, lam, acc = fit_probe(F, labels, len(run.data.ds.classes), cfg.seed)
+            probe, lam, acc = fit_probe(F, labels, len(run.data.ds.classes), cfg.seed, one_se=True)
             A, c = probe.raw_weights()
             run.log(f"classifier started from a linear probe on layers {self.pool_layers} of {len(F)} "
                     f"training images (lambda {lam:g}, {acc:.2%} on a tenth of them held out)")

@@ -171,9 +171,11 @@ class LogisticProbe:
 
 
 def fit_probe(F_train, y_train, n_classes: int, seed: int = 0, grid=L2_GRID,
-              holdout: float = 0.1) -> tuple:
+              holdout: float = 0.1, one_se: bool = False) -> tuple:
     """Choose lambda on a held-out slice of the training features, then refit on all of them.
-    -> (the refitted LogisticProbe, its lambda, the held-out accuracy that chose it)."""
+    one_se: the strongest lambda whose held-out accuracy is within one standard error,
+    sqrt(a (1 - a) / n_held_out), of the best a (the "one-standard-error rule": nearly as accurate,
+    smaller weights). -> (the refitted LogisticProbe, its lambda, its held-out accuracy)."""
     rng = generator(seed, "probe_holdout")
     order = rng.permutation(len(y_train))
     n_hold = max(1, int(round(holdout * len(y_train))))
@@ -184,6 +186,10 @@ def fit_probe(F_train, y_train, n_classes: int, seed: int = 0, grid=L2_GRID,
                                                    None if start is None else start.params)
     scores = [fits[lam].accuracy(F_train[hold], y_train[hold]) for lam in grid]
     best = int(np.argmax(scores))
+    if one_se:
+        top = scores[best]
+        best = max((i for i in range(len(grid)) if scores[i] >= top - np.sqrt(top * (1 - top) / n_hold)),
+                   key=lambda i: grid[i])
     final = LogisticProbe(grid[best]).fit(F_train, y_train, n_classes, fits[grid[best]].params)
     return final, grid[best], scores[best]
 

@@ -13,7 +13,7 @@ from scipy.optimize import minimize
 from minigpt_img import ops
 from minigpt_img.checkpoint import load_arrays, read_meta
 from minigpt_img.linear_probe import (LogisticProbe, balanced_subsets, concat_layers, extract_features,
-                                      loss_and_grad, probe_layer)
+                                      fit_probe, loss_and_grad, probe_layer)
 from minigpt_img.model import GPTConfig, ImageGPT
 from minigpt_img.objectives import ar_inputs, ar_loss
 from minigpt_img.runconfig import ConfigError, RunConfig, resolve_config
@@ -295,7 +295,6 @@ def test_finetuning_pools_several_layers_side_by_side(tiny_run, tmp_path):
 def test_finetuning_head_from_probe_starts_where_the_probe_is(tiny_run, tmp_path):
     """--head-from-probe: the classifier's logits at step 0 are the linear probe's on the pooled
     features of the training images (standardisation folded in), and the start is scored and kept."""
-    from minigpt_img.linear_probe import fit_probe
     pre = str(tiny_run / "run" / "ckpt.npz")
     lines = []
     cfg = resolve_config({"finetune": pre, "out": str(tmp_path / "lp"), "steps": 2, "pool_layer": [1, 2],
@@ -304,7 +303,7 @@ def test_finetuning_head_from_probe_starts_where_the_probe_is(tiny_run, tmp_path
     head = ft.task.heads["score"]
     tokens, labels = ft.data.train_tokens, ft.data.ds.train.labels
     F = extract_features(ft.model, tokens)[0][:, [1, 2]].reshape(len(tokens), -1)           # (N, 2C)
-    probe = fit_probe(F, labels, 3, cfg.seed)[0]
+    probe = fit_probe(F, labels, 3, cfg.seed, one_se=True)[0]
     _, logits = ft.task.forward(np.asarray(tokens, np.int64), None)
     standardised = ((F - probe.mean) / probe.std) @ probe.W + probe.b                       # (N, K)
     np.testing.assert_allclose(logits.data, standardised, rtol=1e-4, atol=1e-4)
@@ -319,3 +318,15 @@ def test_finetuning_head_from_probe_starts_where_the_probe_is(tiny_run, tmp_path
     plain = Trainer(resolve_config({"finetune": pre, "out": str(tmp_path / "zero")}, resume=False),
                     log=lambda *a: None)
     assert not hasattr(plain.task.heads["score"], "bias") and not plain.task.heads["score"].weight.data.any()
+
+
+def test_the_one_standard_error_rule_takes_the_strongest_lambda_nearly_as_good():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 400)
+    F = np.eye(3)[y] * 1.5 + rng.standard_normal((400, 3))     # overlapping classes: weights stay finite
+    grid = (1e-4, 1e-2, 1.0, 100.0)
+    _, best_lam, best_acc = fit_probe(F, y, 3, grid=grid)
+    probe, lam, acc = fit_probe(F, y, 3, grid=grid, one_se=True)
+    assert lam >= best_lam and acc >= best_acc - np.sqrt(best_acc * (1 - best_acc) / 40)
+    assert lam == 1.0 and best_lam < 1.0  # here lambda 1 is within a standard error, 100 is not
+    assert np.linalg.norm(probe.W) < np.linalg.norm(fit_probe(F, y, 3, grid=(best_lam,))[0].W)
