@@ -50,7 +50,7 @@ from . import checkpoint as ck
 from . import nn, ops
 from .data import cached_tokens
 from .files import file_digest
-from .linear_probe import extract_features, fit_probe, shared_cached
+from .linear_probe import cached_features, fit_probe
 from .objectives import generative_loss
 from .runconfig import ConfigError
 from .streams import generator
@@ -100,9 +100,9 @@ class FineTuning:
         tokens, labels = run.data.train_tokens, run.data.ds.train.labels                 # (N, T), (N,)
         stem = (Path(cfg.cache_dir) / "features" /
                 f"finetune-{file_digest(cfg.finetune)[:16]}-{run.data.data_hash}-{cfg.objective}")
-        F, _ = shared_cached((Path(f"{stem}.npy"), Path(f"{stem}-loss.npy")), lambda: extract_features(
-            run.model, tokens, cfg.objective, mask_rate=cfg.mask_rate, seed=cfg.seed,
-            desc="probe features", comm=run.comm, fair_share=run.fair_share), run.comm)  # (N, L+1, C)
+        F, _ = cached_features(stem, run.model, tokens, run.comm, objective=cfg.objective,
+                               mask_rate=cfg.mask_rate, seed=cfg.seed, desc="probe features",
+                               fair_share=run.fair_share)                                 # (N, L+1, C)
         F = F[:, self.pool_layers].reshape(len(F), -1)                                    # (N, k C)
         A, c = np.zeros(head.weight.shape), np.zeros(head.bias.shape)
         if run.comm.is_root:  # one fit, sent to every rank: their heads must be the same

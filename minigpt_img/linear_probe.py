@@ -96,6 +96,13 @@ def shared_cached(paths: tuple, compute, comm: Solo) -> tuple:
     return tuple(arrays)
 
 
+def cached_features(stem: Path, model, tokens: np.ndarray, comm: Solo, **kw) -> tuple:
+    """extract_features(model, tokens, comm=comm, **kw) -> (features, per-image losses), cached as
+    <stem>.npy and <stem>-loss.npy (shared_cached)."""
+    return shared_cached((Path(f"{stem}.npy"), Path(f"{stem}-loss.npy")),
+                         lambda: extract_features(model, tokens, comm=comm, **kw), comm)
+
+
 def fan_out(jobs: list, comm: Solo) -> list:
     """[job() for job in jobs], the jobs shared out among the ranks (job i on rank i % size) and
     every result returned to every rank, in order. Each rank runs its jobs side by side on as many
@@ -281,10 +288,10 @@ def probe_report(ckpt, data=None, data_dir=None, eval_split="test", layers=None,
 
     def features(m, tokens, split, tag):
         """(features (N, L+1, C), loss per image (N,)) of model m, cached beside the checkpoint."""
-        stem = feat_dir / f"{tag}-{key}-{split}{len(tokens)}"
-        return shared_cached((Path(f"{stem}.npy"), Path(f"{stem}-loss.npy")), lambda: extract_features(
-            m, tokens, objective, batch_size, run.get("mask_rate", 0.15), bert_masks, seed,
-            desc=f"{tag} {split} features", comm=comm, fair_share=fair_share), comm)
+        return cached_features(feat_dir / f"{tag}-{key}-{split}{len(tokens)}", m, tokens, comm,
+                               objective=objective, batch_size=batch_size,
+                               mask_rate=run.get("mask_rate", 0.15), n_masks=bert_masks, seed=seed,
+                               desc=f"{tag} {split} features", fair_share=fair_share)
 
     log(f"probing {ckpt} ({cfg.n_layer} layers, width {cfg.n_embd}) on {name}: {tr_n} train images, "
         f"{ev_n} {eval_split} images, {K} classes")
