@@ -4,37 +4,41 @@
     python probe.py --ckpt runs/c10/ckpt.npz --data cifar10 --data-dir ../shared/data --eval-split val
     python probe.py --along runs/c10/snapshots --eval-split val   # §4.2: probe vs validation loss
 """
-import json
 import sys
 from pathlib import Path
 
-from minigpt_img.cli import Parser, add_threads_flag, fair_share, nonnegative_int, positive_int, run
+from minigpt_img.cli import Parser, add_threads_flag, fair_share, run
+from minigpt_img.ranges import NONNEGATIVE_INT, POSITIVE_INT
+from minigpt_img.runconfig import EVAL_BATCH, declared
+
+CKPT = str(Path(declared("out")) / "ckpt.npz")  # train.py's default run
 
 
 def parse(argv=None):
     ap = Parser(prog="probe.py", description="Average-pool every layer's features, fit an L2 logistic "
                                  "regression per layer, report accuracy by layer beside baselines.")
     a = ap.add_argument
-    a("--ckpt", default="runs/default/ckpt.npz", help="checkpoint from train.py (default runs/default/ckpt.npz)")
+    a("--ckpt", default=CKPT, help=f"checkpoint from train.py (default {CKPT})")
     a("--data", default=None, help="dataset (default: the one the checkpoint was trained on)")
     a("--data-dir", default=None, help="folder holding the dataset files (default: the checkpoint's)")
     a("--eval-split", choices=["test", "val"], default="test",
       help="score on the official test set, or on the held-out 10%% of the training set (default test)")
     a("--along", default=None, help="§4.2: probe every snapshot in this folder (train.py --snapshots) "
       "and plot best-layer accuracy against validation loss into along.json/along.png (default: off)")
-    a("--layers", type=nonnegative_int, nargs="+", default=None, help="layers to probe (default: all, 0..L)")
-    a("--max-train", type=positive_int, default=None, help="use at most this many training images (default: all)")
-    a("--max-eval", type=positive_int, default=None, help="score on at most this many images (default: all)")
-    a("--batch-size", type=positive_int, default=64, help="images per forward pass (default 64)")
-    a("--labels-per-class", type=positive_int, nargs="*", default=[], help="also probe with this many labels per "
+    a("--layers", type=NONNEGATIVE_INT, nargs="+", default=None, help="layers to probe (default: all, 0..L)")
+    a("--max-train", type=POSITIVE_INT, default=None, help="use at most this many training images (default: all)")
+    a("--max-eval", type=POSITIVE_INT, default=None, help="score on at most this many images (default: all)")
+    a("--batch-size", type=POSITIVE_INT, default=EVAL_BATCH, help=f"images per forward pass (default {EVAL_BATCH})")
+    a("--labels-per-class", type=POSITIVE_INT, nargs="*", default=[], help="also probe with this many labels per "
       "class, 5 random draws each, e.g. 4 25 400 (default: none)")
-    a("--concat", type=positive_int, default=1, help="also probe this many consecutive layers side by side, "
+    a("--concat", type=POSITIVE_INT, default=1, help="also probe this many consecutive layers side by side, "
       "centred on the best single layer, as the paper's strongest ImageNet probe (5 layers) (default 1: off)")
-    a("--bert-masks", type=positive_int, default=1, help="BERT checkpoints: average features over this many "
+    a("--bert-masks", type=POSITIVE_INT, default=1, help="BERT checkpoints: average features over this many "
       "random masks (default 1)")
     a("--no-baselines", action="store_true", help="skip the raw-pixel, histogram and random-init probes")
-    a("--seed", type=nonnegative_int, default=0, help="seed for masks, held-out slice, subsets (default 0)")
-    a("--cache-dir", default="runs/cache", help="where quantised tokens are cached (default runs/cache)")
+    a("--seed", type=NONNEGATIVE_INT, default=0, help="seed for masks, held-out slice, subsets (default 0)")
+    a("--cache-dir", default=declared("cache_dir"), help="where quantised tokens and features are cached "
+      f"(default {declared('cache_dir')})")
     a("--out", default=None, help="folder for probe.json and probe.png (default: beside the checkpoint)")
     add_threads_flag(ap)
     return ap.parse_args(argv)
@@ -46,7 +50,8 @@ def main(argv=None) -> int:
 
 
 def probe(args, comm) -> int:
-    from minigpt_img.linear_probe import format_report, plot_report, probe_report
+    from minigpt_img.files import write_json
+    from minigpt_img.probe_report import format_report, plot_report, probe_report
 
     report = probe_report(args.ckpt, args.data, args.data_dir, args.eval_split, args.layers,
                           args.max_train, args.max_eval, args.batch_size, args.labels_per_class,
@@ -56,8 +61,7 @@ def probe(args, comm) -> int:
     if not comm.is_root:  # rank 0 writes the report
         return 0
     out = Path(args.out or Path(args.ckpt).parent)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "probe.json").write_text(json.dumps(report, indent=2))
+    write_json(out / "probe.json", report)
     plot_report(report, out / "probe.png")
     print(format_report(report))
     print(f"wrote {out / 'probe.json'} and {out / 'probe.png'}")
@@ -65,7 +69,8 @@ def probe(args, comm) -> int:
 
 
 def along(args, comm) -> int:
-    from minigpt_img.linear_probe import plot_along, probe_along
+    from minigpt_img.files import write_json
+    from minigpt_img.probe_report import plot_along, probe_along
 
     snaps = list(Path(args.along).glob("*.npz"))
     if not snaps:
@@ -77,8 +82,7 @@ def along(args, comm) -> int:
     if not comm.is_root:
         return 0
     out = Path(args.out or Path(args.along).parent)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "along.json").write_text(json.dumps(result, indent=2))
+    write_json(out / "along.json", result)
     plot_along(result, out / "along.png")
     print(f"wrote {out / 'along.json'} and {out / 'along.png'}")
     return 0

@@ -7,7 +7,11 @@
 import sys
 from pathlib import Path
 
-from minigpt_img.cli import Parser, add_threads_flag, nonnegative_float, nonnegative_int, positive_int, run
+from minigpt_img.cli import Parser, add_threads_flag, run
+from minigpt_img.ranges import NONNEGATIVE, NONNEGATIVE_INT, POSITIVE_INT
+from minigpt_img.runconfig import declared
+
+CKPT = str(Path(declared("out")) / "ckpt.npz")  # train.py's default run
 
 
 def parse(argv=None):
@@ -15,19 +19,18 @@ def parse(argv=None):
                                  "PNG grid.")
     a = ap.add_argument
     src = ap.add_mutually_exclusive_group()
-    src.add_argument("--ckpt", default="runs/default/ckpt.npz",
-                     help="checkpoint written by train.py (default runs/default/ckpt.npz)")
+    src.add_argument("--ckpt", default=CKPT, help=f"checkpoint written by train.py (default {CKPT})")
     src.add_argument("--init-from", help="a Hugging Face ImageGPT folder instead of --ckpt")
     a("--complete", action="store_true", help="complete evaluation images instead of sampling from nothing")
     a("--data", default=None, help="dataset for --complete (default: the checkpoint's training data)")
     a("--data-dir", default=None, help="folder holding the dataset files (default: the checkpoint's)")
-    a("--n", type=positive_int, default=None, help="samples, or images to complete (default 16, or 8 with --complete)")
-    a("--per-image", type=positive_int, default=4, help="completions per image (default 4)")
+    a("--n", type=POSITIVE_INT, default=None, help="samples, or images to complete (default 16, or 8 with --complete)")
+    a("--per-image", type=POSITIVE_INT, default=4, help="completions per image (default 4)")
     a("--frac", type=float, default=0.5, help="fraction of image rows given to --complete (default 0.5)")
-    a("--temperature", type=nonnegative_float, default=1.0, help="softmax temperature, 0 for argmax (default 1.0)")
-    a("--top-k", type=positive_int, default=None, help="sample among the k likeliest colours only (default: all)")
-    a("--seed", type=nonnegative_int, default=0, help="sampling seed (default 0)")
-    a("--scale", type=positive_int, default=None, help="nearest-neighbour upscaling of the grid (default: ~96 px per image)")
+    a("--temperature", type=NONNEGATIVE, default=1.0, help="softmax temperature, 0 for argmax (default 1.0)")
+    a("--top-k", type=POSITIVE_INT, default=None, help="sample among the k likeliest colours only (default: all)")
+    a("--seed", type=NONNEGATIVE_INT, default=0, help="sampling seed (default 0)")
+    a("--scale", type=POSITIVE_INT, default=None, help="nearest-neighbour upscaling of the grid (default: ~96 px per image)")
     a("--out", default=None, help="output PNG (default samples-seed<seed>.png or completions-seed<seed>.png "
       "beside the checkpoint; train.py's own samples.png is left as it is)")
     add_threads_flag(ap)

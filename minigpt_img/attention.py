@@ -19,7 +19,7 @@ Legend: B batch, T tokens, NH heads, D = C / NH head size, BH = B * NH.
 import numpy as np
 from numba import njit, prange
 
-from .kernels import _JIT, exp_inplace, row_max
+from .kernels import _JIT, exp_inplace, logsumexp, row_max
 
 
 def heads(qkv: np.ndarray, n_head: int):
@@ -175,8 +175,7 @@ def _attention_probs_ref(q, k, causal, q_offset):
     if causal:
         Tq, Tk = S.shape[-2:]
         S = np.where(np.arange(Tk)[None, :] > np.arange(Tq)[:, None] + q_offset, -np.inf, S)
-    m = S.max(axis=-1, keepdims=True)
-    lse = m + np.log(np.exp(S - m).sum(axis=-1, keepdims=True))
+    lse = logsumexp(S)                                                        # (B, NH, Tq, 1)
     return np.exp(S - lse), lse[..., 0]
 
 

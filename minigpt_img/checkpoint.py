@@ -29,15 +29,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .files import write_atomic
+from .errors import CheckpointError
+from .files import write_atomic, write_json
 from .model import GPTConfig, ImageGPT
 from .palette import check_palette
 from .sizes import count_parameters, memory_problem
 from .streams import generator
 
-
-class CheckpointError(Exception):
-    """A checkpoint that cannot be used; the message names the file and the fix."""
 
 
 # ---- our .npz ---------------------------------------------------------------------------------
@@ -187,10 +185,11 @@ def write_safetensors(path, tensors: dict[str, np.ndarray], metadata: dict | Non
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     text = json.dumps(header).encode()
     text += b" " * (-len(text) % 8)  # the data section starts 8-byte aligned
-    with open(path, "wb") as f:
+    def write(f):
         f.write(struct.pack("<Q", len(text)) + text)
         for raw in buffers:
             f.write(raw)
+    write_atomic(path, write)
 
 
 # ---- Hugging Face ImageGPT -------------------------------------------------------------------
@@ -286,9 +285,9 @@ def export_hf(model: ImageGPT, directory, palette=None) -> None:
         "reorder_and_upcast_attn": False, "tie_word_embeddings": False,
         "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
     }
-    (d / "config.json").write_text(json.dumps(hf_config, indent=2))
+    write_json(d / "config.json", hf_config)
     if palette is not None:
         pre = {"image_processor_type": "ImageGPTImageProcessor", "clusters": np.asarray(palette).tolist(),
                "do_resize": True, "size": {"height": cfg.n_px, "width": cfg.n_px},
                "do_normalize": True, "do_color_quantize": True}
-        (d / "preprocessor_config.json").write_text(json.dumps(pre))
+        write_json(d / "preprocessor_config.json", pre)

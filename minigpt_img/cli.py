@@ -7,9 +7,11 @@ stderr and a non-zero exit, never a traceback.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 
+from .errors import (CheckpointError, ConfigError, DataError, MPIMissing, TrainingDiverged,
+                     WriteError)
+from .ranges import POSITIVE_INT
 from .threads import configure, default_threads
 
 
@@ -20,27 +22,8 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (python {self.prog} --help lists the flags)\n")
 
 
-def _number(kind, low, low_ok: bool, what: str):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
-        if not math.isfinite(value) or value < low or (value == low and not low_ok):
-            raise argparse.ArgumentTypeError(f"{text} is not {what}")
-        return value
-    return parse
-
-
-# argparse `type=` checks: the value and its range are checked when the flag is read
-positive_int = _number(int, 0, False, "a whole number >= 1")
-nonnegative_int = _number(int, 0, True, "a whole number >= 0")
-positive_float = _number(float, 0.0, False, "a finite number > 0")
-nonnegative_float = _number(float, 0.0, True, "a finite number >= 0")
-
-
 def add_threads_flag(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--threads", type=positive_int, default=None,
+    ap.add_argument("--threads", type=POSITIVE_INT, default=None,
                     help="CPU threads for numba and BLAS (default: all cores)")
 
 
@@ -56,7 +39,7 @@ def run(work, args) -> int:
     run (parallel.world(): several under mpiexec). A user's error prints `error: ...` and exits 2 (1
     when training diverged); under mpiexec the failing rank's message ends the whole job."""
     configure(args.threads or default_threads())  # before anything imports NumPy
-    from .parallel import MPIMissing, world
+    from .parallel import world
 
     try:
         comm = world()
@@ -74,12 +57,6 @@ def run(work, args) -> int:
 
 def _guarded(work, args, comm):
     """(exit code, None) or (exit code, the one line that says what went wrong)."""
-    from .checkpoint import CheckpointError
-    from .data import DataError
-    from .files import WriteError
-    from .runconfig import ConfigError
-    from .trainer import TrainingDiverged
-
     try:
         return work(args, comm), None
     except TrainingDiverged as e:

@@ -1,6 +1,7 @@
 """§3.1 Datasets: loading, the train/validation split, resolution, augmentation, and token caching.
 
-Every dataset gives uint8 images (N, H, W, 3) and int64 labels (N,), split as the paper does (§3.4):
+Every dataset gives uint8 images (N, H, W, 3) and int64 labels (N,), split as the paper does (§3.1:
+"For CIFAR-10, CIFAR-100 and STL-10, we split off 10% of the provided training set"):
 the official training set is shuffled with a seed and 10% held out for validation; the official test
 set is used when its files are present.
 
@@ -17,10 +18,13 @@ the data's own size.
 Augmentation (train.py's --augment):
     wrn    reflection-pad 4 pixels (scaled with the resolution), take a random crop of the original
            size, flip horizontally with probability 1/2: the Wide-ResNet augmentation the paper uses
-           when fine-tuning on CIFAR (§3.4). Quantising is per pixel, so cropping and flipping token
+           when fine-tuning on CIFAR (§3.1). Quantising is per pixel, so cropping and flipping token
            grids equals quantising augmented images: it runs on tokens (`augment`).
     crop   the paper's pre-training augmentation: a random square crop of the full-resolution image,
-           downsampled to --res, then quantised (`random_resized_crops`).
+           downsampled to --res, then quantised (`random_resized_crops`). §3.1: "we randomly resize
+           an image such that the shorter sidelength is in the range [256, 384] and then take a
+           random 224 x 224 crop", crops of 224/384 to 224/256 (0.58 to 0.875) of the side;
+           departure: here 3/4 of the side or more, up to the whole image.
     none
 Pre-training defaults to crop and fine-tuning to wrn, as the paper (runconfig.BASE). `streaks` is
 not augmented (runconfig.DATA_PRESETS): a flip turns one diagonal class into the other.
@@ -36,15 +40,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from .errors import DataError
 from .files import cached_array
 from .shapes import CLASSES as SHAPE_CLASSES, make_shapes
 from .streaks import CLASSES as STREAK_CLASSES, make_streaks
 from .sizes import memory_problem
 from .streams import generator
 
-
-class DataError(Exception):
-    """Data that cannot be used; the message names the file and the fix."""
 
 
 @dataclass
@@ -298,7 +300,7 @@ def split_train_val(split: Split, seed: int, val_fraction: float = 0.1):
 PROCEDURAL = {"streaks": (STREAK_CLASSES, make_streaks), "shapes": (SHAPE_CLASSES, make_shapes)}
 
 
-def load_dataset(name: str, data_dir="data", res: int | None = None, seed: int = 0,
+def load_dataset(name: str, data_dir=None, res: int | None = None, seed: int = 0,
                  val_fraction: float = 0.1, procedural_size: int = 14000, official: bool = True,
                  full_train: bool = False) -> Dataset:
     """A dataset by name (or folder path), split into train / val (/ test), at resolution res.
@@ -306,7 +308,8 @@ def load_dataset(name: str, data_dir="data", res: int | None = None, seed: int =
     small files in the official formats). procedural_size: training images drawn for streaks or
     shapes (a fifth as many test images). full_train: also keep the training images as loaded,
     before downsampling, in the same order (--augment crop cuts its crops from them; the built-in
-    sets are drawn at res)."""
+    sets are drawn at res). data_dir: where the official binary sets are (--data-dir); the built-in
+    sets and folders do not read it."""
     if res is not None and res < 1:
         raise DataError(f"--res must be positive, got {res}")
     if name in PROCEDURAL:
@@ -320,6 +323,8 @@ def load_dataset(name: str, data_dir="data", res: int | None = None, seed: int =
         test = Split(*draw(max(procedural_size // 5, 10), r, generator(0, name, 1)))  # the same for every seed
         classes = list(classes)
     elif name in BINARY:
+        if data_dir is None:
+            raise DataError(f"{name}: no --data-dir says where its files are")
         classes, train, test = _load_binary(name, Path(data_dir), official)
     else:
         classes, train, test = _load_folder(Path(name), res)
@@ -356,7 +361,9 @@ def random_resized_crops(images: np.ndarray, res: int, rng: np.random.Generator,
     """The paper's pre-training augmentation, lightweight random-resized crops: from each
     full-resolution image (B, S, S, 3) a square of side s, drawn uniformly from ceil(smallest * S)
     to S pixels, at a random place, box-filtered to (res, res). No padding, so no mirrored pixels;
-    no flip. The paper names no range for them; smallest = 3/4 (56-100% of the area) is ours.
+    no flip. Departure: §3.1 resizes "such that the shorter sidelength is in the range [256, 384]"
+    before a 224 crop, crops of 0.58 to 0.875 of the side; here smallest = 3/4 to the whole side
+    (56-100% of the area), so that a 16x16 model sees some whole images.
     -> (B, res, res, 3) uint8"""
     B, S = images.shape[:2]
     side = rng.integers(max(1, int(np.ceil(smallest * S))), S + 1, B)       # (B,)
@@ -387,4 +394,4 @@ def trained_on(run: dict, res: int, data: str | None = None, data_dir: str | Non
     name = data or run.get("data")
     if name is None:
         raise DataError(f"{where} does not say which data it was trained on: pass --data")
-    return load_dataset(name, data_dir or run.get("data_dir", "data"), res=res, seed=run.get("seed", 0))
+    return load_dataset(name, data_dir or run.get("data_dir"), res=res, seed=run.get("seed", 0))

@@ -1,9 +1,10 @@
 """File helpers: atomic writes, file digests, and array caches that check their own contents.
 
-Not a paper section. The bottom layer of the package: it imports nothing of minigpt_img, so the data
+Not a paper section. The bottom layer of the package: of minigpt_img it imports only the errors, so the data
 code, the checkpoints and the probes can all use it without pulling in the model.
 
     write_atomic(path, write)     temp file beside path, fsync, rename: readers see old or new, never half
+    write_json(path, obj)         a report (probe.json, finetune.json ...) through write_atomic
     file_digest(path)             hex digest of a file's bytes (sha256 by default, md5 for official archives)
     cached_array(path, compute)   path's array if its recorded sha256 matches, else compute() and store it
     FolderLock(folder)            one live process per run folder (a killed holder frees it)
@@ -12,16 +13,14 @@ code, the checkpoints and the probes can all use it without pulling in the model
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-
-class WriteError(Exception):
-    """A file could not be written (full disk, read-only folder ...); what was there is intact."""
-
+from .errors import FolderBusy, WriteError
 
 TEMP_SUFFIX = ".tmp"  # write_atomic's temporary files: <name>.<random>.tmp beside <name>
 
@@ -58,6 +57,11 @@ def _write_atomic(path: Path, write) -> None:
         raise
 
 
+def write_json(path, obj) -> None:
+    """obj as indented JSON at path, written atomically (write_atomic)."""
+    write_atomic(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
+
+
 def check_writable(folder, flag: str) -> None:
     """Create `folder` if needed and prove a file can be written in it, or raise WriteError naming
     the flag that chose it: found before a run spends time on data, not at its first checkpoint."""
@@ -70,9 +74,6 @@ def check_writable(folder, flag: str) -> None:
     except OSError as e:
         raise WriteError(f"cannot write in {folder} ({e.strerror or e}): choose a writable {flag}") from None
 
-
-class FolderBusy(Exception):
-    """Another live process holds the folder's lock."""
 
 
 class FolderLock:

@@ -5,9 +5,11 @@ odd widths, batch 1) in float32 and float64. Four kernels have no twin of their 
 already is one: exp_inplace (tested against np.exp), row_max (np.max), and palette_table and
 palette_encode_table (tested against palette_lookup, whose twin is palette_lookup_ref). The engine
 (ops.py) calls the kernels; the twins are for reading (reference.py builds the whole forward pass
-from them) and testing. Kernels accumulate reductions in float64 whatever the input dtype, take
-C-contiguous arrays (ops.py makes them so) and are deterministic: where rows are split across threads,
-the split is a fixed number of chunks, so results do not depend on the thread count.
+from them) and testing. The norm's and the cross-entropy's row sums (and the norm's weight gradient)
+are accumulated in float64 whatever the input dtype; the activation, the exp and the embedding's
+scatter-add work in the input's dtype. Kernels take C-contiguous arrays (ops.py makes them so) and
+are deterministic: where rows are split across threads, the split is a fixed number of chunks, so
+results do not depend on the thread count.
 
 Dimension legend: N rows (B*T flattened), C width, V palette/vocabulary size.
 
@@ -28,6 +30,14 @@ _JIT_EXACT = dict(cache=True, nogil=True, error_model="numpy")  # no fast-math: 
 _N_CHUNKS = 64
 
 GELU2_K = 1.702  # the iGPT activation x * sigmoid(1.702 x)
+
+
+def logsumexp(z: np.ndarray, axis: int = -1) -> np.ndarray:
+    """log sum_j exp(z_j) over axis (kept, size 1), computed stably as m + log sum_j exp(z_j - m)
+    with m = max_j z_j. The one NumPy softmax of the package: softmax(z) = exp(z - logsumexp(z)),
+    log_softmax(z) = z - logsumexp(z) (ops, the twins below, attention's twin, the probe, sampling)."""
+    m = z.max(axis=axis, keepdims=True)
+    return m + np.log(np.exp(z - m).sum(axis=axis, keepdims=True))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,6 +158,8 @@ def row_max(row, n):
 
 # ---------------------------------------------------------------------------------------------
 # iGPT norm:  y = x / sqrt(mean(x^2) + eps) * g        (no mean-centring, no bias)
+# departure (released iGPT): the paper's §2.2 says "layer_norm"; the released code's norm has no
+# mean and no bias, as Hugging Face's ImageGPTLayerNorm
 # ---------------------------------------------------------------------------------------------
 @njit(parallel=True, **_JIT)
 def norm_forward(x, g, eps):
@@ -210,6 +222,7 @@ def norm_backward_ref(dy, x, g, rstd):
 
 # ---------------------------------------------------------------------------------------------
 # iGPT activation ("gelu2" in the released code, "quick_gelu" in Hugging Face): y = x * sigmoid(1.702 x)
+# departure (released iGPT): the paper's §2.2 uses "the GPT-2 formulation", whose mlp has GPT-2's gelu
 # ---------------------------------------------------------------------------------------------
 _CHUNK = 4096  # elements per parallel work item in the elementwise kernels
 
@@ -228,7 +241,7 @@ def _gelu2_sigmoid(x, s, work):
 
 @njit(parallel=True, **_JIT)
 def gelu2_forward(x):
-    """x (n,) flat -> y (n,) = x sigmoid(1.702 x)."""
+    """x (n,) flat -> y (n,) = x sigmoid(1.702 x), released iGPT's activation."""
     n = x.size
     y = np.empty_like(x)
     for c in prange((n + _CHUNK - 1) // _CHUNK):
@@ -292,8 +305,7 @@ def xent_forward(z, t):
 
 def xent_forward_ref(z, t):
     z64 = z.astype(np.float64)
-    m = z64.max(axis=-1, keepdims=True)
-    lse = (m + np.log(np.exp(z64 - m).sum(axis=-1, keepdims=True)))[:, 0]
+    lse = logsumexp(z64)[:, 0]
     return lse - z64[np.arange(len(t)), t], lse
 
 

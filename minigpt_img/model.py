@@ -13,8 +13,16 @@ token SOS = V in front and drops the last pixel, see objectives.py):
     logits = n^L W_head                                 over the V palette colours only (no SOS logit)
 
 norm(x) = x / sqrt(mean(x^2) + 1e-5) * g (iGPT's norm: no centring, no bias), gelu2(x) = x sigmoid(1.702x).
-M is the causal mask (AR) or nothing (BERT). Parameter names follow Hugging Face's ImageGPT state dict;
-places where the released iGPT code differs from GPT-2 are marked "released iGPT".
+M is the causal mask (AR: §2.2 "we apply the standard upper triangular mask to the n x n matrix of
+attention logits") or nothing (BERT). Parameter names follow Hugging Face's ImageGPT state dict;
+places where the released iGPT code differs from GPT-2 or the paper's text are marked "released iGPT"
+(the norm, the activation, the initialisation, SOS).
+
+§3.3: "We use the same model code as GPT-2, except that we initialize weights in the layer-dependent
+fashion as in Sparse Transformer (Child et al., 2019) and zero-initialize all projections producing
+logits." The layer-dependent scales here are the released code's (Attention, MLP, Transformer
+below); the zero-initialised projections producing logits are the head (lm_head) and fine-tuning's
+classifier (tasks.FineTuning). §3.4: "No dropout is used": there is none.
 """
 from __future__ import annotations
 
@@ -54,8 +62,9 @@ class GPTConfig:
 class Attention(nn.Module):
     def __init__(self, cfg: GPTConfig, rng, dtype):
         C = cfg.n_embd
-        # released iGPT: q, k, v projections ~ N(0, 1/C) and the output projection ~ N(0, 1/(C L))
-        # (depth-scaled), where GPT-2 uses 0.02 and 0.02/sqrt(2L). Hugging Face fuses q, k, v.
+        # released iGPT (§3.3's "layer-dependent fashion as in Sparse Transformer"): q, k, v
+        # projections ~ N(0, 1/C) and the output projection ~ N(0, 1/(C L)) (depth-scaled), where GPT-2
+        # uses 0.02 and 0.02/sqrt(2L). Hugging Face fuses q, k, v.
         self.c_attn = nn.Linear(C, 3 * C, rng, std=C ** -0.5, bias=cfg.bias, dtype=dtype)
         self.c_proj = nn.Linear(C, C, rng, std=(C * cfg.n_layer) ** -0.5, bias=cfg.bias, dtype=dtype)
         self.n_head = cfg.n_head
@@ -113,7 +122,8 @@ class ImageGPT(nn.Module):
     def __init__(self, cfg: GPTConfig, rng: np.random.Generator, dtype=np.float32):
         self.config = cfg
         self.transformer = Transformer(cfg, rng, dtype)
-        # released iGPT: the untied output head starts at zero (every colour equally likely).
+        # released iGPT, §3.3 "zero-initialize all projections producing logits": the untied output
+        # head starts at zero (every colour equally likely).
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab, rng, std=0.0, dtype=dtype)
 
     def forward(self, tokens, causal=True, input_mask=None):

@@ -95,7 +95,10 @@ class Embedding(Module):
 
 
 class Norm(Module):
-    """iGPT's norm: y = x / sqrt(mean(x^2) + eps) * g, scale g = 1 at init (no bias, no centring)."""
+    """iGPT's norm: y = x / sqrt(mean(x^2) + eps) * g, scale g = 1 at init (no bias, no centring).
+
+    Departure (released iGPT): §2.2 writes n^l = layer_norm(h^l), GPT-2's layer norm, which centres and
+    has a bias; the released code, and Hugging Face's ImageGPT, use this norm."""
 
     def __init__(self, dim: int, *, eps: float = 1e-5, dtype=np.float32):
         self.weight = Tensor(np.ones(dim, dtype=dtype), requires_grad=True)

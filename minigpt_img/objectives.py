@@ -38,8 +38,10 @@ def ar_inputs(x: np.ndarray, sos: int) -> np.ndarray:
 
 
 def bert_mask(shape, rate: float, rng: np.random.Generator) -> np.ndarray:
-    """(B, T) bool: each position masked independently with probability `rate`. An image that draws
-    no masked position at all (likely only for tiny images) gets one, so its loss is defined."""
+    """(B, T) bool: each position masked independently with probability `rate` (§2.1: "each index i
+    independently has probability 0.15 of appearing in M"). Departure: an image that draws no masked
+    position at all (likely only for tiny images) gets one at random, so its loss, averaged over its
+    own masked positions, is defined."""
     mask = rng.random(shape) < rate                                            # (B, T)
     empty = np.flatnonzero(~mask.any(axis=1))
     mask[empty, rng.integers(0, shape[1], len(empty))] = True
@@ -52,12 +54,13 @@ def draw_mask(objective: str, shape, rate: float, rng: np.random.Generator):
 
 
 def bert_weights(mask: np.ndarray) -> np.ndarray:
-    """Per-position loss weights (B, T) of L_BERT: 1/|M_b| at image b's masked positions, else 0."""
+    """Per-position loss weights (B, T) of L_BERT: 1/|M_b| at image b's masked positions, else 0
+    (released iGPT: each image's masked positions averaged, where §2.1's L_BERT sums them)."""
     mask = np.asarray(mask, dtype=np.float64)
     return mask / np.maximum(mask.sum(axis=1, keepdims=True), 1.0)
 
 
-def model_inputs(x: np.ndarray, sos: int, objective: str, mask_rate: float = 0.15, rng=None,
+def model_inputs(x: np.ndarray, sos: int, objective: str, mask_rate: float | None = None, rng=None,
                  mask=None):
     """How an objective shows tokens x (B, T) to the model -> (inputs, causal, input_mask):
     AR reads [SOS, x_1 .. x_{T-1}] under the causal mask; BERT reads x with the positions of `mask`
@@ -69,7 +72,7 @@ def model_inputs(x: np.ndarray, sos: int, objective: str, mask_rate: float = 0.1
     return x, False, mask
 
 
-def generative_loss(model, x: np.ndarray, objective: str = "ar", mask_rate: float = 0.15, rng=None,
+def generative_loss(model, x: np.ndarray, objective: str = "ar", mask_rate: float | None = None, rng=None,
                     mask=None, features: bool = False):
     """L_AR (nats per token) or L_BERT (nats per masked token), a scalar Tensor; with
     features=True also the per-layer n^l of the same forward pass (fine-tuning pools n^L)."""

@@ -366,12 +366,11 @@ class Gelu2(Function):
 
 
 class Softmax(Function):
-    """y = exp(x - max) / sum(exp(x - max)) over axis;  dx = y (g - sum(g y))."""
+    """y = exp(x - logsumexp(x)) over axis;  dx = y (g - sum(g y))."""
 
     def forward(self, x, axis=-1):
         self.axis = axis
-        e = np.exp(x - x.max(axis=axis, keepdims=True))
-        self.out = e / e.sum(axis=axis, keepdims=True)
+        self.out = np.exp(x - kernels.logsumexp(x, axis))
         return self.out
 
     def backward(self, g):
@@ -384,8 +383,7 @@ class LogSoftmax(Function):
 
     def forward(self, x, axis=-1):
         self.axis = axis
-        m = x.max(axis=axis, keepdims=True)
-        self.out = x - (m + np.log(np.exp(x - m).sum(axis=axis, keepdims=True)))
+        self.out = x - kernels.logsumexp(x, axis)
         return self.out
 
     def backward(self, g):

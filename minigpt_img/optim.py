@@ -3,10 +3,12 @@
 Adam (Kingma & Ba), per parameter p with gradient g at step t (1-based):
     m = beta1 m + (1 - beta1) g            v = beta2 v + (1 - beta2) g^2
     p = p - lr * ( m / (1 - beta1^t) ) / ( sqrt(v / (1 - beta2^t)) + eps )  -  lr * wd * p
-The paper uses beta2 = 0.95 ("0.999 causes loss spikes", §3.4) and no weight decay; weight decay here
-is decoupled (AdamW) and off by default. Gradient clipping (a departure: the paper does not say):
-when the global norm ||g|| of all gradients exceeds max_norm, every g is scaled by max_norm / ||g||.
-Schedule: linear warm-up from 0 to lr over `warmup` steps, then cosine decay to 0 at `total` steps.
+§3.4: "We use Adam with beta1 = 0.9 and beta2 = 0.95", and names no weight decay; weight decay here
+is decoupled (AdamW) and off by default. Gradient clipping (departure: the paper mentions no gradient clipping): when the global norm
+||g|| of all gradients exceeds max_norm, every g is scaled by max_norm / ||g||.
+Schedule (§3.4: "The learning rate is warmed up for one epoch, and then decays to 0 following a
+cosine schedule"): linear warm-up from 0 to lr over `warmup` steps, then cosine decay to 0 at `total`
+steps; constant after the warm-up when fine-tuning ("we do not employ a cosine schedule").
 """
 from __future__ import annotations
 
@@ -125,7 +127,8 @@ def grad_norm(params: list[Tensor]) -> float:
 
 
 def clip_factor(norm: float, max_norm: float) -> float:
-    """Gradient clipping: the factor that brings a global norm above max_norm down to it (1.0 when
+    """Gradient clipping (departure: the paper mentions none): the factor that brings a global norm
+    above max_norm down to it (1.0 when
     max_norm is 0, no clipping); Adam.step applies it in its pass over the gradients."""
     return max_norm / (norm + 1e-6) if 0 < max_norm < norm else 1.0
 

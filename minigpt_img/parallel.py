@@ -11,21 +11,28 @@ say (--batch-size x --grad-accum images): each micro-batch is split into N equal
 result does not depend on N beyond the order of floating-point sums.
 
 Without mpiexec (or with one process) `world()` is `Solo`, whose collectives do nothing: the code
-that calls them reads the same either way. This module imports nothing of minigpt_img, and mpi4py
-only when it is started under mpiexec.
+that calls them reads the same either way. Work that is not a batch of one step is shared out the
+same way everywhere:
+
+    batches(n, size, comm)      this rank's batches of n items (batch b on rank b % N), with a bar
+    average(sums, n, comm)      (sum over the ranks of each rank's sums) / n: an evaluation's means
+    fan_out(jobs, comm)         independent jobs (probe fits) over the ranks and their threads
+
+Of minigpt_img it imports only the thread settings and the errors; mpi4py only when started under
+mpiexec.
 """
 from __future__ import annotations
 
 import contextlib
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+from tqdm import tqdm
 
-from .threads import launched_processes
+from .errors import MPIMissing
+from .threads import current_threads, launched_processes, set_blas_threads
 
-
-class MPIMissing(Exception):
-    """Started by mpiexec, but mpi4py cannot be imported."""
 
 
 class Solo:
@@ -133,6 +140,41 @@ def share(n: int, comm: Solo) -> slice:
 def strided(n: int, comm: Solo) -> range:
     """Items rank, rank + size, ...: this rank's share of n items that need not divide evenly."""
     return range(comm.rank, n, comm.size)
+
+
+def batches(n: int, batch_size: int, comm: Solo, desc: str, stop=None):
+    """(b, rows) for this rank's batches of n items in batches of batch_size (rows: the slice of
+    batch b; batch b on rank b % size), behind a progress bar on rank 0. stop(): checked before
+    each batch; when it returns True the loop ends (the caller drops its partial result)."""
+    for b in tqdm(strided(-(-n // batch_size), comm), desc=desc, unit="batch", leave=False,
+                  disable=not comm.is_root):
+        if stop is not None and stop():
+            return
+        yield b, slice(b * batch_size, (b + 1) * batch_size)
+
+
+def average(sums, n: int, comm: Solo) -> np.ndarray:
+    """The means over n items of what each rank summed over its share of them (float64)."""
+    return comm.allreduce_sum(np.array(sums, dtype=np.float64)) / max(n, 1)
+
+
+def fan_out(jobs: list, comm: Solo) -> list:
+    """[job() for job in jobs], the jobs shared out among the ranks (job i on rank i % size) and
+    every result returned to every rank, in order. Each rank runs its jobs side by side on as many
+    threads as it has (NumPy releases the GIL in its loops), BLAS at one thread each: a fit's
+    rounding then never depends on how many threads the machine offers."""
+    workers = current_threads()
+    set_blas_threads(1)
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            ids = strided(len(jobs), comm)
+            mine = dict(zip(ids, pool.map(lambda i: jobs[i](), ids)))
+    finally:
+        set_blas_threads(workers)
+    merged = {}
+    for part in comm.allgather_objects(mine):
+        merged.update(part)
+    return [merged[i] for i in range(len(jobs))]
 
 
 class GradientBuffer:

@@ -1,5 +1,7 @@
 """Pictures a person looks at, drawn with Pillow: image grids (palette previews, samples,
-completions) and line charts (loss curves, probe accuracy per layer)."""
+completions) and line charts (loss curves, probe accuracy per layer), each written atomically.
+
+Not a paper section: a file helper."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,6 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .files import write_atomic
 
 GRID_PAD = 2      # pixels between the images of a grid
 
@@ -56,8 +59,8 @@ def with_caption(grid: np.ndarray, lines: list, column_labels: list | None = Non
 
 def save_png(array: np.ndarray, path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.asarray(array, dtype=np.uint8)).save(path)
+    image = Image.fromarray(np.asarray(array, dtype=np.uint8))
+    write_atomic(path, lambda f: image.save(f, format="PNG"))
     return path
 
 
@@ -133,6 +136,5 @@ def line_chart(series: dict, path, title: str = "", xlabel: str = "", ylabel: st
     d.text((W / 2, H - 18), xlabel, fill=(0, 0, 0), font=font, anchor="mt")
     d.text((8, top - 22), ylabel, fill=(0, 0, 0), font=font)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
+    write_atomic(path, lambda f: img.save(f, format="PNG"))
     return path

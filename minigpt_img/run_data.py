@@ -10,11 +10,9 @@ OpenAI's released clusters), or k-means fitted on the training images (§3.2). -
 k, the most colours: images with fewer distinct colours get one token per colour, and the model's
 vocabulary V is the palette's length. Tokens are cached on disk (data.cached_tokens).
 
-The images each evaluation scores are the validation split's first --eval-images, except when
-fine-tuning on data without a test split: the validation split then stands in for the test set and
-must choose nothing, so fine-tuning chooses its checkpoint (early stopping, §2.3) on a held-out slice
-of the training images instead (the last min(--eval-images, 10%) of them, already shuffled), as the
-linear probe chooses its lambda (linear_probe.py), and trains on the rest.
+Which images each evaluation scores is the run's Plan's (runconfig.plan): the validation split's
+first plan.n_eval, or, when fine-tuning on data without a test split, the last plan.n_eval training
+images, held out from training.
 """
 from __future__ import annotations
 
@@ -23,68 +21,54 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .data import Dataset, Split, cached_tokens, load_dataset
+from .data import Dataset, Split, cached_tokens
+from .errors import ConfigError
 from .files import array_digest
 from .objectives import unigram_entropy
 from .palette import Palette, fit_palette, load_palette
 from .parallel import Solo
-from .runconfig import ConfigError, RunConfig
+from .runconfig import Plan, RunConfig
 
 
 @dataclass
 class RunData:
-    ds: Dataset
+    ds: Dataset                # its train split: the images trained on (held-out ones removed)
     palette: Palette
     train_tokens: np.ndarray   # (N_train, T) uint16
-    val_tokens: np.ndarray     # (eval_images, T) uint16: the images each evaluation scores
-    val_labels: np.ndarray     # (eval_images,) int64
+    val_tokens: np.ndarray     # (n_eval, T) uint16: the images each evaluation scores
+    val_labels: np.ndarray     # (n_eval,) int64
     data_hash: str             # identifies the training tokens: a resumed run must see the same
     entropy: float             # unigram entropy of the training tokens, nats: the bar to beat
-    eval_name: str = "validation"  # what val_tokens are: "validation" or "held-out training" images
 
 
-def prepare_data(cfg: RunConfig, start: dict | None, start_path=None, log=print,
+def prepare_data(cfg: RunConfig, plan: Plan, ds: Dataset, start: dict | None, start_path=None, log=print,
                  comm: Solo | None = None) -> RunData:
-    """Load cfg.data at cfg.res, choose the palette (start: the arrays of the checkpoint the run
-    starts from, or None), and quantise the training and validation images. Under MPI rank 0 fits
+    """Choose the palette for the loaded dataset ds (start: the arrays of the checkpoint the run
+    starts from, or None) and quantise the training and evaluated images. Under MPI rank 0 fits
     the palette and fills the token cache; the others receive the palette and read the cache."""
     comm, t = comm or Solo(), time.time()
-    ds = load_dataset(cfg.data, cfg.data_dir, res=cfg.res, seed=cfg.seed,
-                      full_train=cfg.augment == "crop")  # the crops are cut before downsampling
     palette = _choose_palette(cfg, ds, start, start_path, comm)
-    choose_on_train = cfg.finetune is not None and ds.test is None
+    held_out = plan.eval_on != "validation"
     with comm.root_first():  # rank 0 fills the token cache, the others then read it
         train_tokens = cached_tokens(ds.train.images, palette, cfg.cache_dir)              # (N, T)
-        val_tokens = None if choose_on_train else cached_tokens(ds.val.images[:cfg.eval_images], palette,
-                                                                 cfg.cache_dir)
-    if choose_on_train:
-        ds, train_tokens, (val_tokens, val_labels) = _hold_out(ds, train_tokens, cfg.eval_images)
-        eval_name = "held-out training"
+        val_tokens = None if held_out else cached_tokens(ds.val.images[:plan.n_eval], palette, cfg.cache_dir)
+    if held_out:  # the last n_eval training images choose the checkpoint; the rest are trained on
+        keep = plan.n_train
+        val_tokens, val_labels = train_tokens[keep:], ds.train.labels[keep:]
+        full = ds.full_train[:keep] if ds.full_train is not None else None
+        ds = replace(ds, train=Split(ds.train.images[:keep], ds.train.labels[:keep]), full_train=full)
+        train_tokens = train_tokens[:keep]
     else:
-        val_labels, eval_name = ds.val.labels[:cfg.eval_images], "validation"
+        val_labels = ds.val.labels[:plan.n_eval]
     data = RunData(ds, palette, train_tokens, val_tokens, val_labels, array_digest(train_tokens)[:16],
-                   unigram_entropy(train_tokens, len(palette)), eval_name)
+                   unigram_entropy(train_tokens, len(palette)))
     fewer = (f" (the images hold only {len(palette)} distinct colours)"
              if start is None and not cfg.palette and len(palette) < cfg.palette_size else "")
-    chosen = (f" ({len(data.val_tokens)} more held out to choose the checkpoint on)"
-              if choose_on_train else "")
+    chosen = f" ({plan.n_eval} more held out to choose the checkpoint on)" if held_out else ""
     log(f"data: {ds.name} {cfg.res}x{cfg.res}, {len(ds.train)} train{chosen} / {len(ds.val)} val images, "
         f"{len(palette)}-colour palette{fewer}, unigram entropy {data.entropy:.3f} nats "
         f"({time.time() - t:.1f} s)")
     return data
-
-
-def _hold_out(ds: Dataset, train_tokens: np.ndarray, eval_images: int):
-    """Split the last min(eval_images, 10%) training images off for choosing the checkpoint.
-    -> (ds trained on the rest, their tokens, (held-out tokens, held-out labels))."""
-    if len(ds.train) < 2:
-        raise ConfigError(f"{len(ds.train)} training image: fine-tuning needs at least 2 (one to hold out "
-                          "for choosing the checkpoint); add images")
-    keep = len(ds.train) - min(eval_images, max(1, len(ds.train) // 10))
-    held_out = (train_tokens[keep:], ds.train.labels[keep:])                  # (n, T), (n,)
-    full = ds.full_train[:keep] if ds.full_train is not None else None
-    ds = replace(ds, train=Split(ds.train.images[:keep], ds.train.labels[:keep]), full_train=full)
-    return ds, train_tokens[:keep], held_out
 
 
 def _choose_palette(cfg: RunConfig, ds, start, start_path, comm: Solo) -> Palette:

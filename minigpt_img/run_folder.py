@@ -6,7 +6,8 @@ Not a paper section: bookkeeping around the §3.4 loop.
     metrics.jsonl              one JSON line per logged step ("train") and per evaluation ("eval")
     loss.png                   the training and validation loss against the step
     samples.png                pre-training: images sampled at the end
-    best.npz, finetune.json    fine-tuning: the best checkpoint by held-out accuracy, and its score
+    best.npz                   fine-tuning: the weights of the best held-out accuracy so far
+    finetune.json, accuracy.png  fine-tuning: the best checkpoint's score on the test set
     snapshots/step<N>.npz      with --snapshots: the weights at every evaluation (§4.2)
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .files import FolderLock, remove_stale_temps
+from .files import FolderLock, remove_stale_temps, write_atomic
 from .plots import line_chart
 
 
@@ -44,7 +45,8 @@ class RunFolder:
         self.path.mkdir(parents=True, exist_ok=True)
         if self.metrics.exists():
             keep = [r for r in self.records() if r["step"] <= step]
-            self.metrics.write_text("".join(json.dumps(r) + "\n" for r in keep))
+            text = "".join(json.dumps(r) + "\n" for r in keep)
+            write_atomic(self.metrics, lambda f: f.write(text.encode()))
         return open(self.metrics, "a")
 
     @staticmethod

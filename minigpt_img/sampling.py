@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 from tqdm import tqdm
 
+from .kernels import logsumexp
 from .model import KVCache
 from .parallel import Solo
 
@@ -29,8 +30,7 @@ def choose(logits: np.ndarray, u: np.ndarray, temperature: float = 1.0,
     if top_k is not None and top_k < z.shape[-1]:
         kth = np.partition(z, -top_k, axis=-1)[:, -top_k][:, None]
         z = np.where(z >= kth, z, -np.inf)
-    p = np.exp(z - z.max(axis=-1, keepdims=True))
-    p /= p.sum(axis=-1, keepdims=True)
+    p = np.exp(z - logsumexp(z))                                               # (B, V) softmax
     return np.minimum((np.cumsum(p, axis=-1) < np.asarray(u)[:, None]).sum(axis=-1), p.shape[-1] - 1)
 
 

@@ -1,4 +1,5 @@
-"""§3.3 Model sizes: the paper's iGPT-S/M/L/XL beside sizes a CPU can train.
+"""§3.3 Model sizes: the paper's iGPT-S/M/L/XL beside sizes a CPU can train (nano, micro, mini: a
+departure for CPUs; micro is train.py's default).
 
 Parameters of an ImageGPT at resolution n_px with palette V (biases off, as released):
     L * 12 C^2  (qkv 3C^2, attention output C^2, MLP 8C^2)  +  L * 2C (norms)
@@ -9,7 +10,8 @@ from __future__ import annotations
 
 import os
 
-from .model import GPTConfig
+# Nothing heavy at the top (the model is imported where a config is built), so that the scripts can
+# list the sizes in their flags before NumPy loads.
 
 #          name: (n_layer, n_embd, n_head, default batch, note)
 # Memory: weights, gradients and Adam's two moments take 16 bytes per parameter before any activation:
@@ -28,12 +30,15 @@ SIZES = {
     "xl":    (60, 3072, 16, 1, "paper iGPT-XL, 6.8B (head count not published)"),
 }
 
-# The paper's parameter counts (Table 1 / §3.3), for the test that our sizes are the paper's.
+# The paper's parameter counts (§3.3; L and XL to the million in Table 2), for the test that our sizes
+# are the paper's.
 PAPER_PARAMS = {"s": 76e6, "m": 455e6, "l": 1362e6, "xl": 6801e6}
 
 
-def config_for(size: str, n_px: int, vocab: int = 512) -> GPTConfig:
+def config_for(size: str, n_px: int, vocab: int = 512) -> "GPTConfig":
     """The GPTConfig of a named size at resolution n_px. Unknown names raise ValueError naming them."""
+    from .model import GPTConfig
+
     if size not in SIZES:
         raise ValueError(f"unknown model size '{size}': choose one of {', '.join(SIZES)}")
     n_layer, n_embd, n_head, _, _ = SIZES[size]
@@ -44,14 +49,14 @@ def default_batch(size: str) -> int:
     return SIZES[size][3] if size in SIZES else 16
 
 
-def count_parameters(cfg: GPTConfig) -> int:
+def count_parameters(cfg) -> int:
     """The formula in the module docstring (no need to build the model)."""
     C, L, V = cfg.n_embd, cfg.n_layer, cfg.vocab
     per_block = 12 * C * C + 2 * C + (9 * C if cfg.bias else 0)  # biases: qkv 3C, proj C, fc 4C, proj C
     return L * per_block + (V + 1) * C + cfg.n_ctx * C + C + C * V
 
 
-def training_bytes(cfg: GPTConfig, batch: int) -> int:
+def training_bytes(cfg, batch: int) -> int:
     """An estimate of a training step's peak memory: weights, gradients and Adam's two moments (16
     bytes per parameter), and what the backward pass keeps, about 24 float32 numbers per token, width
     and layer plus 4 per token and palette colour (logits and their gradient). Measured peaks at

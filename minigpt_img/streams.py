@@ -23,7 +23,7 @@ STREAMS = {
     "palette": 9,         # the pixels k-means sees and its k-means++ start
     "shapes": 10,         # (split): drawing the built-in shapes data set
     "streaks": 15,        # (split): drawing the built-in streaks data set (2: sample.py's reference)
-    # linear probes (linear_probe.py)
+    # linear probes (probe_fit.py, probe_report.py)
     "probe_masks": 11,    # BERT's masks when extracting features
     "probe_holdout": 12,  # the slice of training images that chooses lambda
     "low_data": 13,       # (per_class, draw): the class-balanced subsets of §4.7

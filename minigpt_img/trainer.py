@@ -1,33 +1,26 @@
 """§3.4 Training: the loop behind train.py, for pre-training (§2.1) and fine-tuning (§2.3).
 
-One optimiser step at learning rate lr(step) (optim.lr_at: linear warm-up, then cosine decay to 0 for
-pre-training, constant for fine-tuning):
+One optimiser step at learning rate lr(step) (optim.lr_at: linear warm-up, then cosine decay to 0
+when pre-training, constant when fine-tuning: §3.4 "we do not employ a cosine schedule"):
 
     for each of grad_accum micro-batches x_m of batch_size images:
         grads += d(loss(x_m) / grad_accum) / d(params)        the gradients of one batch of
                                                               batch_size * grad_accum images
-    grads *= min(1, clip / ||grads||)                         departure: the paper does not clip
-    params = Adam(params, grads, lr(step))                    beta2 = 0.95 (optim.py)
+    grads *= clip / ||grads|| if ||grads|| > clip             departure: the paper mentions no gradient clipping
+    params = Adam(params, grads, lr(step))                    beta1 = 0.9, beta2 = 0.95 (optim.py)
 
-What is trained is a *task*, an object the Trainer builds and calls; the Trainer owns everything else
-(data, model, optimiser, schedule, checkpoints, signals). Two tasks exist: Pretraining below (the
-generative objective alone) and finetune.FineTuning (a classifier on top, L_GEN + L_CLF). A task has
-
-    heads                    {name: Module} trained beside the model (saved as head/<name>/...)
-    start()                  (fine-tuning) once the pre-trained weights are in, before step 1
-    decay                    "cosine" or "constant", the schedule after warm-up
-    loss(x, y, rng)          the scalar loss Tensor of tokens x (B, T) with labels y (B,)
-    evaluate()               {"loss": ..., ...} on the images data.val_tokens (run_data.RunData)
-    describe(metrics)        one line for the log
-    after_eval(metrics)      a reason to stop (fine-tuning's "early stop"), or None
-    finish()                 the run's final results (samples.png, finetune.json)
-    chart                    (title, y label, reference lines) of loss.png
+The loss is the task's (tasks.py: L_GEN when pre-training, L_GEN + L_CLF when fine-tuning). The
+Trainer owns everything else: data, model, optimiser, schedule, the evaluations, the best checkpoint
+and the patience counter (a task with a score: §3.4 "early stop once we reach the maximum validation
+accuracy"), checkpoints and signals. Every number it steps by comes from the run's Plan
+(runconfig.plan); it derives none.
 
 Everything random is a function of (seed, step) (streams.py): epoch e visits the training images in
 the order of generator(seed, "order", e); the crops, flips and BERT masks of micro-batch m of step s
-come from generator(seed, "augment" / "mask", s, m). So a checkpoint holds only weights, Adam's
-moments, the step, the palette and the settings, and a resumed run reaches bit-identical weights
-(same thread count). The run's files are listed in run_folder.py.
+come from generator(seed, "augment" / "mask", s, m). So a checkpoint holds the weights, Adam's
+moments, the step, the palette, the settings, the plan and what the evaluations decided so far (the
+best score, evaluations since it), and a resumed run reaches bit-identical weights and files (same
+thread count). The run's files are listed in run_folder.py.
 
 Under mpiexec the run is data-parallel (parallel.py): each micro-batch is split into equal slices,
 one per process, the gradients are averaged with one Allreduce, and the decisions to evaluate, save
@@ -45,97 +38,38 @@ import numpy as np
 from tqdm import tqdm
 
 from . import checkpoint as ck
-from .data import augment, random_resized_crops
-from .files import FolderBusy, check_writable
-from .finetune import FineTuning
+from .data import augment, load_dataset, random_resized_crops
+from .errors import ConfigError, FolderBusy, TrainingDiverged
+from .evaluation import Evaluation
+from .files import check_writable
 from .model import ImageGPT
-from .objectives import NATS_TO_BITS, draw_mask, generative_loss
+from .objectives import draw_mask
 from .optim import Adam, clip_factor, grad_norm, lr_at
-from .parallel import GradientBuffer, Solo, share, strided
-from .plots import image_grid, save_png, with_caption
+from .parallel import GradientBuffer, Solo, average, share
 from .run_data import prepare_data
 from .run_folder import RunFolder
-from .runconfig import CHANGEABLE_ON_RESUME, DEFAULT_EPOCHS, ConfigError, RunConfig
-from .sampling import generate
-from .sizes import config_for, memory_problem, training_bytes
+from .runconfig import CHANGEABLE_ON_RESUME, RunConfig, plan
+from .sizes import SIZES, config_for, memory_problem, training_bytes
 from .streams import generator
-from .tensor import no_grad
+from .tasks import FineTuning, Pretraining
 from .threads import FairShare
 
-
-class TrainingDiverged(Exception):
-    """The loss became NaN or infinite."""
+STOPS = (None, "interrupted", "time budget", "early stop")  # why a run stops before its last step
 
 
-class Pretraining:
-    """§2.1: the generative objective alone, L_AR or L_BERT (objectives.py)."""
-
-    kind = "pretrain"
-    decay = "cosine"  # §3.4: cosine decay to 0 after warm-up
-
-    def __init__(self, run: "Trainer"):
-        self.run, self.cfg = run, run.cfg
-        self.heads = {}
-        self.chart = (f"{self.cfg.size} on {self.cfg.data} {self.cfg.res}x{self.cfg.res}, "
-                      f"{self.cfg.objective} loss", "nats per token",
-                      {f"unigram entropy {run.data.entropy:.2f}": run.data.entropy})
-
-    def loss(self, x, y, mask):
-        return generative_loss(self.run.model, x, self.cfg.objective, mask=mask)
-
-    def evaluate(self, batch_size: int = 64) -> dict:
-        """{"loss": mean validation loss in nats per token} (BERT: per masked token, the same masks
-        at every evaluation). Under MPI the batches are shared out and the sums added up."""
-        run, tokens = self.run, self.run.data.val_tokens
-        total = np.zeros(1)
-        with no_grad():
-            for rows, x, mask in run.eval_batches(tokens, batch_size):
-                total += self.loss(x, None, mask).item() * len(x)
-        return {"loss": float(run.comm.allreduce_sum(total)[0]) / max(len(tokens), 1)}
-
-    def describe(self, m: dict) -> str:
-        return (f"step {self.run.step}: val loss {m['loss']:.4f} nats/token "
-                f"({m['loss'] * NATS_TO_BITS:.3f} bits), unigram {self.run.data.entropy:.3f}")
-
-    def after_eval(self, m: dict):
-        return None
-
-    def finish(self) -> None:
-        """samples.png: images sampled from the model (the AR model only: BERT has no sampler)."""
-        cfg, run = self.cfg, self.run
-        if cfg.objective != "ar":
-            run.log("no samples.png: a BERT model has no raster-order sampler")
-            return
-        if cfg.samples < 1 or not run.comm.is_root:
-            return
-        tokens = generate(run.model, cfg.samples, generator(cfg.seed, "samples"), progress=True,
-                          should_stop=lambda: run.stop_reason is not None)
-        if tokens is None:
-            run.log("sampling interrupted: no samples.png (the checkpoint was saved before)")
-            return
-        images = run.data.palette.decode(tokens)
-        grid = with_caption(image_grid(images, ncols=8, scale=max(1, 96 // cfg.res)),
-                            [f"{cfg.samples} samples from {cfg.size} after {run.step} steps on {cfg.data}",
-                             f"{cfg.res}x{cfg.res}, temperature 1"])
-        save_png(grid, run.folder.path / "samples.png")
-
-
-class Trainer:
-    """One run: its data, model, task, optimiser and schedule, and the loop that trains them."""
+class Trainer(Evaluation):
+    """One run: its data, model, task, optimiser and plan, and the loop that trains them."""
 
     def __init__(self, cfg: RunConfig, resume: bool = False, log=print, comm: Solo | None = None,
                  fair_share: FairShare | None = None):
-        """resume: continue the run saved in cfg.out. cfg.finetune: start from that pre-trained
-        checkpoint's palette and weights, with a classifier (§2.3). comm: the processes of a
-        data-parallel run (parallel.world()); one process when None. fair_share: adapt the thread
-        count to what other processes leave of the CPU, checked after every step (train.py passes
-        one unless --threads fixes the count)."""
+        """cfg: resolved settings (runconfig.resolve_config). resume: continue the run saved in
+        cfg.out. cfg.finetune: start from that pre-trained checkpoint's palette and weights, with a
+        classifier (§2.3). comm: the processes of a data-parallel run (parallel.world()); one process
+        when None. fair_share: adapt the thread count to what other processes leave of the CPU,
+        checked after every step (train.py passes one unless --threads fixes the count)."""
         self.comm, self.fair_share = comm or Solo(), fair_share
         self.cfg, self.log = cfg, (log if self.comm.is_root else lambda *a: None)
         self.folder = RunFolder(cfg.out)
-        if cfg.batch_size % self.comm.size:
-            raise ConfigError(f"--batch-size {cfg.batch_size} does not divide among {self.comm.size} "
-                              f"processes: choose a multiple of {self.comm.size}")
         removed = []
         if self.comm.is_root:  # only rank 0 writes in the run folder
             check_writable(cfg.out, "--out")
@@ -169,105 +103,155 @@ class Trainer:
 
         start_path = self.folder.ckpt if resume else cfg.finetune
         start = ck.load_arrays(start_path) if start_path else None          # the checkpoint we start from
-        self.data = prepare_data(cfg, start, start_path, log, self.comm)
+        saved = ck.read_config(start, start_path)[1] if resume else {}
+        ds = load_dataset(cfg.data, cfg.data_dir, res=cfg.res, seed=cfg.seed,
+                          full_train=cfg.augment == "crop")  # the crops are cut before downsampling
+        self.plan = plan(cfg, len(ds.train), len(ds.val), ds.test is not None, SIZES[cfg.size][0],
+                         self.comm.size, saved=saved.get("plan"))
+        self.data = prepare_data(cfg, self.plan, ds, start, start_path, log, self.comm)
         model_cfg = config_for(cfg.size, cfg.res, len(self.data.palette))  # V: the palette's colours
         self.model = ImageGPT(model_cfg, generator(cfg.seed, "init"))
-        self.task = FineTuning(self, resume) if cfg.finetune else Pretraining(self)
+        self.task = (FineTuning(cfg.objective, model_cfg.n_embd, len(self.data.ds.classes), self.plan.pool_layers,
+                                cfg.seed, cfg.clf_only, head_bias=cfg.head_from_probe)
+                     if cfg.finetune else Pretraining(cfg.objective))
         self.params = self.model.parameters() + [p for h in self.task.heads.values() for p in h.parameters()]
         self.opt = Adam(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.grads = GradientBuffer(self.params, self.comm)
-
-        per_step = cfg.batch_size * cfg.grad_accum
-        self.steps_per_epoch = max(1, len(self.data.train_tokens) // per_step)
-        self.total = cfg.steps if cfg.steps is not None else \
-            max(1, math.ceil((cfg.epochs or DEFAULT_EPOCHS) * self.steps_per_epoch))
-        # default warm-up: one epoch (§3.4); departure: at most a tenth of the run, so short CPU runs
-        # still decay
-        self.warmup = (cfg.warmup_steps if cfg.warmup_steps is not None
-                       else min(self.steps_per_epoch, max(1, self.total // 10)))
-        self.eval_every = cfg.eval_every or max(1, self.total // 10)
         self.step = 0
         self.saved_step = None     # the step of the checkpoint in --out, once there is one
         self.changes = []          # settings changed on resume: [{"step", "setting", "from", "to"}]
         self.seconds_before = 0.0  # training time of earlier sessions of this run (from the checkpoint)
+        self.best = {"score": None, "step": None, "evals_since": 0}  # the evaluations' decisions so far
         self._t0 = None
         self.stop_reason = None
         if resume:
-            self._restore(start)
+            self._restore(start, saved)
         elif start is not None:
             self.load_weights(start, start_path)
-            self.task.start()  # fine-tuning: --head-from-probe fits the classifier's start
 
     # ---- the loop ------------------------------------------------------------------------------
     def train(self, on_step=None) -> str:
-        """Run to the last step, the time budget, an early stop or an interrupt; returns why it
-        stopped. on_step(trainer) is called after every step (tests use it)."""
-        cfg = self.cfg
-        tokens_per_step = cfg.batch_size * cfg.grad_accum * self.model.config.n_ctx
-        self.log(f"model: {cfg.size} ({self.model.num_parameters() / 1e6:.2f}M parameters), "
-                 f"objective {cfg.objective}, {tokens_per_step} tokens per step "
-                 f"({cfg.batch_size} x {cfg.grad_accum} images), {self.total} steps "
-                 f"({self.total / self.steps_per_epoch:.2f} epochs), warm-up {self.warmup}, lr {cfg.lr:g}")
-        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        t0 = last_ckpt = self._t0 = time.time()
-        first_step = self.step
-        bar = tqdm(total=self.total, initial=self.step, unit="step", dynamic_ncols=True, desc="train",
-                   smoothing=0, disable=not self.comm.is_root)  # ETA from the whole run's rate
-        metrics_file = self.folder.open_metrics(self.step) if self.comm.is_root else contextlib.nullcontext()
-        try:
-            with metrics_file as metrics:
-                while self.step < self.total and self.stop_reason is None:
-                    t_step = time.time()
-                    lr = lr_at(self.step, cfg.lr, self.warmup, self.total, self.task.decay)
-                    loss, norm = self.optimizer_step(lr)
+        """Run to the last step, the time budget, an early stop or an interrupt, then write the
+        results of a run that ended as planned; returns "done" or why it stopped. on_step(trainer)
+        is called after every step (tests use it)."""
+        cfg, plan = self.cfg, self.plan
+        with self._session() as metrics:
+            while self.step < plan.total_steps and self.stop_reason is None:
+                lr = lr_at(self.step, cfg.lr, plan.warmup_steps, plan.total_steps, plan.decay)  # schedule
+                loss, norm = self.optimizer_step(lr)
+                self.after_step(metrics, loss, lr, norm, on_step)  # log, evaluate, stop, checkpoint
+        return self._finish()
 
-                    tok_s = tokens_per_step / (time.time() - t_step)
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
-                    threads = self.fair_share.update() if self.fair_share is not None else None
-                    if threads is not None:
-                        bar.write(self.fair_share.describe())
-                    if self.step == first_step + 1:
-                        first_seconds = time.time() - t0
-                    if self.step == first_step + 2:
-                        t_settled = time.time()  # later steps no longer compile anything
-                    if self.step == first_step + 5 and self.step < self.total:
-                        self.log(self.estimate((time.time() - t_settled) / 3, first_seconds))
-                    if self.comm.is_root and (self.step % cfg.log_every == 0 or self.step == self.total):
-                        self.folder.write(metrics, self.step, kind="train", loss=loss, lr=lr,
-                                          grad_norm=norm, tokens_per_s=tok_s, elapsed_s=time.time() - t0)
-                    if self.step % self.eval_every == 0 or self.step == self.total:
-                        self.evaluate(metrics, bar.write, time.time() - t0)
-                    if on_step is not None:
-                        on_step(self)
-                    if cfg.time_budget is not None and self.train_seconds() > cfg.time_budget * 60:
-                        self.stop_reason = "time budget"
-                    save_due = time.time() - last_ckpt > cfg.ckpt_every * 60
-                    if self.agree_to_stop(save_due) and self.stop_reason is None:
-                        self.save()
-                        last_ckpt = time.time()
+    def optimizer_step(self, lr: float):
+        """One optimiser step at learning rate lr (the module docstring's formulas) -> (loss,
+        gradient norm before clipping). Anything non-finite stops the run before it is kept."""
+        cfg, loss = self.cfg, 0.0
+        for micro in range(cfg.grad_accum):
+            x, y, mask = self.batch(self.step, micro)                          # this process's slice
+            micro_loss = self.task.loss(self.model, x, y, mask)                # forward
+            micro_loss.backward(np.array(1.0 / cfg.grad_accum, dtype=micro_loss.dtype))  # backward
+            loss += micro_loss.item() / cfg.grad_accum
+            del micro_loss                                                     # free this graph
+        self.grads.average()                                                   # MPI: mean over ranks
+        loss = float(average([loss], self.comm.size, self.comm)[0])
+        if not math.isfinite(loss):
+            raise self.diverged(f"the loss became {loss}")
+        norm = grad_norm(self.params)
+        if not math.isfinite(norm):
+            raise self.diverged(f"the gradient norm became {norm}")
+        finite = self.opt.step(lr, grad_scale=clip_factor(norm, cfg.clip))     # clip, then Adam
+        self.opt.zero_grad()
+        if not finite:
+            raise self.diverged("the update made weights non-finite")
+        self.step += 1
+        return loss, norm
+
+    def after_step(self, metrics, loss: float, lr: float, norm: float, on_step) -> None:
+        """Everything a step is followed by: progress, metrics, the time estimate, evaluation, the
+        time budget, and the checkpoint when its timer ran out (the ranks decide together)."""
+        cfg, now = self.cfg, time.time()
+        tok_s = self._tokens_per_step / (now - self._t_step)
+        self._bar.update(1)
+        self._bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
+        if self.fair_share is not None and self.fair_share.update() is not None:
+            self._bar.write(self.fair_share.describe())
+        done = self.step - self._first_step
+        if done == 1:
+            self._first_seconds = now - self._t0
+        if done == 2:
+            self._t_settled = now  # later steps no longer compile anything
+        if done == 5 and self.step < self.plan.total_steps:
+            self.log(self.estimate((now - self._t_settled) / 3, self._first_seconds))
+        if self.comm.is_root and (self.step % cfg.log_every == 0 or self.step == self.plan.total_steps):
+            self.folder.write(metrics, self.step, kind="train", loss=loss, lr=lr, grad_norm=norm,
+                              tokens_per_s=tok_s, elapsed_s=now - self._t0)
+        if self.step % self.plan.eval_every == 0 or self.step == self.plan.total_steps:
+            self.evaluate(metrics, self._bar.write)
+        if on_step is not None:
+            on_step(self)
+        if cfg.time_budget is not None and self.train_seconds() > cfg.time_budget * 60 and self.stop_reason is None:
+            self.stop_reason = "time budget"
+        if self.agree_to_stop(time.time() - self._last_ckpt > cfg.ckpt_every * 60) and self.stop_reason is None:
+            self.save()
+            self._last_ckpt = time.time()
+        self._t_step = time.time()
+
+    @contextlib.contextmanager
+    def _session(self):
+        """Around the loop: the signal handlers, the progress bar and the metrics file; on a normal
+        end the last checkpoint and loss.png; always the folder's lock released."""
+        cfg = self.cfg
+        self._tokens_per_step = cfg.batch_size * cfg.grad_accum * self.model.config.n_ctx
+        self.log(f"model: {cfg.size} ({self.model.num_parameters() / 1e6:.2f}M parameters), objective "
+                 f"{cfg.objective}, {self._tokens_per_step} tokens per step ({cfg.batch_size} x {cfg.grad_accum} "
+                 f"images), {self.plan.total_steps} steps ({self.plan.total_steps / self.plan.steps_per_epoch:.2f} "
+                 f"epochs), warm-up {self.plan.warmup_steps}, lr {cfg.lr:g}")
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        self._t0 = self._t_step = self._last_ckpt = time.time()
+        self._first_step = self.step
+        self._bar = tqdm(total=self.plan.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
+                         desc="train", smoothing=0, disable=not self.comm.is_root)  # ETA from the run's rate
+        metrics = self.folder.open_metrics(self.step) if self.comm.is_root else contextlib.nullcontext()
+        try:
+            with metrics as f:
+                yield f
             self.save()
             if self.comm.is_root:
-                self.folder.plot_loss(*self.task.chart, evaluated=self.data.eval_name)
-            if self.step >= self.total or self.stop_reason in ("early stop", "time budget"):
-                self.task.finish()  # a spent budget ends the run as planned: its results are written too
+                self.folder.plot_loss(*self.chart(), evaluated=self.plan.eval_on)
         finally:
-            bar.close()
+            self._bar.close()
             for s, handler in previous.items():
                 signal.signal(s, handler)
+
+    def chart(self) -> tuple:
+        """(title, y label, reference lines) of loss.png."""
+        cfg, where = self.cfg, f"{self.cfg.size} on {self.cfg.data} {self.cfg.res}x{self.cfg.res}"
+        if self.task.score is None:
+            return (f"{where}, {cfg.objective} loss", "nats per token",
+                    {f"unigram entropy {self.data.entropy:.2f}": self.data.entropy})
+        what = "L_CLF" if cfg.clf_only else "L_GEN + L_CLF"
+        return f"fine-tuning {where}: {what}", f"{what} (nats)", {}
+
+    def _finish(self) -> str:
+        """The results of a run that ended as planned (its last step, its budget, an early stop):
+        samples.png when pre-training, the best checkpoint scored when fine-tuning."""
+        try:
+            if self.stop_reason != "interrupted":
+                self.score_best() if self.task.score is not None else self.draw_samples()
+        finally:
             self.folder.unlock()
-        if self.step >= self.total or self.stop_reason == "early stop":
-            self.log(f"done: {self.step} steps in {(time.time() - t0) / 60:.1f} min; wrote {self.folder.ckpt}")
+        if self.step >= self.plan.total_steps or self.stop_reason == "early stop":
+            self.log(f"done: {self.step} steps in {(time.time() - self._t0) / 60:.1f} min; wrote {self.folder.ckpt}")
             return "done"
-        self.log(f"stopped at step {self.step} of {self.total} ({self.stop_reason}); saved "
+        self.log(f"stopped at step {self.step} of {self.plan.total_steps} ({self.stop_reason}); saved "
                  f"{self.folder.ckpt}. Resume with: python train.py --resume --out {self.folder.path}")
         return self.stop_reason
 
     def estimate(self, per_step: float, first_seconds: float) -> str:
         """The time estimate printed once, from steps after the first two: the first steps of a new
         install compile numba's kernels (cached for later runs), which says nothing of the rest."""
-        to_go = per_step * (self.total - self.step)
-        line = (f"~{per_step:.2f} s per step: {per_step * self.steps_per_epoch / 60:.1f} min per epoch, "
+        to_go = per_step * (self.plan.total_steps - self.step)
+        line = (f"~{per_step:.2f} s per step: {per_step * self.plan.steps_per_epoch / 60:.1f} min per epoch, "
                 f"{to_go / 60:.1f} min to go")
         if self.cfg.time_budget is not None:
             left = max(0.0, self.cfg.time_budget * 60 - self.train_seconds())
@@ -278,21 +262,15 @@ class Trainer:
                      "install; later runs load them from its cache)")
         return line
 
-    STOPS = (None, "interrupted", "time budget", "early stop")
-
     def agree_to_stop(self, save_due: bool) -> bool:
         """Make every rank take the same decisions after a step: stop if any rank must stop (a
         signal reaches them at different moments), save if any rank's checkpoint timer ran out.
         Returns whether to save now."""
-        flags = np.array([self.STOPS.index(self.stop_reason), int(save_due)], dtype=np.int64)
-        flags = self.comm.allreduce_max(flags)
-        self.stop_reason = self.STOPS[int(flags[0])]
+        flags = self.comm.allreduce_max(np.array([STOPS.index(self.stop_reason), int(save_due)], dtype=np.int64))
+        self.stop_reason = STOPS[int(flags[0])]
         return bool(flags[1])
 
-    def weights_finite(self) -> bool:
-        return all(np.isfinite(p.data).all() for p in self.params)
-
-    def diverged(self, what: str) -> "TrainingDiverged":
+    def diverged(self, what: str) -> TrainingDiverged:
         """The error for a run that went non-finite at the coming step; nothing is saved over the
         last good checkpoint."""
         if self.saved_step is None:
@@ -302,68 +280,24 @@ class Trainer:
                     f"--lr (now {self.cfg.lr:g}) or a tighter --clip (now {self.cfg.clip:g})")
         return TrainingDiverged(f"{what} at step {self.step + 1}; {kept}")
 
-    def optimizer_step(self, lr: float):
-        """One optimiser step at learning rate lr (the formulas in the module docstring); returns
-        (loss, gradient norm before clipping). Anything non-finite stops the run before it is kept."""
-        loss = self.accumulate_gradients()
-        if not math.isfinite(loss):
-            raise self.diverged(f"the loss became {loss}")
-        norm = grad_norm(self.params)
-        if not math.isfinite(norm):
-            raise self.diverged(f"the gradient norm became {norm}")
-        finite = self.opt.step(lr, grad_scale=clip_factor(norm, self.cfg.clip))
-        self.opt.zero_grad()
-        if not finite:
-            raise self.diverged("the update made weights non-finite")
-        self.step += 1
-        return loss, norm
-
-    def accumulate_gradients(self) -> float:
-        """Back-propagate the grad_accum micro-batches of this step (this rank's slice of each),
-        average the gradients over the ranks; returns the step's mean loss."""
-        cfg, loss_sum = self.cfg, np.zeros(1)
-        for micro in range(cfg.grad_accum):
-            x, y = self.batch(self.step, micro)                                  # the whole micro-batch
-            mask = self.mask_for(x, generator(cfg.seed, "mask", self.step, micro))
-            mine = share(len(x), self.comm)                                      # this rank's slice
-            loss = self.task.loss(x[mine], y[mine], None if mask is None else mask[mine])
-            loss.backward(np.array(1.0 / cfg.grad_accum, dtype=loss.dtype))
-            loss_sum += loss.item() / cfg.grad_accum
-            del loss  # free this graph before the next forward
-        self.grads.average()
-        return float(self.comm.allreduce_sum(loss_sum)[0]) / self.comm.size
-
-    def eval_batches(self, tokens: np.ndarray, batch_size: int, desc: str = "evaluating"):
-        """(rows, x, mask) for this rank's batches of `tokens` (batch b on rank b % size, its BERT
-        mask from generator(seed, "eval", b), the same at every evaluation and for any number of
-        ranks), behind a progress bar. A stop signal ends it before the next batch; the caller's
-        partial result is then dropped (Trainer.evaluate)."""
-        for b in tqdm(strided(-(-len(tokens) // batch_size), self.comm), desc=desc, unit="batch",
-                      leave=False, disable=not self.comm.is_root):
-            if self.stop_reason is not None:
-                return
-            rows = slice(b * batch_size, (b + 1) * batch_size)
-            x = tokens[rows].astype(np.int64)
-            yield rows, x, self.mask_for(x, generator(self.cfg.seed, "eval", b))
-
-    def mask_for(self, x: np.ndarray, rng):
-        """The objective's input mask for tokens x (BERT's masked positions; None for AR)."""
-        return draw_mask(self.cfg.objective, x.shape, self.cfg.mask_rate, rng)
-
     def batch(self, step: int, micro: int):
-        """Tokens (B, T) and labels (B,) of micro-batch `micro` of step `step`: a function of
-        (seed, step). Epochs follow each other endlessly, each in its own order."""
-        B, N = self.cfg.batch_size, len(self.data.train_tokens)
-        start = (step * self.cfg.grad_accum + micro) * B
+        """This process's share of micro-batch `micro` of step `step`: tokens (b, T), labels (b,) and
+        the objective's input mask (BERT's masked positions, or None), a function of (seed, step).
+        Epochs follow each other endlessly, each in its own order."""
+        cfg, B, N = self.cfg, self.cfg.batch_size, len(self.data.train_tokens)
+        start = (step * cfg.grad_accum + micro) * B
         idx = np.asarray([self._order(g // N)[g % N] for g in range(start, start + B)])
-        rng, res = generator(self.cfg.seed, "augment", step, micro), self.cfg.res
-        if self.cfg.augment == "crop":   # §3.4: crops of the full-resolution images, then quantised
-            x = self.data.palette.encode(random_resized_crops(self.data.ds.full_train[idx], res, rng))
+        rng = generator(cfg.seed, "augment", step, micro)
+        if cfg.augment == "crop":   # §3.1: crops of the full-resolution images, then quantised
+            x = self.data.palette.encode(random_resized_crops(self.data.ds.full_train[idx], cfg.res, rng))
         else:
             x = self.data.train_tokens[idx]                                      # (B, T)
-        if self.cfg.augment == "wrn":
-            x = augment(x.reshape(B, res, res), rng).reshape(B, -1)
-        return x.astype(np.int64), self.data.ds.train.labels[idx]
+        if cfg.augment == "wrn":
+            x = augment(x.reshape(B, cfg.res, cfg.res), rng).reshape(B, -1)
+        x = x.astype(np.int64)
+        mask = draw_mask(cfg.objective, x.shape, cfg.mask_rate, generator(cfg.seed, "mask", step, micro))
+        mine = share(B, self.comm)                                               # this rank's slice
+        return x[mine], self.data.ds.train.labels[idx][mine], None if mask is None else mask[mine]
 
     def _order(self, epoch: int) -> np.ndarray:
         """The order in which epoch `epoch` visits the training images (the latest one is kept)."""
@@ -373,23 +307,8 @@ class Trainer:
                 len(self.data.train_tokens))
         return self._order_cache
 
-    def evaluate(self, metrics, write, elapsed: float) -> None:
-        """Evaluate the task, record it, keep a snapshot (--snapshots), and let the task decide
-        whether to stop."""
-        val = self.task.evaluate()
-        if self.stop_reason is not None:  # interrupted during the evaluation: nothing to record
-            return
-        if self.comm.is_root:
-            self.folder.write(metrics, self.step, kind="eval", **val, elapsed_s=elapsed)
-            write(self.task.describe(val))
-        if self.cfg.snapshots:
-            self.save(self.folder.snapshot(self.step), weights_only=True, val_loss=val["loss"])
-        reason = self.task.after_eval(val)
-        if reason is not None:
-            self.stop_reason = reason
-
     def _on_signal(self, signum, frame):
-        if self.stop_reason is not None:  # a second Ctrl-C: stop now (the checkpoint is atomic)
+        if self.stop_reason == "interrupted":  # a second Ctrl-C: stop now (the checkpoint is atomic)
             raise KeyboardInterrupt
         self.stop_reason = "interrupted"
 
@@ -400,22 +319,21 @@ class Trainer:
     # ---- checkpoints ---------------------------------------------------------------------------
     def save(self, path=None, weights_only: bool = False, **meta_extra) -> None:
         """The model, the task's heads and (unless weights_only) Adam's state, with the run's
-        settings and step in the meta."""
-        if not self.weights_finite():  # never write non-finite weights over a good checkpoint
+        settings, plan, step and the evaluations' decisions in the meta."""
+        if not all(np.isfinite(p.data).all() for p in self.params):  # never over a good checkpoint
             raise self.diverged("the weights are not finite")
         self.grads.check_agreement()  # under MPI: every rank must hold the same weights
-        meta = {"run": dataclasses.asdict(self.cfg), "step": self.step, "total_steps": self.total,
-                "data_hash": self.data.data_hash, "unigram_entropy": self.data.entropy,
-                "kind": self.task.kind, "classes": list(self.data.ds.classes),
-                "train_seconds": self.train_seconds(), "changes": self.changes, **meta_extra}
+        meta = {"run": dataclasses.asdict(self.cfg), "plan": dataclasses.asdict(self.plan), "step": self.step,
+                "total_steps": self.plan.total_steps, "data_hash": self.data.data_hash,
+                "unigram_entropy": self.data.entropy, "kind": self.task.kind, "classes": list(self.data.ds.classes),
+                "train_seconds": self.train_seconds(), "changes": self.changes, "best": self.best, **meta_extra}
         extra = {}
         for name, head in self.task.heads.items():
             extra.update({f"head/{name}/{k}": v for k, v in head.state_dict().items()})
         if not weights_only:
             extra.update({f"opt/{k}": v for k, v in self.opt.state_dict().items()})
         if self.comm.is_root:
-            ck.save_model(path or self.folder.ckpt, self.model, self.data.palette.centers, meta=meta,
-                          extra=extra)
+            ck.save_model(path or self.folder.ckpt, self.model, self.data.palette.centers, meta=meta, extra=extra)
         self.comm.barrier()  # the file exists for every rank once save returns
         if path is None:
             self.saved_step = self.step
@@ -431,9 +349,9 @@ class Trainer:
             except (KeyError, ValueError) as e:
                 raise ConfigError(f"{path} holds another model ({e}): start a new --out") from None
 
-    def _restore(self, arrays: dict) -> None:
-        """Continue the run saved in arrays: weights, heads, Adam's state, step and time trained."""
-        _, meta = ck.read_config(arrays, self.folder.ckpt)
+    def _restore(self, arrays: dict, meta: dict) -> None:
+        """Continue the run saved in arrays (meta: its meta): weights, heads, Adam's state, step,
+        time trained and the evaluations' decisions."""
         if meta.get("data_hash") != self.data.data_hash:
             raise ConfigError(f"{self.folder.ckpt} was trained on other data (its tokens differ from "
                               f"{self.cfg.data}'s now): resume with the same data, or start a new --out")
@@ -443,6 +361,11 @@ class Trainer:
             self.step = self.saved_step = int(meta["step"])
             self.seconds_before = float(meta.get("train_seconds", 0.0))
             self.changes = list(meta.get("changes", []))
+            if "best" in meta:
+                self.best = {"score": meta["best"]["score"], "step": meta["best"]["step"],
+                             "evals_since": int(meta["best"]["evals_since"])}
+            elif self.folder.best.exists():  # written before the checkpoint kept the decisions
+                self.best["score"] = ck.read_meta(self.folder.best)[1].get("val_acc")
         except (KeyError, TypeError, ValueError) as e:
             raise ConfigError(f"{self.folder.ckpt} holds a damaged optimiser state or step ({e}): "
                               "resume from an intact copy, or start a new --out") from None

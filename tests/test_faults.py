@@ -1,6 +1,7 @@
 """Faults and bad input, one test (or a few) per class: the last good checkpoint survives, and every
 user's mistake ends in one line. Kills, full disks, read-only folders, two runs at once, crafted
 files, impossible settings."""
+import dataclasses
 import errno
 import json
 import os
@@ -39,7 +40,7 @@ def config(folder, out, **kw):
     base = dict(size="nano", res=8, data=str(folder), palette_size=16, batch_size=4, steps=6,
                 eval_every=3, eval_images=8, log_every=1, out=str(out), cache_dir=str(out.parent / "cache"),
                 samples=0)
-    return RunConfig(**{**base, **kw})
+    return resolve_config({**base, **kw})
 
 
 def stop_at(step):
@@ -271,8 +272,7 @@ def test_an_unwritable_out_or_cache_dir_is_found_before_the_data_is_loaded(folde
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     for key, flag in (("out", "--out"), ("cache_dir", "--cache-dir")):
-        cfg = config(folder, tmp_path / "w")
-        setattr(cfg, key, str(blocker / "sub"))
+        cfg = dataclasses.replace(config(folder, tmp_path / "w"), **{key: str(blocker / "sub")})
         with pytest.raises(WriteError, match=f"choose a writable {flag}"):
             Trainer(cfg, **QUIET)
 

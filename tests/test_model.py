@@ -90,6 +90,11 @@ def test_bert_input_mask_zeroes_token_embeddings_only():
     y[:, 3] = (y[:, 3] + 2) % TINY.vocab
     _, f2 = m.forward_features(y, causal=False, input_mask=mask)
     np.testing.assert_array_equal(f1[0].data, f2[0].data)  # the masked token is invisible
+    # ... but its position is not: h^0 there is the position embedding alone, n^0 = norm(W_pe[3])
+    from minigpt_img.reference import norm
+    wpe, g = m.transformer.wpe.weight.data[3], m.transformer.h[0].ln_1.weight.data
+    np.testing.assert_allclose(f1[0].data[:, 3], np.broadcast_to(norm(wpe, g), (2, len(wpe))), rtol=1e-5)
+    assert np.abs(wpe).max() > 1e-3  # a zeroed position embedding would give n^0 = 0 there
 
 
 def test_kv_cache_equals_full_forward():

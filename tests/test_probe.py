@@ -12,8 +12,10 @@ from scipy.optimize import minimize
 
 from minigpt_img import ops
 from minigpt_img.checkpoint import load_arrays, read_meta
-from minigpt_img.linear_probe import (LogisticProbe, balanced_subsets, concat_layers, extract_features,
-                                      fit_probe, loss_and_grad, probe_layer)
+from minigpt_img.features import extract_features, side_by_side
+from minigpt_img.finetune import start_from_probe
+from minigpt_img.probe_fit import LogisticProbe, balanced_subsets, fit_probe, loss_and_grad, probe_layer
+from minigpt_img.probe_report import concat_layers
 from minigpt_img.model import GPTConfig, ImageGPT
 from minigpt_img.objectives import ar_inputs, ar_loss
 from minigpt_img.runconfig import ConfigError, RunConfig, resolve_config
@@ -28,7 +30,7 @@ def test_features_are_the_models_pooled_n_l():
     cfg = GPTConfig(n_layer=3, n_embd=16, n_head=2, n_px=4, vocab=9)
     m = ImageGPT(cfg, np.random.default_rng(0))
     x = np.random.default_rng(1).integers(0, 9, (5, 16))
-    F, losses = extract_features(m, x, batch_size=2)
+    F, losses = extract_features(m, x, "ar", 2)
     assert F.shape == (5, 4, 16) and F.dtype == np.float32
     _, ns = m.forward_features(ar_inputs(x, cfg.sos))
     for l in range(4):
@@ -36,7 +38,7 @@ def test_features_are_the_models_pooled_n_l():
     # each image's AR loss from the same pass: their mean is the loss of the whole batch
     assert losses.shape == (5,) and losses.mean() == pytest.approx(ar_loss(m, x).item(), rel=1e-5)
     assert losses[3] == pytest.approx(ar_loss(m, x[3:4]).item(), rel=1e-5)
-    Fb, bert_losses = extract_features(m, x, objective="bert", n_masks=2)
+    Fb, bert_losses = extract_features(m, x, "bert", 64, mask_rate=0.15, n_masks=2)
     assert Fb.shape == F.shape and not np.allclose(Fb, F) and bert_losses.shape == (5,)
 
 
@@ -75,8 +77,7 @@ def test_lbfgs_reaches_the_optimum_on_a_separable_problem():
 def test_fits_run_side_by_side_with_results_independent_of_the_thread_count():
     """fan_out runs a rank's fits on its threads at once, BLAS at one thread each: the same
     results, in order, whether the process has one thread or two."""
-    from minigpt_img.linear_probe import fan_out
-    from minigpt_img.parallel import Solo
+    from minigpt_img.parallel import Solo, fan_out
     from minigpt_img.threads import current_threads, set_threads
     rng = np.random.default_rng(3)
     F, y = rng.standard_normal((300, 20)), rng.integers(0, 4, 300)
@@ -124,9 +125,9 @@ def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("probe")
     for split, n, seed in (("train", 16, 0), ("test", 5, 1)):
         write_image_folder(root / "imgs" / split, per_class=n, step=80, noise=30, seed=seed)
-    cfg = RunConfig(size="nano", res=8, data=str(root / "imgs"), palette_size=16, batch_size=4,
-                    steps=8, eval_every=4, eval_images=8, out=str(root / "run"),
-                    cache_dir=str(root / "cache"), samples=2, snapshots=True)
+    cfg = resolve_config(dict(size="nano", res=8, data=str(root / "imgs"), palette_size=16, batch_size=4,
+                              steps=8, eval_every=4, eval_images=8, out=str(root / "run"),
+                              cache_dir=str(root / "cache"), samples=2, snapshots=True))
     Trainer(cfg, log=lambda *a: None).train()
     return root
 
@@ -148,7 +149,7 @@ def test_probe_script_writes_the_report(tiny_run):
     assert best in report["concat"]["layers"] and len(report["concat"]["layers"]) == 2
     assert "concatenated" in r.stdout
     assert (tiny_run / "run" / "probe.png").is_file() and "best layer" in r.stdout
-    assert list((tiny_run / "run" / "features").glob("*.npy"))  # cached for the next probe
+    assert list((tiny_run / "cache" / "features").glob("trained-*.npy"))  # cached for the next probe
 
 
 def test_concatenated_layers_centre_on_the_best_and_fit_inside():
@@ -201,13 +202,13 @@ def test_finetuning_head_starts_at_zero_and_loss_is_the_sum(tiny_run, tmp_path):
     ft = Trainer(cfg, log=lambda *a: None)
     head = ft.task.heads["score"]
     assert np.all(head.weight.data == 0) and head.weight.shape == (32, 3)
-    x, y = ft.batch(0, 0)
-    gen, clf_logits = ft.task.forward(x, None)
-    total = ft.task.loss(x, y, None)
+    x, y, _ = ft.batch(0, 0)
+    gen, clf_logits = ft.task.forward(ft.model, x, None)
+    total = ft.task.loss(ft.model, x, y, None)
     assert total.item() == pytest.approx(gen.item() + ops.cross_entropy(clf_logits, y).item(), rel=1e-6)
     assert ops.cross_entropy(clf_logits, y).item() == pytest.approx(np.log(3), rel=1e-6)  # zero head
     assert ft.train() == "done"
-    assert "L_GEN + L_CLF" in ft.task.chart[0] and ft.task.chart[2] == {}  # no pre-training unigram line
+    assert "L_GEN + L_CLF" in ft.chart()[0] and ft.chart()[2] == {}  # no pre-training unigram line
     assert (tmp_path / "ft" / "accuracy.png").is_file()
     summary = json.loads((tmp_path / "ft" / "finetune.json").read_text())
     assert summary["eval_split"] == "test" and summary["n_eval"] == 15
@@ -242,7 +243,7 @@ def test_finetuning_without_a_test_set_chooses_its_checkpoint_on_held_out_traini
     lines = []
     ft = Trainer(cfg, log=lines.append)
     ds = load_dataset(str(tmp_path / "flat"), res=8, seed=cfg.seed)          # 43 train / 5 val images
-    assert ft.data.eval_name == "held-out training" and len(ft.data.val_tokens) == 4   # 10% of 43
+    assert ft.plan.eval_on == "held-out training" and len(ft.data.val_tokens) == ft.plan.n_eval == 4  # 10% of 43
     assert len(ft.data.train_tokens) == len(ft.data.ds.train) == 39
     np.testing.assert_array_equal(ft.data.val_tokens, cached_tokens(ds.train.images[39:], ft.data.palette,
                                                                      cfg.cache_dir))
@@ -262,8 +263,8 @@ def test_finetuning_pools_the_layer_it_is_given(tiny_run, tmp_path):
     ft = Trainer(cfg, log=lambda *a: None)
     head = ft.task.heads["score"]
     head.weight.data[...] = np.random.default_rng(0).standard_normal(head.weight.shape)
-    x, _ = ft.batch(0, 0)
-    _, logits = ft.task.forward(x, None)
+    x, _, _ = ft.batch(0, 0)
+    _, logits = ft.task.forward(ft.model, x, None)
     feats = ft.model.forward_features(ar_inputs(x, ft.model.config.sos), True, None)[1]
     np.testing.assert_allclose(logits.data, feats[1].data.mean(axis=1) @ head.weight.data, rtol=1e-5, atol=1e-6)
     assert ft.train() == "done"
@@ -281,8 +282,8 @@ def test_finetuning_pools_several_layers_side_by_side(tiny_run, tmp_path):
     head = ft.task.heads["score"]
     assert head.weight.shape == (64, 3) and not hasattr(head, "bias")
     head.weight.data[...] = np.random.default_rng(0).standard_normal(head.weight.shape)
-    x, _ = ft.batch(0, 0)
-    _, logits = ft.task.forward(x, None)
+    x, _, _ = ft.batch(0, 0)
+    _, logits = ft.task.forward(ft.model, x, None)
     feats = ft.model.forward_features(ar_inputs(x, ft.model.config.sos), True, None)[1]
     f = np.concatenate([feats[0].data.mean(axis=1), feats[2].data.mean(axis=1)], axis=1)   # (B, 2C)
     np.testing.assert_allclose(logits.data, f @ head.weight.data, rtol=1e-5, atol=1e-5)
@@ -300,16 +301,17 @@ def test_finetuning_head_from_probe_starts_where_the_probe_is(tiny_run, tmp_path
     cfg = resolve_config({"finetune": pre, "out": str(tmp_path / "lp"), "steps": 2, "pool_layer": [1, 2],
                           "head_from_probe": True, "cache_dir": str(tmp_path / "cache")}, resume=False)
     ft = Trainer(cfg, log=lines.append)
+    start_from_probe(ft)
     head = ft.task.heads["score"]
     tokens, labels = ft.data.train_tokens, ft.data.ds.train.labels
-    F = extract_features(ft.model, tokens)[0][:, [1, 2]].reshape(len(tokens), -1)           # (N, 2C)
+    F = side_by_side(extract_features(ft.model, tokens, "ar", 64)[0], [1, 2])                  # (N, 2C)
     probe = fit_probe(F, labels, 3, cfg.seed, one_se=True)[0]
-    _, logits = ft.task.forward(np.asarray(tokens, np.int64), None)
+    _, logits = ft.task.forward(ft.model, np.asarray(tokens, np.int64), None)
     standardised = ((F - probe.mean) / probe.std) @ probe.W + probe.b                       # (N, K)
     np.testing.assert_allclose(logits.data, standardised, rtol=1e-4, atol=1e-4)
     assert np.array_equal(logits.data.argmax(axis=1), probe.predict(F))
     assert any("classifier started from a linear probe on layers [1, 2]" in l for l in lines)
-    assert any(l.startswith("step 0: accuracy") and "before fine-tuning" in l for l in lines)
+    assert any(l.startswith("step 0: accuracy") for l in lines)
     assert read_meta(tmp_path / "lp" / "best.npz")[1]["step"] == 0      # the start is the best so far
     assert list((tmp_path / "cache" / "features").glob("finetune-*.npy"))
     assert ft.train() == "done"
@@ -330,3 +332,33 @@ def test_the_one_standard_error_rule_takes_the_strongest_lambda_nearly_as_good()
     assert lam >= best_lam and acc >= best_acc - np.sqrt(best_acc * (1 - best_acc) / 40)
     assert lam == 1.0 and best_lam < 1.0  # here lambda 1 is within a standard error, 100 is not
     assert np.linalg.norm(probe.W) < np.linalg.norm(fit_probe(F, y, 3, grid=(best_lam,))[0].W)
+
+
+def test_a_fine_tune_interrupted_after_an_evaluation_without_improvement_resumes_exactly(tiny_run, tmp_path):
+    """The evaluations' decisions (the best score, the evaluations since it) are in the checkpoint:
+    stopped by SIGINT right after an evaluation that did not improve, then resumed, a fine-tune
+    stops early at the same step, with the same best.npz, final weights and finetune.json, as one
+    never stopped; and its best checkpoint is scored on every test image."""
+    import signal
+    pre = str(tiny_run / "run" / "ckpt.npz")
+    settings = {"finetune": pre, "steps": 1000, "eval_every": 1, "patience": 3, "lr": 1e-12}
+    quiet = {"log": lambda *a: None}
+    straight = Trainer(resolve_config({**settings, "out": str(tmp_path / "a")}), **quiet)
+    assert straight.train() == "done" and straight.stop_reason == "early stop"
+
+    def interrupt_after_a_worse_evaluation(run):
+        if run.best["evals_since"] == 1 and run.stop_reason is None:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C, caught by the run: save and stop
+    first = Trainer(resolve_config({**settings, "out": str(tmp_path / "b")}), **quiet)
+    assert first.train(on_step=interrupt_after_a_worse_evaluation) == "interrupted"
+    assert first.step < straight.step and not (tmp_path / "b" / "finetune.json").exists()
+    resumed = Trainer(resolve_config({"out": str(tmp_path / "b")}, resume=True), resume=True, **quiet)
+    assert resumed.best["evals_since"] == 1
+    assert resumed.train() == "done" and resumed.step == straight.step
+    for name in ("ckpt.npz", "best.npz"):
+        a, b = load_arrays(tmp_path / "a" / name), load_arrays(tmp_path / "b" / name)
+        weights = [k for k in a if k.startswith(("model/", "head/"))]
+        assert weights and all(np.array_equal(a[k], b[k]) for k in weights), name
+    summary = json.loads((tmp_path / "a" / "finetune.json").read_text())
+    assert summary == json.loads((tmp_path / "b" / "finetune.json").read_text())
+    assert summary["n_eval"] == 15 and summary["eval_acc"] > 0  # scored after the early stop

@@ -17,7 +17,9 @@ from minigpt_img.checkpoint import load_arrays, read_meta
 from minigpt_img.model import GPTConfig, ImageGPT
 from minigpt_img.objectives import ar_inputs, ar_loss, bert_loss, bert_mask, image_losses, unigram_entropy
 from minigpt_img.optim import Adam, lr_at
-from minigpt_img.runconfig import ConfigError, RunConfig, resolve_config
+from minigpt_img.runconfig import ConfigError, RunConfig, resolve_config, with_presets
+
+FIELDS = {f: RunConfig.__dataclass_fields__[f].default for f in RunConfig.__dataclass_fields__}
 from minigpt_img.trainer import Trainer, TrainingDiverged
 
 from helpers import write_image_folder  # noqa: E402
@@ -101,6 +103,9 @@ def test_schedule_values():
 
 def test_unigram_entropy():
     assert unigram_entropy(np.array([0, 1, 2, 3]), 8) == pytest.approx(np.log(4))
+    # not uniform: frequencies 3/4 and 1/4, colours never seen count nothing
+    assert unigram_entropy(np.array([[5, 5], [5, 2]]), 8) == pytest.approx(-(0.75 * np.log(0.75) + 0.25 * np.log(0.25)))
+    assert unigram_entropy(np.zeros(10, np.int64), 3) == 0.0
 
 
 # ---- the run ---------------------------------------------------------------------------------
@@ -114,7 +119,7 @@ def tiny(image_folder, out, **kw):
                 steps=6, eval_every=3, eval_images=8, log_every=1, out=str(out),
                 cache_dir=str(out.parent / "cache"), samples=4)
     base.update(kw)
-    return RunConfig(**base)
+    return resolve_config(base)
 
 
 def test_run_writes_its_files_and_learns(image_folder, tmp_path):
@@ -197,7 +202,7 @@ def test_configuration_errors(image_folder, tmp_path):
         Trainer(tiny(image_folder, out, steps=1), log=lambda *a: None)
     with pytest.raises(ConfigError, match="trained with --palette-size 16, not 32"):
         resolve_config({"out": str(out), "palette_size": 32}, resume=True)
-    with pytest.raises(ConfigError, match="unknown model size 'huge'"):
+    with pytest.raises(ConfigError, match="--size huge is not valid: choose one of nano, micro"):
         Trainer(tiny(image_folder, tmp_path / "x", size="huge"), log=lambda *a: None)
 
 
@@ -212,19 +217,19 @@ def test_streaks_brings_its_first_run_preset_and_a_flag_overrides_it(image_folde
     c = resolve_config({"steps": 50}, resume=False)
     assert (c.steps, c.epochs) == (50, None)      # the run's length is --steps; the config line says so
     c = resolve_config({"data": str(image_folder)}, resume=False)
-    assert (c.res, c.batch_size, c.lr, c.epochs, c.augment) == (16, 16, 3e-3, None, "crop")
-    assert RunConfig(data=str(image_folder), finetune="pre.npz").augment == "wrn"     # §4.5, as the paper
-    assert RunConfig(finetune="pre.npz").augment == "none"                           # streaks: never
-    with pytest.raises(ConfigError, match="--augment must be one of wrn, crop, none, not flip"):
+    assert (c.res, c.batch_size, c.lr, c.epochs, c.augment) == (16, 16, 3e-3, 1.0, "crop")
+    assert RunConfig(**with_presets({**FIELDS, "data": str(image_folder), "finetune": "pre.npz"})).augment == "wrn"     # §4.5, as the paper
+    assert RunConfig(**with_presets({**FIELDS, "finetune": "pre.npz"})).augment == "none"                         # streaks: never
+    with pytest.raises(ConfigError, match="--augment flip is not valid: choose one of wrn, crop, none"):
         RunConfig(augment="flip")
 
 
 def test_streaks_batches_are_the_images_themselves(tmp_path):
     """A flip turns one diagonal class of streaks into the other, so its batches are not augmented:
     every image of a batch is a training image, unchanged, with its own label."""
-    run = Trainer(RunConfig(size="nano", steps=1, out=str(tmp_path / "o"), cache_dir=str(tmp_path / "c"),
-                            samples=0), log=lambda *a: None)
-    x, y = run.batch(0, 0)
+    run = Trainer(resolve_config(dict(size="nano", steps=1, out=str(tmp_path / "o"), cache_dir=str(tmp_path / "c"),
+                                      samples=0)), log=lambda *a: None)
+    x, y, _ = run.batch(0, 0)
     rows = {t.tobytes(): label for t, label in zip(run.data.train_tokens.astype(np.int64),
                                                    run.data.ds.train.labels)}
     assert [rows.get(t.tobytes()) for t in x] == list(y)
@@ -236,7 +241,7 @@ def test_crop_augmentation_cuts_the_full_resolution_images_then_quantises(image_
     run = Trainer(tiny(image_folder, tmp_path / "crop", res=4, augment="crop"), log=lambda *a: None)
     assert run.data.ds.full_train.shape[1:] == (8, 8, 3)
     assert len(run.data.ds.full_train) == len(run.data.train_tokens)
-    x, y = run.batch(0, 0)
+    x, y, _ = run.batch(0, 0)
     assert x.shape == (4, 16) and x.min() >= 0 and x.max() < len(run.data.palette)
     plain = {t.tobytes() for t in run.data.train_tokens.astype(np.int64)}
     assert any(t.tobytes() not in plain for t in x)
@@ -253,7 +258,7 @@ def run_script(*args, timeout=300, **kw):
 def test_script_bad_input_is_one_line(tmp_path):
     r = run_script("--size", "huge", "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0
-    assert "unknown model size 'huge'" in r.stderr and "Traceback" not in r.stderr
+    assert "--size: invalid choice: 'huge'" in r.stderr and "Traceback" not in r.stderr
     r = run_script("--data", "cifar10", "--data-dir", str(tmp_path), "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "cifar10 not found" in r.stderr and "Traceback" not in r.stderr
     r = run_script("--resume", "--out", str(tmp_path / "none"))
@@ -320,18 +325,19 @@ def test_the_time_estimate_leaves_out_compilation_and_respects_the_budget(image_
 def test_a_stop_signal_during_evaluation_leaves_at_once(image_folder, tmp_path):
     run = Trainer(tiny(image_folder, tmp_path / "evalstop", eval_images=8), log=lambda *a: None)
     batches = []
-    loss = run.task.loss
-    run.task.loss = lambda x, y, mask: batches.append(1) or loss(x, y, mask)
+    sums = run.task.sums
+    run.task.sums = lambda model, x, y, mask: batches.append(1) or sums(model, x, y, mask)
     run.stop_reason = "interrupted"
-    run.task.evaluate(batch_size=1)
+    assert run.measure(run.data.val_tokens, run.data.val_labels, batch_size=1) is None
     assert batches == []                        # no batch evaluated once the stop was asked for
-    run.stop_reason = None
-    run.task.evaluate(batch_size=1)
-    assert len(batches) == len(run.data.val_tokens) > 1
+    for reason in (None, "early stop", "time budget"):  # a run that ends as planned still scores
+        run.stop_reason, batches[:] = reason, []
+        assert run.measure(run.data.val_tokens, run.data.val_labels, batch_size=1)["loss"] > 0
+        assert len(batches) == len(run.data.val_tokens) > 1
 
 
 def test_newcomer_flags(image_folder, tmp_path):
-    assert RunConfig(size="S").size == "s"      # the README says iGPT-S
+    assert resolve_config({"size": "S"}).size == "s"      # the README says iGPT-S
     lines = []
     Trainer(tiny(image_folder, tmp_path / "res7", res=7), log=lines.append)
     assert any("--res 7 is not a resolution the paper uses" in line for line in lines)

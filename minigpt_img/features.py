@@ -1,0 +1,82 @@
+"""§2.4 The features a linear probe reads: average-pooled n^l of every layer, from a frozen model.
+
+Legend: N images, L layers, C width, T positions, k layers side by side.
+
+    f^l = (1/T) sum_t n^l_t          the paper's f^l = <n^l_i>_i, for 0 <= l <= L: n^l = norm(h^l),
+                                      the input to block l's attention (l < L), and the final norm n^L
+
+For an AR model the images go in as in pre-training (SOS, then all but the last pixel); a BERT model
+sees its inputs masked as in pre-training (§4.6: "we must also mask them at evaluation time to keep
+inputs in-distribution"), optionally averaged over several random masks (departure: the paper
+samples 5 masks and "take[s] the modal prediction"; averaging the features keeps one linear probe).
+Features are cached on disk (files.store_cached), keyed by the caller.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .files import load_cached, store_cached
+from .objectives import image_losses, model_inputs
+from .parallel import Solo, batches
+from .streams import generator
+from .tensor import no_grad
+
+
+def extract_features(model, tokens: np.ndarray, objective: str, batch_size: int, mask_rate: float | None = None,
+                     n_masks: int = 1, seed: int = 0, desc: str = "features", comm: Solo | None = None,
+                     fair_share=None):
+    """tokens (N, T) -> (pooled features (N, L + 1, C) float32, each image's generative loss (N,)
+    float64 from the same pass: objectives.image_losses), one no-grad forward per batch. Under MPI
+    the batches are shared out among the ranks and the results summed into every rank.
+    mask_rate: BERT's (None for AR); n_masks: BERT's features averaged over that many masks
+    (departure: §4.6 takes the modal prediction of 5). fair_share (threads.FairShare): adapt the
+    thread count to the machine's load after each batch."""
+    cfg, comm = model.config, comm or Solo()
+    feats = np.zeros((len(tokens), cfg.n_layer + 1, cfg.n_embd), np.float32)
+    losses = np.zeros(len(tokens))
+    repeats = n_masks if objective == "bert" else 1  # AR inputs are not random: one pass is the mean
+    with no_grad():
+        for b, rows in batches(len(tokens), batch_size, comm, desc):
+            x = np.asarray(tokens[rows], dtype=np.int64)                                # (B, T)
+            rng, acc, loss = generator(seed, "probe_masks", b), 0.0, 0.0
+            for _ in range(repeats):
+                inputs, causal, mask = model_inputs(x, cfg.sos, objective, mask_rate, rng)
+                logits, ns = model.forward_features(inputs, causal, mask)
+                acc = acc + np.stack([n.data.mean(axis=1) for n in ns], axis=1)     # (B, L+1, C)
+                loss = loss + image_losses(logits.data, x, mask)                    # (B,)
+            feats[rows], losses[rows] = acc / repeats, loss / repeats
+            if fair_share is not None:
+                fair_share.update()
+    if fair_share is not None:
+        fair_share.reset()  # the fits after this run on as many threads as the process has (fan_out)
+    return comm.allreduce_sum(feats), comm.allreduce_sum(losses)
+
+
+def side_by_side(F: np.ndarray, layers) -> np.ndarray:
+    """Pooled features (N, L+1, C) of the given layers next to each other -> (N, k C): the probe's
+    --concat and fine-tuning's --pool-layer with several layers."""
+    return F[:, list(layers)].reshape(len(F), -1)
+
+
+def shared_cached(paths: tuple, compute, comm: Solo) -> tuple:
+    """Arrays computed together (compute() returns one per path), cached at `paths` for every rank:
+    rank 0 checks the cache and says whether it holds them all; if not, all ranks compute them
+    together (compute is collective) and rank 0 stores them."""
+    arrays = [load_cached(p) for p in paths] if comm.is_root else []
+    hit = comm.broadcast(np.array([all(a is not None for a in arrays)], dtype=np.int64))[0]
+    if hit:
+        return tuple(arrays) if comm.is_root else tuple(load_cached(p) for p in paths)
+    arrays = compute()
+    if comm.is_root:
+        for path, array in zip(paths, arrays):
+            store_cached(path, array)
+    return tuple(arrays)
+
+
+def cached_features(stem: Path, model, tokens: np.ndarray, comm: Solo, **kw) -> tuple:
+    """extract_features(model, tokens, comm=comm, **kw) -> (features, per-image losses), cached as
+    <stem>.npy and <stem>-loss.npy (shared_cached)."""
+    return shared_cached((Path(f"{stem}.npy"), Path(f"{stem}-loss.npy")),
+                         lambda: extract_features(model, tokens, comm=comm, **kw), comm)

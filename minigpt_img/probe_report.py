@@ -1,0 +1,224 @@
+"""§4 The linear-probe experiments behind probe.py: every layer (§4.1), along a run (§4.2), several
+layers side by side (§4.4), few labels (§4.7), beside baselines.
+
+For each layer l the pooled features f^l of the training and evaluation images (features.py) get a
+logistic regression whose lambda is chosen on held-out training images (probe_fit.py); the reported
+accuracy is on the evaluation split. §4.1: "it is important to search for the best layer": the best
+layer is the one that did best on the held-out training images, never on the evaluation split.
+
+--concat K probes K consecutive layers' features side by side (K C features), as §4.4: "we
+concatenate features from 5 layers centered at the best single layer of iGPT-XL" (at the ends of
+the model the window is shifted to fit).
+
+Baselines, not in the paper: the same regression on raw pixels, on the palette-token histogram, and
+on the same network at random initialisation, so that a probe's accuracy says how much the
+pre-training added.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import load_model, read_meta
+from .data import cached_tokens, trained_on
+from .errors import DataError
+from .features import cached_features, side_by_side
+from .files import file_digest
+from .model import ImageGPT
+from .palette import Palette
+from .parallel import Solo, fan_out
+from .plots import line_chart
+from .probe_fit import low_data_probe, probe_layer
+from .runconfig import EVAL_BATCH, declared
+from .streams import generator
+
+
+def _best(rows: list) -> dict:
+    """The layer whose probe did best on the held-out training slice (never on the eval split)."""
+    return max(rows, key=lambda r: r["holdout_acc"])
+
+
+def concat_layers(best: int, k: int, n_layers: int) -> list:
+    """k consecutive layers of 0..n_layers-1 centred on `best`, as §4.4; departure: shifted to fit
+    at either end of the model, where the paper's iGPT-XL never needed it."""
+    lo = min(max(0, best - k // 2), n_layers - k)
+    return list(range(lo, lo + k))
+
+
+def concat_name(concat: dict) -> str:
+    """How reports and charts name a concatenated probe: 'layers a..b concatenated'."""
+    return f"layers {concat['layers'][0]}..{concat['layers'][-1]} concatenated"
+
+
+def probe_report(ckpt, data=None, data_dir=None, eval_split="test", layers=None, max_train=None,
+                 max_eval=None, batch_size=EVAL_BATCH, labels_per_class=(), bert_masks=1, seed=0,
+                 baselines=True, cache_dir=None, log=print, comm: Solo | None = None,
+                 fair_share=None, concat: int = 1) -> dict:
+    """Probe every layer of a checkpoint; see probe.py for the options. Returns the report dict.
+    Under MPI, features are extracted and the regressions fitted by all ranks together.
+    fair_share: a threads.FairShare the feature extraction keeps up to date."""
+    ckpt, comm = Path(ckpt), comm or Solo()
+    cache_dir = Path(cache_dir or declared("cache_dir"))
+    model, centers, meta, _ = load_model(ckpt)
+    run, cfg = meta.get("run", {}), model.config
+    ds = trained_on(run, cfg.n_px, data, data_dir, where=ckpt)
+    name = ds.name
+    if eval_split == "test" and ds.test is None:
+        raise DataError(f"{name} has no test set in {data_dir or run.get('data_dir', declared('data_dir'))}: "
+                        "use --eval-split val (the held-out 10% of the training set)")
+    train, ev = ds.train, (ds.test if eval_split == "test" else ds.val)
+    tr_n, ev_n = min(len(train), max_train or len(train)), min(len(ev), max_eval or len(ev))
+    x_tr, y_tr = train.images[:tr_n], train.labels[:tr_n]
+    x_ev, y_ev = ev.images[:ev_n], ev.labels[:ev_n]
+    K = len(ds.classes)
+    counts = np.bincount(y_tr, minlength=K)
+    for n in labels_per_class:  # checked before any feature is extracted
+        if counts.min() < n:
+            raise ValueError(f"--labels-per-class {n}: class {ds.classes[int(counts.argmin())]} has only "
+                             f"{counts.min()} of the {tr_n} training images: ask for at most {counts.min()}"
+                             " per class, or use more training images (--max-train)")
+    if not 1 <= concat <= cfg.n_layer + 1:
+        raise ValueError(f"--concat {concat}: {ckpt} has layers 0..{cfg.n_layer}: concatenate 2 to "
+                         f"{cfg.n_layer + 1} of them")
+    palette = Palette(centers)
+    with comm.root_first():
+        t_tr, t_ev = cached_tokens(x_tr, palette, cache_dir), cached_tokens(x_ev, palette, cache_dir)
+    objective = run.get("objective", "ar")
+    feat_dir = cache_dir / "features"
+    key = f"{file_digest(ckpt)[:16]}-{Path(str(name)).name}-{cfg.n_px}-{objective}{bert_masks}"
+
+    def features(m, tokens, split, tag):
+        """(features (N, L+1, C), loss per image (N,)) of model m, cached in --cache-dir."""
+        return cached_features(feat_dir / f"{tag}-{key}-{split}{len(tokens)}", m, tokens, comm,
+                               objective=objective, batch_size=batch_size,
+                               mask_rate=run.get("mask_rate"), n_masks=bert_masks, seed=seed,
+                               desc=f"{tag} {split} features", fair_share=fair_share)
+
+    log(f"probing {ckpt} ({cfg.n_layer} layers, width {cfg.n_embd}) on {name}: {tr_n} train images, "
+        f"{ev_n} {eval_split} images, {K} classes")
+    (F_tr, loss_tr), (F_ev, loss_ev) = (features(model, t_tr, "train", "trained"),
+                                        features(model, t_ev, eval_split, "trained"))
+    chosen = list(range(cfg.n_layer + 1)) if layers is None else list(layers)
+
+    def layer_job(F, G, l):
+        return lambda: {"layer": l, **probe_layer(F[:, l], y_tr, G[:, l], y_ev, K, seed)}
+
+    log(f"fitting {len(chosen)} layer probes")
+    rows = fan_out([layer_job(F_tr, F_ev, l) for l in chosen], comm)
+    best = _best(rows)
+    report = {"checkpoint": str(ckpt), "data": str(name), "eval_split": eval_split, "n_train": tr_n,
+              "n_eval": ev_n, "n_classes": K, "layers": rows, "best": best, "objective": objective,
+              # the generative loss on the same images, as they are (no augmentation): the real gap
+              "loss": {"train": float(loss_tr.mean()), "eval": float(loss_ev.mean())}}
+    if concat > 1:
+        ls = concat_layers(best["layer"], concat, cfg.n_layer + 1)
+        log(f"fitting a probe on layers {ls[0]}..{ls[-1]} side by side ({concat * cfg.n_embd} features)")
+        F, G = side_by_side(F_tr, ls), side_by_side(F_ev, ls)                          # (N, k C)
+        fit = fan_out([lambda: probe_layer(F, y_tr, G, y_ev, K, seed)], comm)[0]
+        report["concat"] = {"layers": ls, **fit}
+
+    if baselines:
+        log("baselines: raw pixels, palette-token histogram, the same model at random init")
+        pix_tr = x_tr.reshape(tr_n, -1).astype(np.float32) / 255.0
+        pix_ev = x_ev.reshape(ev_n, -1).astype(np.float32) / 255.0
+        V = cfg.vocab
+        hist_tr = np.stack([np.bincount(t, minlength=V) for t in t_tr]) / t_tr.shape[1]
+        hist_ev = np.stack([np.bincount(t, minlength=V) for t in t_ev]) / t_ev.shape[1]
+        random_model = ImageGPT(cfg, generator(seed, "random_init"))
+        R_tr = features(random_model, t_tr, "train", "random")[0]
+        R_ev = features(random_model, t_ev, eval_split, "random")[0]
+        jobs = [lambda: probe_layer(pix_tr, y_tr, pix_ev, y_ev, K, seed),
+                lambda: probe_layer(hist_tr, y_tr, hist_ev, y_ev, K, seed)]
+        jobs += [layer_job(R_tr, R_ev, l) for l in chosen]
+        results = fan_out(jobs, comm)
+        report["raw_pixels"], report["token_histogram"], rand_rows = results[0], results[1], results[2:]
+        report["random_init"] = {"layers": rand_rows, "best": _best(rand_rows)}
+
+    if labels_per_class:
+        l = best["layer"]
+        report["low_data"] = fan_out([lambda n=n: low_data_probe(F_tr[:, l], y_tr, F_ev[:, l], y_ev, K, n,
+                                                                 best["lam"], seed=seed)
+                                      for n in labels_per_class], comm)
+    return report
+
+
+def probe_along(snapshots: list, log=print, **kw) -> dict:
+    """§4.2: probe checkpoints taken along one run (train.py --snapshots) and pair each one's best
+    probe accuracy with its validation loss. The paper finds them tightly related: a better
+    generative model gives better features. kw: probe_report's options (baselines are skipped)."""
+    points, split = [], None
+    for path in sorted(Path(p) for p in snapshots):
+        _, meta = read_meta(path)
+        if "val_loss" not in meta:
+            raise ValueError(f"{path} holds no validation loss: probe the snapshots/ of a run trained "
+                             "with --snapshots")
+        report = probe_report(path, baselines=False, labels_per_class=(), log=log, **kw)
+        split = report["eval_split"]
+        points.append({"checkpoint": str(path), "step": meta["step"], "val_loss": meta["val_loss"],
+                       "best": report["best"], "layers": report["layers"], "loss": report["loss"]})
+        log(f"step {meta['step']}: val loss {meta['val_loss']:.4f}, best probe "
+            f"{report['best']['eval_acc']:.2%} (layer {report['best']['layer']}); {_loss_line(report)}")
+    return {"points": points, "eval_split": split}
+
+
+def plot_along(along: dict, path) -> None:
+    pts = sorted(along["points"], key=lambda p: p["val_loss"])
+    line_chart({"checkpoints along the run": ([p["val_loss"] for p in pts],
+                                              [100 * p["best"]["eval_acc"] for p in pts])},
+               path, title=f"best-layer probe accuracy vs validation loss ({along['eval_split']} split)",
+               xlabel="validation loss (nats per token)", ylabel="accuracy %", ylim=(0, 100))
+
+
+def _loss_line(report: dict) -> str:
+    """The generative loss on the probe's own images, none augmented: how far the model fits the
+    training images better than the others."""
+    train, ev = report["loss"]["train"], report["loss"]["eval"]
+    return (f"generative loss (nats/token, images not augmented): train {train:.4f}, "
+            f"{report['eval_split']} {ev:.4f}, gap {ev - train:+.4f}")
+
+
+def format_report(report: dict) -> str:
+    lines = [f"linear probe of {report['checkpoint']} on {report['data']} "
+             f"(accuracy on {report['n_eval']} {report['eval_split']} images; lambda chosen on held-out "
+             "training images)", "", "layer  held-out acc  eval acc  lambda"]
+    rand = {r["layer"]: r for r in report.get("random_init", {}).get("layers", [])}
+    for r in report["layers"]:
+        extra = f"   random init {rand[r['layer']]['eval_acc']:.2%}" if r["layer"] in rand else ""
+        lines.append(f"{r['layer']:>5}  {r['holdout_acc']:>12.2%}  {r['eval_acc']:>8.2%}  "
+                     f"{r['lam']:<7g}{extra}")
+    b = report["best"]
+    lines.append(f"best layer {b['layer']}: {b['eval_acc']:.2%}")
+    if "loss" in report:
+        lines.append(_loss_line(report))
+    if "concat" in report:
+        c = report["concat"]
+        lines.append(f"{concat_name(c)}: {c['eval_acc']:.2%} (lambda {c['lam']:g})")
+    for key, label in (("raw_pixels", "raw pixels"), ("token_histogram", "palette-token histogram")):
+        if key in report:
+            lines.append(f"baseline, {label}: {report[key]['eval_acc']:.2%}")
+    if "random_init" in report:
+        rb = report["random_init"]["best"]
+        lines.append(f"baseline, same model at random init (best layer {rb['layer']}): {rb['eval_acc']:.2%}")
+    for d in report.get("low_data", []):
+        lines.append(f"low data, {d['per_class']} labels per class (layer {b['layer']}, 5 draws): "
+                     f"{d['mean']:.2%} +- {d['std']:.2%}")
+    return "\n".join(lines)
+
+
+def plot_report(report: dict, path) -> None:
+    series = {"trained model": ([r["layer"] for r in report["layers"]],
+                                [100 * r["eval_acc"] for r in report["layers"]])}
+    if "random_init" in report:
+        rows = report["random_init"]["layers"]
+        series["random init"] = ([r["layer"] for r in rows], [100 * r["eval_acc"] for r in rows])
+    chance = 100 / report["n_classes"]
+    hlines = {f"chance {chance:.1f}%": chance}
+    if "concat" in report:
+        c = report["concat"]
+        hlines[f"{concat_name(c)} {100 * c['eval_acc']:.1f}%"] = 100 * c["eval_acc"]
+    if "raw_pixels" in report:
+        hlines[f"raw pixels {100 * report['raw_pixels']['eval_acc']:.1f}%"] = 100 * report["raw_pixels"]["eval_acc"]
+    line_chart(series, path, title=f"linear probe accuracy by layer ({report['data']}, "
+               f"{report['eval_split']} split)", xlabel="layer l (features n^l)",
+               ylabel="accuracy %", hlines=hlines, ylim=(0, 100))
