@@ -33,12 +33,32 @@ def parse(argv=None):
     a("--scale", type=POSITIVE_INT, default=None, help="nearest-neighbour upscaling of the grid (default: ~96 px per image)")
     a("--out", default=None, help="output PNG (default samples-seed<seed>.png or completions-seed<seed>.png "
       "beside the checkpoint; train.py's own samples.png is left as it is)")
+    a("--palette-preview", default=None, metavar="PNG", help="§3.2: no model; write images of --data beside "
+      "their palette-quantised versions to PNG (--palette-size colours fitted with --seed)")
+    a("--palette-size", type=POSITIVE_INT, default=declared("palette_size"),
+      help=f"--palette-preview: k, the most colours (default {declared('palette_size')})")
     add_threads_flag(ap)
     return ap.parse_args(argv)
 
 
+def palette_preview(args) -> int:
+    from minigpt_img.data import load_dataset
+    from minigpt_img.palette import preview
+    from minigpt_img.plots import image_grid, save_png
+
+    ds = load_dataset(args.data or declared("data"), args.data_dir or declared("data_dir"), seed=args.seed)
+    shown = ds.val.images[:args.n or 16]
+    pairs = preview(ds.train.images, shown, args.palette_size, args.seed)
+    path = save_png(image_grid(pairs, ncols=8, scale=max(1, 128 // shown.shape[1])), args.palette_preview)
+    print(f"wrote {path}: {len(shown)} {ds.name} images (left) beside their palette-quantised versions (right)")
+    return 0
+
+
 def sample(args, comm) -> int:
     import numpy as np
+
+    if args.palette_preview:
+        return palette_preview(args)
 
     from minigpt_img.checkpoint import CheckpointError, load_hf, load_model
     from minigpt_img.data import trained_on

@@ -34,6 +34,8 @@ from .tensor import no_grad
 
 
 class Evaluation:
+    """The evaluations of a run and its results: a base class of trainer.Trainer (module docstring)."""
+
     def measure(self, tokens: np.ndarray, labels: np.ndarray, batch_size: int = EVAL_BATCH,
                 desc: str = "evaluating"):
         """The task's metrics over the images (tokens, labels), the batches shared among the ranks

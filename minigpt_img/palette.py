@@ -191,38 +191,10 @@ def load_palette(path) -> np.ndarray:
     return check_palette(values, path)
 
 
-def main(argv=None) -> int:
-    """Write a PNG with original images beside their palette-quantised versions."""
-    import argparse
-    import sys
-
-    from .data import DataError, load_dataset
-    from .plots import image_grid, save_png
-
-    ap = argparse.ArgumentParser(prog="python -m minigpt_img.palette", description=main.__doc__)
-    ap.add_argument("--preview", required=True, help="output PNG path")
-    ap.add_argument("--data", default="streaks", help="dataset name or image folder (default streaks)")
-    ap.add_argument("--data-dir", default="data", help="folder holding the dataset files (default data)")
-    ap.add_argument("--res", type=int, default=None, help="resolution (default: the dataset's own)")
-    ap.add_argument("--palette-size", type=int, default=512, help="k, the most colours (default 512)")
-    ap.add_argument("--n", type=int, default=16, help="images to show (default 16)")
-    ap.add_argument("--seed", type=int, default=0, help="seed for the sample and k-means (default 0)")
-    args = ap.parse_args(argv)
-    try:
-        ds = load_dataset(args.data, args.data_dir, res=args.res, seed=args.seed)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    pal = Palette(fit_palette(ds.train.images, k=args.palette_size, seed=args.seed))
-    shown = ds.val.images[:args.n]
+def preview(train_images: np.ndarray, shown: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """What the palette does to images: k-means with k colours fitted on train_images, then each
+    image of `shown` (n, H, W, 3) beside its quantised version -> (2n, H, W, 3), pairs in order
+    (sample.py --palette-preview draws them as a grid)."""
+    pal = Palette(fit_palette(train_images, k=k, seed=seed))
     quantised = pal.decode(pal.encode(shown))
-    pairs = np.stack([shown, quantised], axis=1).reshape(-1, *shown.shape[1:])  # original, quantised
-    scale = max(1, 128 // shown.shape[1])
-    path = save_png(image_grid(pairs, ncols=8, scale=scale), args.preview)
-    print(f"wrote {path}: {len(shown)} {ds.name} images (left) beside their {len(pal)}-colour "
-          f"versions (right)")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return np.stack([shown, quantised], axis=1).reshape(-1, *shown.shape[1:])  # original, quantised

@@ -1,4 +1,6 @@
-"""Finite-difference gradient checking, shared by the test files."""
+"""Helpers shared by the test files: finite-difference gradients, image folders, the scripts as modules."""
+from pathlib import Path
+
 import numpy as np
 
 from minigpt_img.tensor import Tensor, _topological_order
@@ -85,3 +87,12 @@ def write_image_folder(root, per_class: int, n_classes: int = 3, step: int = 60,
             img = np.full((8, 8, 3), step * c, np.uint8) + rng.integers(0, noise, (8, 8, 3), dtype=np.uint8)
             Image.fromarray(img).save(root / f"c{c}" / f"{i}.png")
     return root
+
+
+def load_script(name: str):
+    """A top-level script of the repository (train.py, sample.py ...) imported as a module."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"{name}_script", Path(__file__).resolve().parent.parent / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from minigpt_img import kernels
-from minigpt_img.palette import Palette, fit_palette, load_palette, main, palette_grid, to_unit
+from minigpt_img.palette import Palette, fit_palette, load_palette, palette_grid, to_unit
 
 
 def random_palette(k, seed=0):
@@ -147,7 +147,10 @@ def test_preview_command_writes_a_png(tmp_path, capsys):
         for i in range(6):
             Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(folder / cls / f"{i}.png")
     out = tmp_path / "preview.png"
-    assert main(["--preview", str(out), "--data", str(folder), "--palette-size", "8", "--n", "2"]) == 0
+    from helpers import load_script
+    sample = load_script("sample")
+    assert sample.main(["--palette-preview", str(out), "--data", str(folder), "--palette-size", "8", "--n", "2"]) == 0
     assert Image.open(out).size[0] > 16 and "wrote" in capsys.readouterr().out
-    assert main(["--preview", str(out), "--data", str(tmp_path / "nope")]) == 2
+    assert sample.main(["--palette-preview", str(out), "--data", str(tmp_path / "nope")]) == 2
     assert "unknown dataset" in capsys.readouterr().err
+

@@ -22,7 +22,7 @@ from minigpt_img.runconfig import ConfigError, RunConfig, resolve_config, with_p
 FIELDS = {f: RunConfig.__dataclass_fields__[f].default for f in RunConfig.__dataclass_fields__}
 from minigpt_img.trainer import Trainer, TrainingDiverged
 
-from helpers import write_image_folder  # noqa: E402
+from helpers import load_script, write_image_folder  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -367,10 +367,7 @@ def test_the_loop_keeps_its_fair_share_up_to_date_and_says_when_it_changes(image
 
 def test_train_py_adapts_threads_unless_told_a_count(monkeypatch):
     """train.py hands the Trainer a FairShare by default and none when --threads fixes the count."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("train_script", REPO / "train.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("train")
     seen = []
 
     class Stub:
