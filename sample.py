@@ -65,6 +65,7 @@ def sample(args, comm) -> int:
     from minigpt_img.palette import Palette
     from minigpt_img.plots import GRID_PAD, image_grid, save_png, with_caption
     from minigpt_img.sampling import completion_rows, sample_shared
+    from minigpt_img.sizes import memory_problem, sampling_bytes
     from minigpt_img.streams import generator
     from minigpt_img.streaks import judge_samples
 
@@ -87,6 +88,11 @@ def sample(args, comm) -> int:
     if not 0 <= args.frac < 1:
         raise ValueError("--frac must lie in [0, 1)")
     palette, cfg = Palette(centers), model.config
+    n_images = (args.n or 8) * args.per_image if args.complete else (args.n or 16)
+    problem = memory_problem(sampling_bytes(cfg, n_images), f"sampling {n_images} images of {cfg.n_px}x{cfg.n_px} at once",
+                             "ask for fewer with --n (or --per-image)")
+    if problem:
+        raise CheckpointError(problem)
     source = args.init_from or args.ckpt
     settings = (f"temperature {args.temperature:g}, top-k {args.top_k or 'all'}, seed {args.seed}, "
                 f"{cfg.n_px}x{cfg.n_px}")

@@ -97,10 +97,27 @@ def save_model(path, model: ImageGPT, palette=None, meta: dict | None = None,
 def read_config(arrays: dict[str, np.ndarray], path="checkpoint") -> tuple[GPTConfig, dict]:
     try:
         stored = json.loads(str(arrays["config"]))
-        return GPTConfig(**stored["config"]), stored.get("meta", {})
+        fields = stored["config"]
+        meta = stored.get("meta", {})
+        if not isinstance(fields, dict) or not isinstance(meta, dict):
+            raise TypeError("its config and meta must be JSON objects")
+        wrong = [k for k in ("n_layer", "n_embd", "n_head", "n_px", "vocab") if not _whole(fields.get(k))]
+        if wrong or not isinstance(fields.get("bias", False), bool):
+            raise TypeError(f"{', '.join(wrong) or 'bias'} must be whole numbers (bias: true or false)")
+        return GPTConfig(**fields), meta
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path} has no valid model config ({e}); it was not written by "
                               "minigpt_img") from None
+
+
+def check_finite(state: dict, where) -> None:
+    """Refuse weights with a NaN or an infinity, checked on load as on save: such a model samples
+    garbage and its probes report NaN losses without a word."""
+    bad = [k for k, v in state.items() if np.issubdtype(np.asarray(v).dtype, np.floating) and
+           not np.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"{where} holds non-finite weights (NaN or inf) in {', '.join(bad[:3])}: it "
+                              "cannot be used; take an earlier checkpoint")
 
 
 def check_fits(cfg: GPTConfig, where) -> None:
@@ -118,16 +135,26 @@ def load_model(path, dtype=np.float32):
     arrays = load_arrays(path)
     cfg, meta = read_config(arrays, path)
     model = ImageGPT(cfg, generator(0, "init"), dtype=dtype)  # weights overwritten below
+    check_finite(sub_state(arrays, "model"), path)
     try:
         model.load_state_dict(sub_state(arrays, "model"))
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"{path}: weights do not fit its own config ({e})") from None
-    return model, arrays.get("palette"), meta, arrays
+    palette = arrays.get("palette")
+    if palette is not None and (palette.shape != (cfg.vocab, 3) or not np.isfinite(palette).all()):
+        raise CheckpointError(f"{path}: its palette {palette.shape} does not give the model's {cfg.vocab} "
+                              "colours (finite, 3 channels each)")
+    return model, palette, meta, arrays
 
 
 # ---- safetensors -----------------------------------------------------------------------------
 _ST_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2",
               "I8": "i1", "U8": "u1", "BOOL": "?"}
+
+
+def _whole(value) -> bool:
+    """An int (not a bool): what a size, an offset or a count read from a file must be."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def read_safetensors(path) -> dict[str, np.ndarray]:
@@ -149,11 +176,18 @@ def read_safetensors(path) -> dict[str, np.ndarray]:
             if name == "__metadata__":
                 continue
             begin, end = info["data_offsets"]
+            shape = info["shape"]
+            if not all(_whole(v) for v in (begin, end, *shape)):
+                raise ValueError(f"tensor {name}: offsets {begin}..{end} and shape {shape} must be whole numbers")
             itemsize = 2 if info["dtype"] == "BF16" else np.dtype(_ST_DTYPES[info["dtype"]]).itemsize
-            count = int(np.prod(info["shape"], dtype=np.int64))
+            count = int(np.prod(shape, dtype=np.int64))
             if not (0 <= begin <= end <= body and end - begin == count * itemsize):
                 raise ValueError(f"tensor {name}: offsets {begin}..{end} do not fit its shape "
-                                 f"{info['shape']} or the {body}-byte data section")
+                                 f"{shape} or the {body}-byte data section")
+        spans = sorted(tuple(info["data_offsets"]) for k, info in header.items() if k != "__metadata__")
+        for (_, end), (begin, _) in zip(spans, spans[1:]):
+            if begin < end:  # the reference safetensors library refuses overlaps too
+                raise ValueError(f"two tensors overlap in the data section (at byte {begin})")
     except (struct.error, ValueError, TypeError, KeyError, OSError) as e:
         raise CheckpointError(f"{path} is not a valid safetensors file ({type(e).__name__}: {e})") from None
     data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n) if body else np.zeros(0, np.uint8)
@@ -194,6 +228,7 @@ def write_safetensors(path, tensors: dict[str, np.ndarray], metadata: dict | Non
 
 # ---- Hugging Face ImageGPT -------------------------------------------------------------------
 _HF_BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers of older HF versions
+PIL_BOX = 4  # PIL.Image.BOX, as an image processor's "resample" setting names it
 
 
 def load_hf(directory, dtype=np.float32):
@@ -206,9 +241,17 @@ def load_hf(directory, dtype=np.float32):
                                   "(save_pretrained(..., safe_serialization=True) writes both)")
     try:
         hf = json.loads((d / "config.json").read_text())
+        if not isinstance(hf, dict):
+            raise TypeError("not a JSON object")
         for key in ("n_positions", "n_embd", "n_layer", "n_head", "vocab_size"):
-            if not isinstance(hf[key], int) or hf[key] < 1:
-                raise ValueError(f"{key} {hf[key]!r} is not a positive whole number")
+            if not _whole(hf[key]) or not 1 <= hf[key] <= 1 << 32:
+                raise ValueError(f"{key} {hf[key]!r} is not a whole number from 1 to 2^32")
+        for key in ("layer_norm_epsilon",):
+            if key in hf and (not isinstance(hf[key], (int, float)) or isinstance(hf[key], bool)):
+                raise TypeError(f"{key} {hf[key]!r} is not a number")
+        for key in ("n_inner",):
+            if hf.get(key) is not None and not _whole(hf[key]):
+                raise TypeError(f"{key} {hf[key]!r} is not a whole number")
     except (OSError, ValueError, TypeError, KeyError) as e:
         raise CheckpointError(f"{d}/config.json is not an ImageGPT config ({type(e).__name__}: {e})") from None
     n_px = int(round(hf["n_positions"] ** 0.5))
@@ -244,6 +287,7 @@ def load_hf(directory, dtype=np.float32):
         tensors = {k: v for k, v in tensors.items() if not k.endswith(".bias")}
     cfg = dataclasses.replace(cfg, bias=has_bias)
     model = ImageGPT(cfg, generator(0, "init"), dtype=dtype)  # weights overwritten below
+    check_finite(tensors, d / "model.safetensors")
     try:
         model.load_state_dict(tensors)
     except (KeyError, ValueError) as e:
@@ -289,5 +333,6 @@ def export_hf(model: ImageGPT, directory, palette=None) -> None:
     if palette is not None:
         pre = {"image_processor_type": "ImageGPTImageProcessor", "clusters": np.asarray(palette).tolist(),
                "do_resize": True, "size": {"height": cfg.n_px, "width": cfg.n_px},
+               "resample": PIL_BOX,  # the box filter data.resize uses (the processor's own default is bilinear)
                "do_normalize": True, "do_color_quantize": True}
         write_json(d / "preprocessor_config.json", pre)

@@ -210,6 +210,28 @@ def _read_binary(name: str, src: _Source, official: bool):
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 
 
+def _as_8bit(im, f: Path):
+    """An image with 8 bits per channel: 16-bit greyscale scaled down (Pillow's own conversion clips
+    it, and most pixels would become white); float images are refused (their range is unknown)."""
+    if im.mode.startswith("I;16") or im.mode == "I":
+        values = np.asarray(im, dtype=np.float64)                              # 0 .. 65535
+        return Image.fromarray(np.clip(np.round(values / 257.0), 0, 255).astype(np.uint8), "L")
+    if im.mode == "F":
+        raise DataError(f"{f} holds floating-point pixels, whose range is not known: save it with 8 bits "
+                        "per channel")
+    return im
+
+
+def _image_files(folder: Path) -> list:
+    """The image files of a class folder, in order; anything but a regular file is refused (a FIFO
+    named .png would block the read forever)."""
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    for f in files:
+        if not f.is_file():
+            raise DataError(f"{f} is not a regular file: remove it from the image folder")
+    return files
+
+
 def _read_image(f: Path, res: int | None) -> np.ndarray:
     """One image file as (res, res, 3) uint8: centre square crop, then the box filter to res (the
     crop's own size when res is None). Images too large to decode safely are refused."""
@@ -217,7 +239,7 @@ def _read_image(f: Path, res: int | None) -> np.ndarray:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(f) as im:
-                im = im.convert("RGB")
+                im = _as_8bit(im, f).convert("RGB")
                 side = min(im.size)
                 left, top = (im.width - side) // 2, (im.height - side) // 2
                 im = im.crop((left, top, left + side, top + side))
@@ -235,6 +257,15 @@ def _read_image(f: Path, res: int | None) -> np.ndarray:
         raise DataError(f"cannot read image {f} ({type(e).__name__}): remove or replace it") from None
 
 
+def _side(f: Path) -> int:
+    """The side of an image file's centre square, from its header (no pixel is decoded)."""
+    try:
+        with Image.open(f) as im:
+            return min(im.size)
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise DataError(f"cannot read image {f} ({type(e).__name__}): remove or replace it") from None
+
+
 def _read_folder(root: Path, classes: list, res: int | None, required: bool = True) -> Split | None:
     """Every image of root/<class>/ for the given classes. A class folder may be missing only
     where not `required` (a test/ folder need not hold every class); None if there is no image."""
@@ -242,9 +273,11 @@ def _read_folder(root: Path, classes: list, res: int | None, required: bool = Tr
     for label, cls in enumerate(classes):
         if not (root / cls).is_dir() and not required:
             continue
-        for f in sorted(p for p in (root / cls).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+        files = _image_files(root / cls)
+        if not files and required:
+            raise DataError(f"{root / cls} holds no images: add some, or remove the empty class folder")
+        for f in files:
             images.append(_read_image(f, res))
-            res = images[-1].shape[0]
             labels.append(label)
     if not images:
         if not required:
@@ -262,6 +295,10 @@ def _load_folder(root: Path, res: int | None):
     classes = sorted(p.name for p in base.iterdir() if p.is_dir() and p.name != "test")
     if not classes:
         raise DataError(f"{base} has no class sub-folders: put each class's images in its own folder")
+    if res is None:  # every image at the smallest side any of them has (its centre square)
+        folders = [base / c for c in classes] + [root / "test" / c for c in classes if (root / "test" / c).is_dir()]
+        sides = [_side(f) for folder in folders for f in _image_files(folder)]
+        res = min(sides) if sides else None
     train = _read_folder(base, classes, res)
     test = None
     if base != root and (root / "test").is_dir():
@@ -300,6 +337,15 @@ def split_train_val(split: Split, seed: int, val_fraction: float = 0.1):
 PROCEDURAL = {"streaks": (STREAK_CLASSES, make_streaks), "shapes": (SHAPE_CLASSES, make_shapes)}
 
 
+def check_present(name: str, data_dir) -> None:
+    """Raise DataError (naming --data-dir and --download) when an official data set's files are not
+    where load_dataset would read them: found before a run creates anything, not after."""
+    if name in BINARY:
+        if data_dir is None:
+            raise DataError(f"{name}: no --data-dir says where its files are")
+        _Source(name, Path(data_dir)).close()
+
+
 def load_dataset(name: str, data_dir=None, res: int | None = None, seed: int = 0,
                  val_fraction: float = 0.1, procedural_size: int = 14000, official: bool = True,
                  full_train: bool = False) -> Dataset:
@@ -312,6 +358,8 @@ def load_dataset(name: str, data_dir=None, res: int | None = None, seed: int = 0
     sets and folders do not read it."""
     if res is not None and res < 1:
         raise DataError(f"--res must be positive, got {res}")
+    if not str(name).strip():
+        raise DataError("--data names no data set: give streaks, shapes, cifar10, cifar100, stl10 or a folder")
     if name in PROCEDURAL:
         r = res or 32
         problem = memory_problem(3 * 4 * (procedural_size + procedural_size // 5) * r * r, f"{name} at {r}x{r}",

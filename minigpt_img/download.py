@@ -8,6 +8,7 @@ says where to put the files by hand.
 """
 from __future__ import annotations
 
+import os
 import tarfile
 import urllib.error
 import urllib.request
@@ -40,7 +41,8 @@ def _fetch(url: str, part: Path, timeout: float) -> None:
             start = 0
         length = response.headers.get("Content-Length")
         total = start + int(length) if length is not None else None
-        with open(part, "ab" if resumed else "wb") as f, \
+        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_APPEND if resumed else os.O_TRUNC)
+        with os.fdopen(os.open(part, flags, 0o666), "ab" if resumed else "wb") as f, \
                 tqdm(total=total, initial=start, unit="B", unit_scale=True, desc=part.name[:-5]) as bar:
             for block in iter(lambda: response.read(CHUNK), b""):
                 f.write(block)

@@ -30,5 +30,9 @@ class TrainingDiverged(Exception):
     """The loss, the gradients or the weights became NaN or infinite (exit code 1)."""
 
 
+class Interrupted(Exception):
+    """A second Ctrl-C stopped a run at once (exit code 130); the last checkpoint is intact."""
+
+
 class MPIMissing(Exception):
     """Started by mpiexec, but mpi4py cannot be imported."""

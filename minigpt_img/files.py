@@ -28,8 +28,12 @@ TEMP_SUFFIX = ".tmp"  # write_atomic's temporary files: <name>.<random>.tmp besi
 def write_atomic(path, write) -> None:
     """Call write(f) on a temporary file beside `path`, flush it to disk, then rename it over `path`:
     readers see the old file or the new one, never half of one, whatever interrupts the write. An
-    OSError (no space, no permission) removes the temporary file and raises WriteError."""
+    OSError (no space, no permission) removes the temporary file and raises WriteError naming path.
+    A path that is a symbolic link is refused: nothing is written where a link points."""
     path = Path(path)
+    if path.is_symlink():
+        raise WriteError(f"{path} is a symbolic link: refusing to write through it (it may point outside the "
+                         "folders you chose); remove the link, or choose another path")
     try:
         _write_atomic(path, write)
     except OSError as e:
@@ -55,6 +59,15 @@ def _write_atomic(path: Path, write) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def open_append(path):
+    """path opened for appending lines (metrics.jsonl), never through a symbolic link."""
+    try:
+        return os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666), "a")
+    except OSError as e:
+        raise WriteError(f"cannot append to {path} ({e.strerror}): remove it if it is a link, or choose "
+                         "another --out") from None
 
 
 def write_json(path, obj) -> None:
@@ -88,7 +101,10 @@ class FolderLock:
     def acquire(self) -> None:
         import fcntl
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+        except OSError as e:  # ELOOP: the lock is a symbolic link, never followed
+            raise WriteError(f"cannot use {self.path} as the folder's lock ({e.strerror}): remove it") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -136,7 +152,9 @@ def cached_array(path, compute, shape=None, dtype=None) -> np.ndarray:
 
     Intact means: the file loads without pickle, its sha256 equals the one recorded beside it in
     `path.sha256` when it was written, and it has the expected shape and dtype (when given). Anything
-    else (a stale, truncated or damaged file, or a missing digest) is recomputed and overwritten."""
+    else (a stale, truncated or damaged file, or a missing digest) is recomputed and overwritten.
+    The digest sits beside what it guards: it catches accidents (a torn write, a flipped bit, a file
+    from another run), not someone who edits both; a cache folder is trusted as the user's own."""
     array = load_cached(path, shape, dtype)
     if array is None:
         array = compute()

@@ -180,6 +180,8 @@ def load_palette(path) -> np.ndarray:
     """A palette from a file: a .npy (k, 3) array, or a Hugging Face preprocessor_config.json
     (its `clusters` field, as OpenAI released them). Values must lie in [-1, 1]."""
     path = Path(path)
+    if not path.is_file():  # a FIFO would block the read forever; a folder is no palette
+        raise ValueError(f"{path} is not a regular file: give a (k, 3) .npy or a preprocessor_config.json")
     try:
         if path.suffix == ".json":
             values = json.loads(path.read_text())["clusters"]

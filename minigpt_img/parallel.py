@@ -131,6 +131,17 @@ def world() -> Solo:
     return MPIWorld()
 
 
+def disagreements(values: dict, comm: Solo) -> dict:
+    """{name: [its value on rank 0, rank 1, ...]} for the values that differ between the ranks, in
+    one collective ({} on one process): processes started with different flags would train one run
+    on two settings."""
+    if comm.size == 1:
+        return {}
+    every = comm.allgather_objects({k: repr(v) for k, v in values.items()})
+    names = sorted(set().union(*every))
+    return {k: [v.get(k) for v in every] for k in names if len({v.get(k) for v in every}) > 1}
+
+
 def share(n: int, comm: Solo) -> slice:
     """This rank's contiguous share of n items split into comm.size equal parts (n divisible)."""
     part = n // comm.size

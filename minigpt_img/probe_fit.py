@@ -30,6 +30,7 @@ from .kernels import logsumexp
 from .streams import generator
 
 L2_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+EXTEND = 3  # at most this many more lambdas, 10x apart, past an end of the grid that scores best
 
 
 def loss_and_grad(params: np.ndarray, F: np.ndarray, y: np.ndarray, K: int, lam):
@@ -85,28 +86,49 @@ class LogisticProbe:
         return float(np.mean(self.predict(F) == y))
 
 
+def held_out(n: int, fraction: float = 0.1) -> int:
+    """How many of n training images fit_probe holds out to choose lambda on."""
+    return max(1, int(round(fraction * n)))
+
+
 def fit_probe(F_train, y_train, n_classes: int, seed: int = 0, grid=L2_GRID,
               holdout: float = 0.1, one_se: bool = False) -> tuple:
     """Choose lambda on a held-out slice of the training features, then refit on all of them.
     one_se: the strongest lambda whose held-out accuracy is within one standard error,
     sqrt(a (1 - a) / n_held_out), of the best a (the "one-standard-error rule": nearly as accurate,
-    smaller weights). -> (the refitted LogisticProbe, its lambda, its held-out accuracy)."""
+    smaller weights). When an end of the grid scores strictly best, the grid extends past it, 10x at
+    a time, up to EXTEND more lambdas, so that the choice is not cut off by the grid.
+    -> (the refitted LogisticProbe, its lambda, its held-out accuracy)."""
     rng = generator(seed, "probe_holdout")
     order = rng.permutation(len(y_train))
-    n_hold = max(1, int(round(holdout * len(y_train))))
+    n_hold = held_out(len(y_train), holdout)
     hold, fit = order[:n_hold], order[n_hold:]
-    fits, start = {}, None
+    fits, scores = {}, {}
+
+    def fit_at(lam, start):
+        fits[lam] = LogisticProbe(lam).fit(F_train[fit], y_train[fit], n_classes,
+                                           None if start is None else start.params)
+        scores[lam] = fits[lam].accuracy(F_train[hold], y_train[hold])
+
+    start = None
     for lam in sorted(grid, reverse=True):  # strongest first, each fit warm-started from the last
-        fits[lam] = start = LogisticProbe(lam).fit(F_train[fit], y_train[fit], n_classes,
-                                                   None if start is None else start.params)
-    scores = [fits[lam].accuracy(F_train[hold], y_train[hold]) for lam in grid]
-    best = int(np.argmax(scores))
+        fit_at(lam, start)
+        start = fits[lam]
+    for _ in range(EXTEND):
+        lams = sorted(scores)
+        if len(lams) > 1 and scores[lams[0]] > max(scores[l] for l in lams[1:]):
+            fit_at(lams[0] / 10, fits[lams[0]])                    # the weakest won: weaker still
+        elif len(lams) > 1 and scores[lams[-1]] > max(scores[l] for l in lams[:-1]):
+            fit_at(lams[-1] * 10, fits[lams[-1]])                  # the strongest won: stronger still
+        else:
+            break
+    lams = sorted(scores)
+    best = max(lams, key=lambda l: (scores[l], -l))  # ties: the weakest, as before
     if one_se:
         top = scores[best]
-        best = max((i for i in range(len(grid)) if scores[i] >= top - np.sqrt(top * (1 - top) / n_hold)),
-                   key=lambda i: grid[i])
-    final = LogisticProbe(grid[best]).fit(F_train, y_train, n_classes, fits[grid[best]].params)
-    return final, grid[best], scores[best]
+        best = max(l for l in lams if scores[l] >= top - np.sqrt(top * (1 - top) / n_hold))
+    final = LogisticProbe(best).fit(F_train, y_train, n_classes, fits[best].params)
+    return final, best, scores[best]
 
 
 def probe_layer(F_train, y_train, F_eval, y_eval, n_classes: int, seed: int = 0,

@@ -22,14 +22,13 @@ import numpy as np
 
 from .checkpoint import load_model, read_meta
 from .data import cached_tokens, trained_on
-from .errors import DataError
 from .features import cached_features, side_by_side
 from .files import file_digest
 from .model import ImageGPT
 from .palette import Palette
 from .parallel import Solo, fan_out
 from .plots import line_chart
-from .probe_fit import low_data_probe, probe_layer
+from .probe_fit import held_out, low_data_probe, probe_layer
 from .runconfig import EVAL_BATCH, declared
 from .streams import generator
 
@@ -64,20 +63,28 @@ def probe_report(ckpt, data=None, data_dir=None, eval_split="test", layers=None,
     run, cfg = meta.get("run", {}), model.config
     ds = trained_on(run, cfg.n_px, data, data_dir, where=ckpt)
     name = ds.name
-    if eval_split == "test" and ds.test is None:
-        raise DataError(f"{name} has no test set in {data_dir or run.get('data_dir', declared('data_dir'))}: "
-                        "use --eval-split val (the held-out 10% of the training set)")
+    if eval_split == "test" and ds.test is None:  # as fine-tuning does: the validation split, which chose nothing
+        log(f"{name} has no test split here: the accuracies are on its validation split (the 10% of the "
+            "training set held out by the seeded split), which chooses nothing")
+        eval_split = "val"
     train, ev = ds.train, (ds.test if eval_split == "test" else ds.val)
     tr_n, ev_n = min(len(train), max_train or len(train)), min(len(ev), max_eval or len(ev))
     x_tr, y_tr = train.images[:tr_n], train.labels[:tr_n]
     x_ev, y_ev = ev.images[:ev_n], ev.labels[:ev_n]
     K = len(ds.classes)
+    if tr_n < 10:  # a tenth is held out to choose lambda: fewer would leave nothing to fit or to score
+        raise ValueError(f"{tr_n} training image(s): a probe needs at least 10 (a tenth is held out to choose "
+                         "lambda); raise --max-train")
     counts = np.bincount(y_tr, minlength=K)
     for n in labels_per_class:  # checked before any feature is extracted
         if counts.min() < n:
             raise ValueError(f"--labels-per-class {n}: class {ds.classes[int(counts.argmin())]} has only "
                              f"{counts.min()} of the {tr_n} training images: ask for at most {counts.min()}"
                              " per class, or use more training images (--max-train)")
+    outside = sorted({l for l in (layers or ()) if l > cfg.n_layer})
+    if outside:  # before any feature is extracted
+        raise ValueError(f"--layers {' '.join(map(str, outside))}: {ckpt} has layers 0..{cfg.n_layer} (0: the "
+                         f"embeddings, {cfg.n_layer}: the final norm's output)")
     if not 1 <= concat <= cfg.n_layer + 1:
         raise ValueError(f"--concat {concat}: {ckpt} has layers 0..{cfg.n_layer}: concatenate 2 to "
                          f"{cfg.n_layer + 1} of them")
@@ -108,7 +115,8 @@ def probe_report(ckpt, data=None, data_dir=None, eval_split="test", layers=None,
     rows = fan_out([layer_job(F_tr, F_ev, l) for l in chosen], comm)
     best = _best(rows)
     report = {"checkpoint": str(ckpt), "data": str(name), "eval_split": eval_split, "n_train": tr_n,
-              "n_eval": ev_n, "n_classes": K, "layers": rows, "best": best, "objective": objective,
+              "n_holdout": held_out(tr_n), "n_eval": ev_n, "n_classes": K, "layers": rows, "best": best,
+              "objective": objective,
               # the generative loss on the same images, as they are (no augmentation): the real gap
               "loss": {"train": float(loss_tr.mean()), "eval": float(loss_ev.mean())}}
     if concat > 1:
@@ -178,17 +186,26 @@ def _loss_line(report: dict) -> str:
             f"{report['eval_split']} {ev:.4f}, gap {ev - train:+.4f}")
 
 
+def standard_error(acc: float, n: int) -> float:
+    """The standard error of an accuracy measured on n images: sqrt(a (1 - a) / n)."""
+    return float(np.sqrt(acc * (1 - acc) / max(n, 1)))
+
+
 def format_report(report: dict) -> str:
-    lines = [f"linear probe of {report['checkpoint']} on {report['data']} "
-             f"(accuracy on {report['n_eval']} {report['eval_split']} images; lambda chosen on held-out "
-             "training images)", "", "layer  held-out acc  eval acc  lambda"]
+    n_ev, split = report["n_eval"], report["eval_split"]
+    n_fit = report["n_train"] - report.get("n_holdout", 0)
+    lines = [f"linear probe of {report['checkpoint']} on {report['data']}",
+             f"each layer: a logistic regression on its average-pooled features; lambda (and below, the best "
+             f"layer) chosen on {report.get('n_holdout', '?')} held-out training images after fitting on {n_fit}, "
+             f"then refitted on all {report['n_train']}; eval acc on {n_ev} {split} images, which choose nothing "
+             f"(+- one standard error)", "", "layer  held-out acc  eval acc          lambda"]
     rand = {r["layer"]: r for r in report.get("random_init", {}).get("layers", [])}
     for r in report["layers"]:
         extra = f"   random init {rand[r['layer']]['eval_acc']:.2%}" if r["layer"] in rand else ""
-        lines.append(f"{r['layer']:>5}  {r['holdout_acc']:>12.2%}  {r['eval_acc']:>8.2%}  "
-                     f"{r['lam']:<7g}{extra}")
+        lines.append(f"{r['layer']:>5}  {r['holdout_acc']:>12.2%}  {r['eval_acc']:>8.2%} +- "
+                     f"{standard_error(r['eval_acc'], n_ev):.2%}  {r['lam']:<7g}{extra}")
     b = report["best"]
-    lines.append(f"best layer {b['layer']}: {b['eval_acc']:.2%}")
+    lines.append(f"best layer {b['layer']}: {b['eval_acc']:.2%} +- {standard_error(b['eval_acc'], n_ev):.2%}")
     if "loss" in report:
         lines.append(_loss_line(report))
     if "concat" in report:
@@ -202,7 +219,12 @@ def format_report(report: dict) -> str:
         lines.append(f"baseline, same model at random init (best layer {rb['layer']}): {rb['eval_acc']:.2%}")
     for d in report.get("low_data", []):
         lines.append(f"low data, {d['per_class']} labels per class (layer {b['layer']}, 5 draws): "
-                     f"{d['mean']:.2%} +- {d['std']:.2%}")
+                     f"{d['mean']:.2%} +- {d['std']:.2%} (standard deviation over the draws)")
+    if "raw_pixels" in report and report["raw_pixels"]["eval_acc"] > b["eval_acc"]:
+        lines.append(f"warning: raw pixels ({report['raw_pixels']['eval_acc']:.2%}) beat the best layer "
+                     f"({b['eval_acc']:.2%}): the model has not learned features worth probing yet; train it "
+                     "longer (more --steps or --epochs), as the paper's §4.2 finds features improve as the "
+                     "validation loss falls")
     return "\n".join(lines)
 
 

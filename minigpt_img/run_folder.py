@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .files import FolderLock, remove_stale_temps, write_atomic
+from .files import FolderLock, open_append, remove_stale_temps, write_atomic
 from .plots import line_chart
 
 
@@ -47,7 +47,7 @@ class RunFolder:
             keep = [r for r in self.records() if r["step"] <= step]
             text = "".join(json.dumps(r) + "\n" for r in keep)
             write_atomic(self.metrics, lambda f: f.write(text.encode()))
-        return open(self.metrics, "a")
+        return open_append(self.metrics)
 
     @staticmethod
     def write(f, step: int, **record) -> None:

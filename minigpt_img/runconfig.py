@@ -42,6 +42,8 @@ FINETUNE_BASE = {"augment": "wrn"}
 # since a flip turns one diagonal class into the other.
 DATA_PRESETS = {"streaks": {"res": 8, "batch_size": 8, "lr": 1.5e-3, "epochs": 4.0, "augment": "none"}}
 EVAL_BATCH = 64  # images per no-grad forward pass: evaluations, probe features, fine-tuning's start
+PAPER_SIZES = ("s", "m", "l", "xl")  # the paper's iGPT-S/M/L/XL (sizes.py)
+PAPER_SIZES_DATA = "cifar10"  # what they train on when --data is not given: real images, as docs/results.md
 DEFAULT_EPOCHS = 1.0  # when neither --steps nor --epochs (nor a preset) says how long
 FINETUNE_LR_FACTOR = 0.1  # §4.5: "the optimal learning rate on the joint training objective is often
                           # an order of magnitude smaller than that for pre-training"
@@ -60,7 +62,8 @@ class RunConfig:
     #                                                  size by default; the paper's smallest is "s" (iGPT-S)
     res: int | None = setting(None, "image side in pixels after box-filter downsampling (§3.2)",
                               POSITIVE_INT)  # departure: the paper trains at 32x32 to 64x64
-    data: str = setting("streaks", "streaks | shapes | cifar10 | cifar100 | stl10 | a folder of class folders")
+    data: str = setting("streaks", "streaks | shapes | cifar10 | cifar100 | stl10 | a folder of class folders",
+                        shown=f"streaks; {PAPER_SIZES_DATA} for the paper's sizes {', '.join(PAPER_SIZES)}")
     data_dir: str = setting("data", "folder holding the dataset files")
     palette_size: int = setting(512, "k-means k, the most colours; images with fewer distinct colours get one "
                                 "token each", Range(int, 2, MAX_PALETTE, what="a whole number of colours from 2 "
@@ -132,6 +135,8 @@ class RunConfig:
                         raise ConfigError(f"{flag} {v} is not valid: it must be {meta['range'].what}")
             if meta["choices"] is not None and value not in meta["choices"]:
                 raise ConfigError(f"{flag} {value} is not valid: choose one of {', '.join(meta['choices'])}")
+        if not str(self.data).strip():
+            raise ConfigError("--data names no data set: give streaks, shapes, cifar10, cifar100, stl10 or a folder")
         if self.pool_layer is not None and (not self.pool_layer or len(set(self.pool_layer)) < len(self.pool_layer)):
             raise ConfigError(f"--pool-layer {_shown(self.pool_layer)} is not valid: it must name one or more "
                               "different layers")
@@ -210,7 +215,13 @@ def _saved_run(path: Path, what: str) -> dict:
     run = dict(meta["run"])
     if isinstance(run.get("augment"), bool):  # written before augment had names
         run["augment"] = "wrn" if run["augment"] else "none"
+    run["pool_layer"] = _layers(run.get("pool_layer"))
     return run
+
+
+def _layers(value):
+    """--pool-layer as a list: checkpoints written before it took several layers (and code) give one."""
+    return [value] if isinstance(value, int) else value
 
 
 def with_presets(values: dict) -> dict:
@@ -220,8 +231,7 @@ def with_presets(values: dict) -> dict:
     values = dict(values)
     if isinstance(values.get("size"), str):
         values["size"] = values["size"].lower()
-    if isinstance(values.get("pool_layer"), int):  # one layer, as checkpoints before lists wrote it
-        values["pool_layer"] = [values["pool_layer"]]
+    values["pool_layer"] = _layers(values.get("pool_layer"))
     preset = dict(DATA_PRESETS.get(values["data"], {}))
     if values.get("steps") is not None:
         preset.pop("epochs", None)
@@ -254,8 +264,6 @@ def resolve_config(given: dict, resume: bool = False) -> RunConfig:
         saved = _saved_run(path, "resume a train.py run")
         for key in FIXED_ON_RESUME:
             was = saved.get(key, defaults[key])  # a setting newer than the checkpoint: its default
-            if isinstance(was, int) and key == "pool_layer":
-                was = [was]
             if key in given and given[key] != was:
                 flag = "--" + key.replace("_", "-")
                 had = f"with {flag} {_shown(was)}" if was is not None else f"without {flag}"
@@ -263,6 +271,8 @@ def resolve_config(given: dict, resume: bool = False) -> RunConfig:
                                   "resume, or start a new --out")
         kept = {k: v for k, v in saved.items() if k not in WRITTEN_PATHS}
         values = {**defaults, **kept, "out": values["out"], **given}
+    elif not given.get("finetune") and "data" not in given and str(values["size"]).lower() in PAPER_SIZES:
+        values["data"] = PAPER_SIZES_DATA  # the first run's toy data and preset are for the small sizes
     unknown = set(values) - set(defaults)
     if unknown:  # a checkpoint's settings with names train.py does not know
         raise ConfigError(f"settings that train.py does not know ({', '.join(sorted(unknown))}): start a new --out")

@@ -64,6 +64,12 @@ def training_bytes(cfg, batch: int) -> int:
     return 16 * count_parameters(cfg) + 4 * batch * cfg.n_ctx * (24 * cfg.n_embd * cfg.n_layer + 4 * cfg.vocab)
 
 
+def sampling_bytes(cfg, images: int) -> int:
+    """An estimate of sampling's memory beside the weights: the KV cache of every layer (keys and
+    values, float32) and the first pass's activations and logits, for `images` images at once."""
+    return 8 * cfg.n_layer * images * cfg.n_ctx * cfg.n_embd + 4 * images * cfg.n_ctx * (8 * cfg.n_embd + cfg.vocab)
+
+
 def available_memory() -> int:
     """Bytes of memory this machine can still give a process (Linux MemAvailable; else all of it)."""
     try:

@@ -32,16 +32,18 @@ import contextlib
 import dataclasses
 import math
 import signal
+import sys
 import time
 
 import numpy as np
 from tqdm import tqdm
 
 from . import checkpoint as ck
-from .data import augment, load_dataset, random_resized_crops
-from .errors import ConfigError, FolderBusy, TrainingDiverged
+from .data import augment, check_present, load_dataset, random_resized_crops
+from .errors import ConfigError, FolderBusy, Interrupted, TrainingDiverged
 from .evaluation import Evaluation
 from .files import check_writable
+from .forecast import forecast, human_time, memory_line
 from .model import ImageGPT
 from .objectives import draw_mask
 from .optim import Adam, clip_factor, grad_norm, lr_at
@@ -57,6 +59,13 @@ from .threads import FairShare
 STOPS = (None, "interrupted", "time budget", "early stop")  # why a run stops before its last step
 
 
+def _score(value):
+    """A best score read from a checkpoint: None (none yet) or an accuracy in [0, 1]."""
+    if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1):
+        return value
+    raise ValueError(f"a best score of {value!r}")
+
+
 class Trainer(Evaluation):
     """One run: its data, model, task, optimiser and plan, and the loop that trains them."""
 
@@ -70,6 +79,7 @@ class Trainer(Evaluation):
         self.comm, self.fair_share = comm or Solo(), fair_share
         self.cfg, self.log = cfg, (log if self.comm.is_root else lambda *a: None)
         self.folder = RunFolder(cfg.out)
+        check_present(cfg.data, cfg.data_dir)  # before anything is written
         removed = []
         if self.comm.is_root:  # only rank 0 writes in the run folder
             check_writable(cfg.out, "--out")
@@ -170,7 +180,8 @@ class Trainer(Evaluation):
         """Everything a step is followed by: progress, metrics, the time estimate, evaluation, the
         time budget, and the checkpoint when its timer ran out (the ranks decide together)."""
         cfg, now = self.cfg, time.time()
-        tok_s = self._tokens_per_step / (now - self._t_step)
+        self._step_seconds = now - self._t_step
+        tok_s = self._tokens_per_step / self._step_seconds
         self._bar.update(1)
         self._bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
         if self.fair_share is not None and self.fair_share.update() is not None:
@@ -178,10 +189,12 @@ class Trainer(Evaluation):
         done = self.step - self._first_step
         if done == 1:
             self._first_seconds = now - self._t0
-        if done == 2:
-            self._t_settled = now  # later steps no longer compile anything
-        if done == 5 and self.step < self.plan.total_steps:
-            self.log(self.estimate((now - self._t_settled) / 3, self._first_seconds))
+        if done >= 3:  # the first two steps compile the kernels: they say nothing of the rest
+            self._timed.append(self._step_seconds)
+        if (self._timed and not self._estimated and self.step < self.plan.total_steps
+                and (len(self._timed) >= 3 or sum(self._timed) > 30)):  # 3 steps, or enough seconds
+            self._estimated = True
+            self.log(self.estimate(sum(self._timed) / len(self._timed), self._first_seconds))
         if self.comm.is_root and (self.step % cfg.log_every == 0 or self.step == self.plan.total_steps):
             self.folder.write(metrics, self.step, kind="train", loss=loss, lr=lr, grad_norm=norm,
                               tokens_per_s=tok_s, elapsed_s=now - self._t0)
@@ -202,12 +215,14 @@ class Trainer(Evaluation):
         end the last checkpoint and loss.png; always the folder's lock released."""
         cfg = self.cfg
         self._tokens_per_step = cfg.batch_size * cfg.grad_accum * self.model.config.n_ctx
-        self.log(f"model: {cfg.size} ({self.model.num_parameters() / 1e6:.2f}M parameters), objective "
+        self.log(f"model: {cfg.size}, {memory_line(self.model.config, self.plan.per_process)}; objective "
                  f"{cfg.objective}, {self._tokens_per_step} tokens per step ({cfg.batch_size} x {cfg.grad_accum} "
                  f"images), {self.plan.total_steps} steps ({self.plan.total_steps / self.plan.steps_per_epoch:.2f} "
-                 f"epochs), warm-up {self.plan.warmup_steps}, lr {cfg.lr:g}")
+                 f"epochs), warm-up {self.plan.warmup_steps}, lr {cfg.lr:g}; the time estimate follows the "
+                 "first steps")
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         self._t0 = self._t_step = self._last_ckpt = time.time()
+        self._estimated, self._step_seconds, self._timed = False, None, []  # the steps' own times
         self._first_step = self.step
         self._bar = tqdm(total=self.plan.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
                          desc="train", smoothing=0, disable=not self.comm.is_root)  # ETA from the run's rate
@@ -218,6 +233,10 @@ class Trainer(Evaluation):
             self.save()
             if self.comm.is_root:
                 self.folder.plot_loss(*self.chart(), evaluated=self.plan.eval_on)
+        except KeyboardInterrupt:  # a second Ctrl-C (_on_signal): stop now, mid-step
+            kept = (f"{self.folder.ckpt} keeps step {self.saved_step}: resume with python train.py --resume --out "
+                    f"{self.folder.path}" if self.saved_step is not None else "no checkpoint was written yet")
+            raise Interrupted(f"stopped at once during step {self.step + 1}; {kept}") from None
         finally:
             self._bar.close()
             for s, handler in previous.items():
@@ -249,18 +268,15 @@ class Trainer(Evaluation):
 
     def estimate(self, per_step: float, first_seconds: float) -> str:
         """The time estimate printed once, from steps after the first two: the first steps of a new
-        install compile numba's kernels (cached for later runs), which says nothing of the rest."""
-        to_go = per_step * (self.plan.total_steps - self.step)
-        line = (f"~{per_step:.2f} s per step: {per_step * self.plan.steps_per_epoch / 60:.1f} min per epoch, "
-                f"{to_go / 60:.1f} min to go")
-        if self.cfg.time_budget is not None:
-            left = max(0.0, self.cfg.time_budget * 60 - self.train_seconds())
-            if left < to_go:
-                line += f", but --time-budget stops the run in {left / 60:.1f} min"
+        install compile numba's kernels (cached for later runs), which says nothing of the rest
+        (forecast.py: and what would fit when it is days)."""
+        budget = self.cfg.time_budget
+        lines = forecast(per_step, self.plan.total_steps - self.step, self.plan.steps_per_epoch, self.model.config,
+                         self.cfg.size, None if budget is None else max(0.0, budget * 60 - self.train_seconds()))
         if first_seconds > 5 * per_step + 2:
-            line += (f" (the first step took {first_seconds:.0f} s: numba compiled the kernels, once per "
-                     "install; later runs load them from its cache)")
-        return line
+            lines[0] += (f" (the first step took {human_time(first_seconds)}: numba compiled the kernels, once per "
+                         "install; later runs load them from its cache)")
+        return "\n".join(lines)
 
     def agree_to_stop(self, save_due: bool) -> bool:
         """Make every rank take the same decisions after a step: stop if any rank must stop (a
@@ -308,9 +324,18 @@ class Trainer(Evaluation):
         return self._order_cache
 
     def _on_signal(self, signum, frame):
-        if self.stop_reason == "interrupted":  # a second Ctrl-C: stop now (the checkpoint is atomic)
+        """Ctrl-C (or SIGTERM): stop after this step, saying so at once; a second one stops now (the
+        checkpoint is written atomically: the last one stays intact)."""
+        if self.stop_reason == "interrupted":
             raise KeyboardInterrupt
         self.stop_reason = "interrupted"
+        if self.comm.is_root:
+            left = (f"about {human_time(max(0.0, self._step_seconds - (time.time() - self._t_step)))}"
+                    if getattr(self, "_step_seconds", None) else "its length not known yet")
+            kept = (f"keeping the checkpoint of step {self.saved_step}" if self.saved_step is not None
+                    else "no checkpoint written yet")
+            print(f"\nstopping after this step ({left}), then saving; Ctrl-C again stops now, {kept}",
+                  file=sys.stderr, flush=True)
 
     def train_seconds(self) -> float:
         """Training time of this run so far, earlier sessions included."""
@@ -344,6 +369,7 @@ class Trainer(Evaluation):
         if heads:
             modules.update({f"head/{n}": h for n, h in self.task.heads.items()})
         for prefix, module in modules.items():
+            ck.check_finite(ck.sub_state(arrays, prefix), path)
             try:
                 module.load_state_dict(ck.sub_state(arrays, prefix))
             except (KeyError, ValueError) as e:
@@ -362,13 +388,17 @@ class Trainer(Evaluation):
             self.seconds_before = float(meta.get("train_seconds", 0.0))
             self.changes = list(meta.get("changes", []))
             if "best" in meta:
-                self.best = {"score": meta["best"]["score"], "step": meta["best"]["step"],
-                             "evals_since": int(meta["best"]["evals_since"])}
+                best = meta["best"]
+                self.best = {"score": _score(best["score"]), "step": best["step"], "evals_since": int(best["evals_since"])}
+                if not (self.best["step"] is None or isinstance(self.best["step"], int)) or self.best["evals_since"] < 0:
+                    raise ValueError(f"best {best}")
             elif self.folder.best.exists():  # written before the checkpoint kept the decisions
-                self.best["score"] = ck.read_meta(self.folder.best)[1].get("val_acc")
+                self.best["score"] = _score(ck.read_meta(self.folder.best)[1].get("val_acc"))
         except (KeyError, TypeError, ValueError) as e:
             raise ConfigError(f"{self.folder.ckpt} holds a damaged optimiser state or step ({e}): "
                               "resume from an intact copy, or start a new --out") from None
+        if self.task.score is not None and self.best["evals_since"] >= self.cfg.patience:
+            self.stop_reason = "early stop"  # decided before the stop: only the results are left to write
         self.log(f"resumed {self.folder.ckpt} at step {self.step} ({self.seconds_before / 60:.1f} min trained)")
         saved = meta.get("run", {})
         for key in CHANGEABLE_ON_RESUME:

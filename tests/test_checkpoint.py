@@ -155,3 +155,50 @@ def test_read_meta_reads_only_the_config(tmp_path):
     assert cfg == small_model().config and meta == {"step": 3}
     with pytest.raises(ck.CheckpointError, match="no checkpoint at"):
         ck.read_meta(tmp_path / "missing.npz")
+
+
+def test_convert_exports_a_checkpoint_and_imports_it_back(tmp_path):
+    """convert.py: checkpoint -> Hugging Face folder (palette and the box filter in the processor's
+    settings) -> checkpoint again, with the same logits; an existing destination is refused."""
+    import subprocess
+    import sys
+    repo = Path(__file__).resolve().parent.parent
+    mine = small_model(seed=6)
+    palette = np.random.default_rng(7).uniform(-1, 1, (mine.config.vocab, 3)).astype(np.float32)
+    ck.save_model(tmp_path / "ckpt.npz", mine, palette)
+    env = {"PYTHONPATH": str(repo), "PATH": "/usr/bin:/bin"}
+
+    def convert(*args):
+        return subprocess.run([sys.executable, str(repo / "convert.py"), *map(str, args)], capture_output=True,
+                              text=True, env=env, timeout=300)
+    r = convert(tmp_path / "ckpt.npz", tmp_path / "hf")
+    assert r.returncode == 0, r.stderr
+    pre = json.loads((tmp_path / "hf" / "preprocessor_config.json").read_text())
+    assert pre["resample"] == ck.PIL_BOX == 4 and np.allclose(pre["clusters"], palette)
+    r = convert(tmp_path / "hf", tmp_path / "back.npz")
+    assert r.returncode == 0, r.stderr
+    back, centers, meta, _ = ck.load_model(tmp_path / "back.npz")
+    x = tokens(mine.config)
+    np.testing.assert_allclose(back(x).data, mine(x).data, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(centers, palette)
+    again = convert(tmp_path / "ckpt.npz", tmp_path / "hf")
+    assert again.returncode == 2 and "exists" in again.stderr and "Traceback" not in again.stderr
+
+
+@pytest.mark.skipif(not HAS_TRANSFORMERS, reason="optional: needs torch and transformers")
+def test_transformers_image_processor_on_an_export_gives_our_tokens(tmp_path):
+    """The exported preprocessor_config.json makes transformers' ImageGPTImageProcessor resize with
+    the box filter and quantise with our palette: its input_ids are our tokens, on every pixel."""
+    from transformers import ImageGPTImageProcessor
+
+    from minigpt_img.data import resize
+    from minigpt_img.palette import Palette
+    rng = np.random.default_rng(8)
+    images = rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)               # CIFAR-like
+    cfg = GPTConfig(n_layer=1, n_embd=16, n_head=2, n_px=16, vocab=32)
+    palette = Palette(np.random.default_rng(9).uniform(-1, 1, (32, 3)).astype(np.float32))
+    ck.export_hf(ImageGPT(cfg, rng), tmp_path / "hf", palette.centers)
+    processor = ImageGPTImageProcessor.from_pretrained(tmp_path / "hf")
+    theirs = processor(images=list(images), return_tensors="np")["input_ids"]
+    ours = palette.encode(resize(images, 16))
+    assert (theirs == ours).mean() == 1.0

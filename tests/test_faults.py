@@ -416,3 +416,206 @@ def test_tiny_and_uneven_image_folders(tmp_path):
                 Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(tmp_path / "uneven" / split / c / f"{i}.png")
     ds = load_dataset(str(tmp_path / "uneven"), res=8)
     assert ds.classes == ["a", "b"] and len(ds.test) == 3 and set(ds.test.labels) == {0}
+
+
+# ---- the second pass (issue #29): links, values read from files and flags, silent wrong results ----
+def test_no_program_writes_through_a_planted_symbolic_link(folder, tmp_path):
+    """A run folder's .lock, metrics.jsonl and probe.json, each a link to a file elsewhere: the run
+    and the probe refuse in one line, and the file the link points at is untouched."""
+    out = tmp_path / "links"
+    Trainer(config(folder, out, steps=3), **QUIET).train()
+    target = tmp_path / "elsewhere.txt"
+    for name in (".lock", "metrics.jsonl"):
+        target.write_text("keep me\n")
+        moved = out / f"{name}.real"
+        (out / name).rename(moved)
+        (out / name).symlink_to(target)
+        with pytest.raises((WriteError, ConfigError), match=str(out / name).replace(".", r"\.")):
+            Trainer(resolve_config({"out": str(out), "steps": 5}, True), resume=True, **QUIET).train()
+        assert target.read_text() == "keep me\n", name
+        (out / name).unlink()
+        moved.rename(out / name)
+    (out / "probe.json").symlink_to(target)
+    r = script("probe.py", "--ckpt", out / "ckpt.npz", "--cache-dir", tmp_path / "cache", "--no-baselines",
+               "--eval-split", "val")
+    assert "probe.json is a symbolic link" in one_line_error(r) and target.read_text() == "keep me\n"
+
+
+def test_a_full_disk_names_the_file_and_leaves_the_earlier_one_whole(tmp_path, monkeypatch):
+    from minigpt_img.plots import save_png
+    png = tmp_path / "probe.png"
+    save_png(np.zeros((4, 4, 3), np.uint8), png)
+    before = png.read_bytes()
+
+    def full(self, fp, *a, **kw):
+        fp.write(b"x" * 100)
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(Image.Image, "save", full)
+    with pytest.raises(WriteError, match=f"cannot write {png}.*No space left.*probe.png is intact"):
+        save_png(np.ones((4, 4, 3), np.uint8), png)
+    assert png.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["probe.png"]
+
+
+def test_non_finite_weights_are_refused_when_loaded(tmp_path):
+    from minigpt_img.model import GPTConfig, ImageGPT
+    model = ImageGPT(GPTConfig(n_layer=1, n_embd=8, n_head=2, n_px=2, vocab=4), np.random.default_rng(0))
+    model.transformer.h[0].mlp.c_fc.weight.data[0, 0] = np.nan
+    ck.save_model(tmp_path / "nan.npz", model, np.zeros((4, 3), np.float32))
+    with pytest.raises(ck.CheckpointError, match="non-finite weights.*c_fc"):
+        ck.load_model(tmp_path / "nan.npz")
+    ck.export_hf(model, tmp_path / "hf", np.zeros((4, 3), np.float32))
+    with pytest.raises(ck.CheckpointError, match="non-finite weights"):
+        ck.load_hf(tmp_path / "hf")
+    r = script("sample.py", "--ckpt", tmp_path / "nan.npz", "--out", tmp_path / "s.png")
+    assert "non-finite weights" in one_line_error(r) and not (tmp_path / "s.png").exists()
+
+
+def test_image_folders_read_what_they_hold(tmp_path):
+    """16-bit greyscale is scaled, not clipped to white; float pixels are refused; images of
+    different sizes are all read at the smallest (not refused against the first one's size); an
+    empty class folder, a non-regular file and an empty --data are refused in one line."""
+    root = tmp_path / "mixed"
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+    grey16 = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)                     # up to 63,000
+    Image.fromarray(grey16).save(root / "a" / "deep.png")
+    Image.new("RGB", (12, 12), (10, 20, 30)).save(root / "a" / "big.png")
+    Image.new("RGB", (8, 8), (200, 0, 0)).save(root / "b" / "small.png")
+    Image.new("RGB", (10, 10), (0, 200, 0)).save(root / "b" / "mid.png")
+    ds = load_dataset(str(root), seed=0, val_fraction=0.0)
+    assert ds.train.images.shape[1:] == (8, 8, 3)
+    deep = next(im for im in ds.train.images[ds.train.labels == 0] if im[..., 0].std() > 0)
+    assert deep.max() <= 245 and deep.min() == 0 and (deep == 255).mean() < 0.05     # not white
+    np.testing.assert_array_equal(deep[..., 0], np.round(grey16 / 257).astype(np.uint8))
+    Image.fromarray(np.full((8, 8), 0.5, np.float32)).save(root / "b" / "float.tiff")
+    with pytest.raises(DataError, match="floating-point pixels"):
+        load_dataset(str(root))
+    (root / "b" / "float.tiff").unlink()
+    (root / "empty").mkdir()
+    with pytest.raises(DataError, match="empty.*holds no images"):
+        load_dataset(str(root))
+    (root / "empty").rmdir()
+    os.mkfifo(root / "a" / "pipe.png")
+    with pytest.raises(DataError, match="pipe.png is not a regular file"):
+        load_dataset(str(root))
+    r = script("train.py", "--data", "", "--out", tmp_path / "o")
+    assert "--data names no data set" in one_line_error(r)
+    os.mkfifo(tmp_path / "palette.npy")
+    r = script("train.py", "--palette", tmp_path / "palette.npy", "--out", tmp_path / "o", timeout=120)
+    assert "not a regular file" in one_line_error(r)
+
+
+def test_more_values_from_flags_end_in_one_line(folder, tmp_path):
+    r = script("train.py", "--threads", "100000", "--out", tmp_path / "o")
+    assert "--threads" in one_line_error(r) and "from 1 to 1024" in r.stderr
+    out = tmp_path / "p"
+    Trainer(config(folder, out, steps=2), **QUIET).train()
+    r = script("probe.py", "--ckpt", out / "ckpt.npz", "--max-train", "1", "--eval-split", "val",
+               "--cache-dir", tmp_path / "cache")
+    assert "a probe needs at least 10" in one_line_error(r)
+    r = script("probe.py", "--ckpt", out / "ckpt.npz", "--layers", "7", "--eval-split", "val",
+               "--cache-dir", tmp_path / "cache")
+    assert "--layers 7" in one_line_error(r) and "layers 0..2" in r.stderr and "features" not in r.stdout
+    r = script("sample.py", "--ckpt", out / "ckpt.npz", "--n", "400000000", "--out", tmp_path / "s.png")
+    assert "ask for fewer with --n" in one_line_error(r) and "GiB" in r.stderr
+    weird = tmp_path / "new\nerror: forged"
+    r = script("probe.py", "--ckpt", weird)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "\\nerror: forged" in r.stderr
+
+
+def test_crafted_checkpoint_and_hf_values_are_refused(folder, tmp_path):
+    """One check of what a checkpoint, a Hugging Face folder and a safetensors header may hold,
+    before anything is built from it: each crafted value is one CheckpointError (or ConfigError on
+    resume), never a traceback or silently shifted weights."""
+    from minigpt_img.model import GPTConfig, ImageGPT
+    model = ImageGPT(GPTConfig(n_layer=2, n_embd=8, n_head=2, n_px=2, vocab=4), np.random.default_rng(0))
+    ck.save_model(tmp_path / "good.npz", model, np.zeros((4, 3), np.float32))
+    arrays = ck.load_arrays(tmp_path / "good.npz")
+    stored = json.loads(str(arrays["config"]))
+
+    def crafted(change):
+        s = json.loads(json.dumps(stored))
+        change(s)
+        ck.save_arrays(tmp_path / "bad.npz", {**arrays, "config": np.array(json.dumps(s))})
+        return tmp_path / "bad.npz"
+    for change, words in ((lambda s: s.update(meta=[1]), "JSON objects"),
+                          (lambda s: s["config"].update(n_layer=2.5), "whole numbers"),
+                          (lambda s: s["config"].update(n_layer=2.0), "whole numbers"),
+                          (lambda s: s["config"].update(bias="yes"), "true or false")):
+        with pytest.raises(ck.CheckpointError, match=words):
+            ck.load_model(crafted(change))
+    ck.save_model(tmp_path / "short.npz", model, np.zeros((3, 3), np.float32))
+    with pytest.raises(ck.CheckpointError, match="palette"):
+        ck.load_model(tmp_path / "short.npz")
+    out = tmp_path / "run"
+    Trainer(config(folder, out, steps=2), **QUIET).train()
+    run_arrays = ck.load_arrays(out / "ckpt.npz")
+    s = json.loads(str(run_arrays["config"]))
+    s["meta"]["best"] = {"score": "high", "step": 1, "evals_since": 0}
+    ck.save_arrays(out / "ckpt.npz", {**run_arrays, "config": np.array(json.dumps(s))})
+    with pytest.raises(ConfigError, match="a best score of 'high'"):
+        Trainer(resolve_config({"out": str(out), "steps": 4}, True), resume=True, **QUIET)
+
+    ck.export_hf(model, tmp_path / "hf", np.zeros((4, 3), np.float32))
+    config_json = json.loads((tmp_path / "hf" / "config.json").read_text())
+    for key, value, words in (("layer_norm_epsilon", "1e-5", "not a number"), ("n_positions", 10 ** 400, "2\\^32"),
+                              ("n_inner", 3.5, "not a whole number")):
+        (tmp_path / "hf" / "config.json").write_text(json.dumps({**config_json, key: value}))
+        with pytest.raises(ck.CheckpointError, match=words):
+            ck.load_hf(tmp_path / "hf")
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config_json))
+    tensors = ck.read_safetensors(tmp_path / "hf" / "model.safetensors")
+    path = tmp_path / "hf" / "model.safetensors"
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    names = [k for k in header if k != "__metadata__"]
+    floats = json.loads(json.dumps(header))
+    floats[names[0]]["data_offsets"] = [float(v) for v in floats[names[0]]["data_offsets"]]
+    overlap = json.loads(json.dumps(header))
+    a, b = sorted(names, key=lambda k: header[k]["data_offsets"][0])[:2]
+    size = header[b]["data_offsets"][1] - header[b]["data_offsets"][0]
+    overlap[b]["data_offsets"] = [header[a]["data_offsets"][0], header[a]["data_offsets"][0] + size]  # inside a
+    for bad, words in ((floats, "whole numbers"), (overlap, "overlap")):
+        text = json.dumps(bad).encode()
+        text += b" " * (-len(text) % 8)
+        path.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n:])
+        with pytest.raises(ck.CheckpointError, match=words):
+            ck.read_safetensors(path)
+    assert tensors
+
+
+def test_a_fine_tune_killed_at_random_moments_ends_as_one_never_stopped(folder, tmp_path):
+    """SIGKILL a fine-tune with early stopping (checkpointing every step) three times at different
+    moments and resume it each time: it stops at the step an uninterrupted one stops at, with the
+    same best.npz, final weights and finetune.json."""
+    pre = tmp_path / "pre"
+    Trainer(config(folder, pre, steps=4), **QUIET).train()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+
+    def fine_tune(out, *extra):
+        return [sys.executable, str(REPO / "train.py"), "--finetune", str(pre / "ckpt.npz"), "--out", str(out),
+                "--cache-dir", str(tmp_path / "cache"), "--steps", "400", "--eval-every", "3", "--patience", "4",
+                "--eval-images", "8", "--log-every", "1", "--threads", "1", *extra]
+    r = subprocess.run(fine_tune(tmp_path / "a"), capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0 and "early stop" in r.stdout, r.stderr[-2000:]
+    final = meta_of(tmp_path / "a" / "ckpt.npz")["step"]
+    assert final < 400
+    out, steps = tmp_path / "b", []
+    for i, delay in enumerate((0.3, 0.7, 0.5)):
+        proc = subprocess.Popen(fine_tune(out, "--ckpt-every", "0.0005", *(["--resume"] if i else [])),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None and checkpoint_step(out) <= (steps[-1] if steps else 0):
+            time.sleep(0.02)
+        time.sleep(delay)
+        proc.kill()
+        proc.wait(timeout=30)
+        steps.append(checkpoint_step(out))
+    r = subprocess.run(fine_tune(out, "--resume"), capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert meta_of(out / "ckpt.npz")["step"] == final and steps == sorted(steps)
+    for name in ("ckpt.npz", "best.npz"):
+        a, b = ck.load_arrays(tmp_path / "a" / name), ck.load_arrays(out / name)
+        assert all(np.array_equal(a[k], b[k]) for k in a if k.startswith(("model/", "head/"))), name
+    assert json.loads((tmp_path / "a" / "finetune.json").read_text()) == json.loads((out / "finetune.json").read_text())

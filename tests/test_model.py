@@ -174,4 +174,5 @@ def test_default_batch_by_size():
     assert [default_batch(s) for s in ("nano", "micro", "mini", "s", "m")] == [16, 16, 8, 4, 1]
     assert resolve_config({"size": "s", "data": "cifar10"}, resume=False).batch_size == 4
     assert resolve_config({"size": "s", "batch_size": 2}, resume=False).batch_size == 2
-    assert resolve_config({"size": "s"}, resume=False).batch_size == 8  # streaks' preset comes first
+    assert resolve_config({"size": "s", "data": "streaks"}, resume=False).batch_size == 8  # the preset first
+    assert resolve_config({"size": "s"}, resume=False).batch_size == 4  # the paper's sizes: CIFAR-10

@@ -117,11 +117,12 @@ def test_stopped_under_two_resumes_under_one_to_the_weights_of_one(folder, tmp_p
 
 
 def test_a_failing_rank_ends_the_job_with_its_message(folder, tmp_path):
-    """Rank 1 alone is given data that does not exist; rank 0 would wait for it forever."""
-    good = train_args(folder, tmp_path / "fail", "--steps", 2)
-    bad = [a if a != str(folder / "imgs") else str(tmp_path / "missing") for a in good]
-    command = [*LAUNCH, "-n", "1", sys.executable, str(REPO / "train.py"), *good, ":",
-               "-n", "1", sys.executable, str(REPO / "train.py"), *bad]
+    """Rank 1 alone finds no data (the same flags, a relative --data, another working folder); rank 0
+    would wait for it forever."""
+    args = [a if a != str(folder / "imgs") else "imgs" for a in train_args(folder, tmp_path / "fail", "--steps", 2)]
+    (tmp_path / "elsewhere").mkdir()
+    command = [*LAUNCH, "-n", "1", "--wdir", str(folder), sys.executable, str(REPO / "train.py"), *args, ":",
+               "-n", "1", "--wdir", str(tmp_path / "elsewhere"), sys.executable, str(REPO / "train.py"), *args]
     t = time.time()
     r = subprocess.run(command, capture_output=True, text=True, timeout=120, env=ENV)
     assert r.returncode != 0 and time.time() - t < 120
@@ -176,3 +177,19 @@ def test_finetuning_with_a_head_from_a_probe_runs_under_two_processes(folder, tm
             {"head/score/weight", "head/score/bias"}
         results.append(json.loads((tmp_path / f"ft{n}" / "finetune.json").read_text())["eval_acc"])
     assert results[0] == results[1]
+
+
+def test_processes_started_with_different_flags_are_refused_at_once(folder, tmp_path):
+    """One collective at the start compares every process's flags: a different --augment (which
+    once ran to the end, half of every batch not cropped) or --lr is one line, before any work."""
+    out = tmp_path / "differ"
+    common = [sys.executable, str(REPO / "train.py"), *train_args(folder, out, "--steps", "4")]
+    for flag, a, b in (("--augment", "crop", "none"), ("--lr", "0.001", "0.002")):
+        t = time.time()
+        r = subprocess.run([*LAUNCH, "-n", "1", *common, flag, a, ":", "-n", "1", *common, flag, b],
+                           capture_output=True, text=True, timeout=120, env=ENV)
+        assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        shown = (f"'{a}' on process 0, '{b}' on process 1" if flag == "--augment" else
+                 f"{a} on process 0, {b} on process 1")  # repr: strings quoted, numbers not
+        assert f"started with different flags ({flag} {shown})" in r.stderr
+        assert time.time() - t < 60 and not (out / "ckpt.npz").exists()

@@ -134,7 +134,7 @@ def test_load_palette_files(tmp_path):
     np.save(tmp_path / "bad.npy", np.zeros((4, 2)))
     with pytest.raises(ValueError, match=r"\(k, 3\)"):
         load_palette(tmp_path / "bad.npy")
-    with pytest.raises(ValueError, match="cannot read a palette"):
+    with pytest.raises(ValueError, match="missing.npy is not a regular file"):
         load_palette(tmp_path / "missing.npy")
 
 

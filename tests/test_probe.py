@@ -115,7 +115,7 @@ def test_probe_layer_picks_lambda_without_the_eval_split():
     grid = (1e-3, 1e3)  # 1e3 shrinks W to ~0: chance on every split; 1e-3 fits
     r = probe_layer(F[:200], y[:200], F[200:], y[200:], 2, grid=grid)
     flipped = probe_layer(F[:200], y[:200], F[200:], 1 - y[200:], 2, grid=grid)
-    assert r["lam"] == flipped["lam"] == 1e-3 and r["holdout_acc"] == flipped["holdout_acc"] > 0.8
+    assert r["lam"] == flipped["lam"] <= 1e-3 and r["holdout_acc"] == flipped["holdout_acc"] > 0.8
     assert r["eval_acc"] > 0.8 and flipped["eval_acc"] == pytest.approx(1 - r["eval_acc"])
 
 
@@ -167,14 +167,27 @@ def test_a_concat_wider_than_the_model_is_refused_before_any_feature(tiny_run):
     assert "Traceback" not in r.stderr and "features" not in r.stdout
 
 
-def test_probe_without_test_set_says_use_val(tmp_path, tiny_run):
+def test_probe_without_a_test_set_reports_on_validation_and_says_so(tmp_path, tiny_run):
+    """As fine-tuning does; and the report explains itself: how the layer was chosen, on how many
+    images, each accuracy's standard error, and a warning when raw pixels beat the best layer."""
     import shutil
     shutil.copytree(tiny_run / "imgs" / "train", tmp_path / "flat")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     r = subprocess.run([sys.executable, str(REPO / "probe.py"), "--ckpt", str(tiny_run / "run" / "ckpt.npz"),
-                        "--data", str(tmp_path / "flat"), "--no-baselines"],
+                        "--data", str(tmp_path / "flat"), "--cache-dir", str(tiny_run / "cache"),
+                        "--out", str(tmp_path / "report")],
                        capture_output=True, text=True, env=env, timeout=600)
-    assert r.returncode == 2 and "--eval-split val" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "has no test split here: the accuracies are on its validation split" in r.stdout
+    report = json.loads((tmp_path / "report" / "probe.json").read_text())
+    assert report["eval_split"] == "val" and report["n_eval"] == 5 and report["n_holdout"] == 4
+    assert "chosen on 4 held-out training images after fitting on 39, then refitted on all 43" in r.stdout
+    assert "eval acc on 5 val images" in r.stdout and "+- " in r.stdout
+    from minigpt_img.probe_report import format_report
+    worse = {**report, "raw_pixels": {**report["raw_pixels"], "eval_acc": 1.01}}
+    assert "warning: raw pixels" in format_report(worse) and "train it longer" in format_report(worse)
+    better = {**report, "raw_pixels": {**report["raw_pixels"], "eval_acc": -0.01}}
+    assert "warning" not in format_report(better)
 
 
 def test_probe_along_the_run_pairs_accuracy_with_validation_loss(tiny_run, tmp_path):
@@ -362,3 +375,25 @@ def test_a_fine_tune_interrupted_after_an_evaluation_without_improvement_resumes
     summary = json.loads((tmp_path / "a" / "finetune.json").read_text())
     assert summary == json.loads((tmp_path / "b" / "finetune.json").read_text())
     assert summary["n_eval"] == 15 and summary["eval_acc"] > 0  # scored after the early stop
+
+
+def test_the_lambda_grid_extends_past_an_end_that_wins():
+    """When the weakest lambda of the grid scores best on the held-out images, weaker ones are tried
+    (up to probe_fit.EXTEND more), so the choice is not the grid's edge by construction."""
+    from minigpt_img import probe_fit
+    rng = np.random.default_rng(0)
+    y = rng.choice(3, 600, p=[0.6, 0.25, 0.15])   # unbalanced: a strong penalty predicts the majority
+    F = np.eye(3)[y] * 2.0 + rng.standard_normal((600, 3))
+    tried = []
+    fit = probe_fit.LogisticProbe.fit
+
+    def spy(self, *a, **kw):
+        tried.append(self.lam)
+        return fit(self, *a, **kw)
+    probe_fit.LogisticProbe.fit = spy
+    try:
+        _, lam, _ = fit_probe(F, y, 3, grid=(1.0, 10.0))   # 1 beats 10: weaker ones are tried
+    finally:
+        probe_fit.LogisticProbe.fit = fit
+    assert min(tried) < 1.0 and lam <= 1.0
+    assert len(set(tried)) <= 2 + probe_fit.EXTEND

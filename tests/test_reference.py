@@ -61,7 +61,7 @@ LAYERS = {
     "data": 3, "shapes": 3, "streaks": 3, "download": 3, "palette": 3,
     "objectives": 4, "optim": 4, "checkpoint": 4, "features": 4, "probe_fit": 4, "sampling": 4, "tasks": 4,
     "runconfig": 5, "run_folder": 5,
-    "run_data": 6,
+    "run_data": 6, "forecast": 6,
     "evaluation": 7,
     "trainer": 8,
     "finetune": 9, "probe_report": 9,

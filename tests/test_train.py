@@ -265,6 +265,65 @@ def test_script_bad_input_is_one_line(tmp_path):
     assert r.returncode == 2 and "no checkpoint at" in r.stderr
 
 
+def test_the_papers_sizes_train_on_cifar10_and_say_where_to_get_it(tmp_path):
+    """python train.py --size s --res 32 in a fresh folder: CIFAR-10 is the data (not the toy set),
+    and without its files one line names --download and --data-dir; nothing is written."""
+    assert resolve_config({"size": "s", "res": 32}).data == "cifar10"
+    assert resolve_config({"size": "s", "data": "streaks"}).data == "streaks"   # asked for: kept
+    assert resolve_config({"size": "mini"}).data == "streaks"
+    r = run_script("--size", "s", "--res", "32", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr
+    assert "cifar10 not found" in r.stderr and "--data-dir" in r.stderr and "--download" in r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_is_acknowledged_at_once_and_a_second_stops_within_seconds(tmp_path):
+    """The first Ctrl-C says at once that the run stops after this step; a second stops it now,
+    with one line and exit code 130, and the checkpoint it keeps loads and resumes."""
+    import threading
+    out = tmp_path / "twice"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), "--size", "mini", "--res", "16", "--data", "shapes",
+         "--palette-size", "16", "--batch-size", "16", "--steps", "100000", "--out", str(out), "--cache-dir",
+         str(tmp_path / "cache"), "--log-every", "1", "--ckpt-every", "0.0001", "--threads", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    seen = []  # (time, text) read from stderr
+
+    def read():
+        while chunk := os.read(proc.stderr.fileno(), 4096):
+            seen.append((time.time(), chunk.decode(errors="replace")))
+    threading.Thread(target=read, daemon=True).start()
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not (
+            (out / "ckpt.npz").exists() and (out / "metrics.jsonl").exists()
+                                          and len((out / "metrics.jsonl").read_text().splitlines()) >= 3):
+        time.sleep(0.1)
+    sent = time.time()
+    proc.send_signal(signal.SIGINT)
+    while time.time() < sent + 1 and not any("stopping after this step" in s for _, s in seen):
+        time.sleep(0.02)
+    acked = [t for t, s in seen if "stopping after this step" in s]
+    assert acked and acked[0] - sent < 1.0, "".join(s for _, s in seen)[-2000:]
+    second = time.time()
+    proc.send_signal(signal.SIGINT)
+    code = proc.wait(timeout=5)
+    assert time.time() - second < 5
+    text = "".join(s for _, s in seen)
+    assert code in (130, 0) and "Traceback" not in text, text[-2000:]
+    step = json.loads(str(load_arrays(out / "ckpt.npz")["config"]))["meta"]["step"]
+    r = run_script("--resume", "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--steps", str(step + 1),
+                   "--samples", "0", "--threads", "1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(str(load_arrays(out / "ckpt.npz")["config"]))["meta"]["step"] == step + 1
+
+
+def test_a_pretraining_run_ended_by_its_time_budget_draws_its_samples(image_folder, tmp_path):
+    run = Trainer(tiny(image_folder, tmp_path / "tb", steps=1000, time_budget=1e-9, samples=2), log=lambda *a: None)
+    assert run.train() == "time budget" and run.step == 1
+    assert (tmp_path / "tb" / "samples.png").is_file() and (tmp_path / "tb" / "loss.png").is_file()
+
+
 def test_script_ctrl_c_saves_and_tells_how_to_resume(image_folder, tmp_path):
     out = tmp_path / "sig"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -317,9 +376,28 @@ def test_the_vocabulary_is_the_colours_the_images_hold(tmp_path):
 def test_the_time_estimate_leaves_out_compilation_and_respects_the_budget(image_folder, tmp_path):
     run = Trainer(tiny(image_folder, tmp_path / "eta", steps=10000, time_budget=0.5), log=lambda *a: None)
     line = run.estimate(per_step=0.1, first_seconds=30.0)
-    assert line.startswith("~0.10 s per step") and "16.7 min to go" in line
-    assert "numba compiled the kernels" in line and "--time-budget stops the run in 0.5 min" in line
+    assert line.startswith("about 0.1 s per step") and "16.7 min for the 10000 steps to go" in line
+    assert "numba compiled the kernels" in line and "--time-budget stops the run in 30 s" in line
     assert "compiled" not in run.estimate(per_step=0.1, first_seconds=0.15)
+    assert "days" not in line and "mpiexec" not in line
+
+
+def test_a_run_of_days_is_told_what_would_fit():
+    """iGPT-S at 32x32, one epoch of CIFAR-10 at ~20 s per step: days; the estimate names smaller
+    sizes, a lower resolution and mpiexec over 8 and 64 machines, each with its time."""
+    from minigpt_img.forecast import forecast, human_time, memory_line
+    from minigpt_img.sizes import config_for
+    s = config_for("s", 32)
+    lines = forecast(20.0, 11250, 11250, s, "s")
+    assert lines[0].startswith("about 20 s per step") and "2.6 days per epoch" in lines[0]
+    assert "--size mini" in lines[1] and "--size micro" in lines[1] and "--res 16" in lines[1]
+    assert "mpiexec -n N" in lines[2] and "N = 8:" in lines[2] and "N = 64:" in lines[2]
+    number, unit = lines[2].split("N = 8: ")[1].split(" ")[:2]
+    assert unit.startswith("hours") and 62.5 / 8 < float(number) < 62.5 / 8 * 1.5  # an eighth, plus the Allreduce
+    assert forecast(0.05, 100, 100, s, "s") == ["about 0.05 s per step: 5 s per epoch, 5 s for the 100 steps to go"]
+    assert [human_time(t) for t in (0.031, 45, 750, 3 * 3600, 9 * 86400)] == \
+        ["0.031 s", "45 s", "12.5 min", "3.0 hours", "9.0 days"]
+    assert "76.57M parameters, peak memory about 5.7 GiB at 4 images" in memory_line(s, 4)
 
 
 def test_a_stop_signal_during_evaluation_leaves_at_once(image_folder, tmp_path):
