@@ -18,7 +18,8 @@ def parse(argv=None):
     ap = Parser(prog="probe.py", description="Average-pool every layer's features, fit an L2 logistic "
                                  "regression per layer, report accuracy by layer beside baselines.")
     a = ap.add_argument
-    a("--ckpt", default=CKPT, help=f"checkpoint from train.py (default {CKPT})")
+    a("--ckpt", default=CKPT, help="a train.py checkpoint, a Hugging Face ImageGPT folder, or a hub name such as "
+      f"openai/imagegpt-small[@revision] (default {CKPT})")
     a("--data", default=None, help="dataset (default: the one the checkpoint was trained on)")
     a("--data-dir", default=None, help="folder holding the dataset files (default: the checkpoint's)")
     a("--eval-split", choices=["test", "val"], default="test",
@@ -49,6 +50,21 @@ def main(argv=None) -> int:
     return run(along if args.along else probe, args)
 
 
+def out_folder(out, name) -> Path:
+    """--out, else beside a checkpoint, in a Hugging Face folder of the user's, or for a hub name
+    probes/<owner>--<name> (never inside the hub's cache)."""
+    from minigpt_img.hub import cache_root
+
+    path = Path(name)
+    if out:
+        return Path(out)
+    if path.is_file():
+        return path.parent
+    if path.is_dir() and not path.resolve().is_relative_to(cache_root().resolve()):
+        return path
+    return Path("probes") / str(name).replace("/", "--").replace("@", "-")
+
+
 def probe(args, comm) -> int:
     from minigpt_img.files import write_json
     from minigpt_img.probe_report import format_report, plot_report, probe_report
@@ -60,7 +76,7 @@ def probe(args, comm) -> int:
                           fair_share=fair_share(args, comm), concat=args.concat)
     if not comm.is_root:  # rank 0 writes the report
         return 0
-    out = Path(args.out or Path(args.ckpt).parent)
+    out = out_folder(args.out, args.ckpt)
     write_json(out / "probe.json", report)
     plot_report(report, out / "probe.png")
     print(format_report(report))

@@ -19,8 +19,9 @@ def parse(argv=None):
                                  "PNG grid.")
     a = ap.add_argument
     src = ap.add_mutually_exclusive_group()
-    src.add_argument("--ckpt", default=CKPT, help=f"checkpoint written by train.py (default {CKPT})")
-    src.add_argument("--init-from", help="a Hugging Face ImageGPT folder instead of --ckpt")
+    src.add_argument("--ckpt", default=CKPT, help="a train.py checkpoint, a Hugging Face ImageGPT folder, or a hub "
+                     f"name such as openai/imagegpt-small[@revision] (default {CKPT})")
+    src.add_argument("--init-from", help="the same as --ckpt (a Hugging Face folder or hub name)")
     a("--complete", action="store_true", help="complete evaluation images instead of sampling from nothing")
     a("--data", default=None, help="dataset for --complete (default: the checkpoint's training data)")
     a("--data-dir", default=None, help="folder holding the dataset files (default: the checkpoint's)")
@@ -60,7 +61,8 @@ def sample(args, comm) -> int:
     if args.palette_preview:
         return palette_preview(args)
 
-    from minigpt_img.checkpoint import CheckpointError, load_hf, load_model
+    from minigpt_img.checkpoint import CheckpointError, open_model
+    from minigpt_img.hub import cache_root
     from minigpt_img.data import trained_on
     from minigpt_img.palette import Palette
     from minigpt_img.plots import GRID_PAD, image_grid, save_png, with_caption
@@ -69,20 +71,17 @@ def sample(args, comm) -> int:
     from minigpt_img.streams import generator
     from minigpt_img.streaks import judge_samples
 
-    if args.init_from:
-        model, centers = load_hf(args.init_from)
-        if centers is None:
-            raise CheckpointError(f"{args.init_from} has no preprocessor_config.json with the "
-                                  "palette ('clusters'): sampled tokens cannot become colours")
-        run_settings, where = {}, Path(args.init_from)
-    else:
-        model, centers, meta, _ = load_model(args.ckpt)
-        run_settings, where = meta.get("run", {}), Path(args.ckpt).parent
-        if run_settings.get("objective") == "bert":
-            raise CheckpointError(f"{args.ckpt} is a BERT model: it defines no raster-order sampler; "
-                                  "sample from an AR checkpoint (train.py --objective ar)")
-        if centers is None:
-            raise CheckpointError(f"{args.ckpt} holds no palette: it was not written by train.py")
+    name = args.init_from or args.ckpt
+    model, centers, meta, path = open_model(name)
+    run_settings = meta.get("run", {})
+    # beside a checkpoint, in a Hugging Face folder; never inside the hub's cache (here, then)
+    where = path.parent if path.is_file() else Path(".") if path.is_relative_to(cache_root()) else path
+    if run_settings.get("objective") == "bert":
+        raise CheckpointError(f"{name} is a BERT model: it defines no raster-order sampler; "
+                              "sample from an AR checkpoint (train.py --objective ar)")
+    if centers is None:
+        raise CheckpointError(f"{name} holds no palette (preprocessor_config.json 'clusters', or a train.py "
+                              "checkpoint's): sampled tokens cannot become colours")
     if args.temperature < 0 or (args.top_k is not None and args.top_k < 1):
         raise ValueError("--temperature must be >= 0 and --top-k >= 1")
     if not 0 <= args.frac < 1:
@@ -93,7 +92,7 @@ def sample(args, comm) -> int:
                              "ask for fewer with --n (or --per-image)")
     if problem:
         raise CheckpointError(problem)
-    source = args.init_from or args.ckpt
+    source = name
     settings = (f"temperature {args.temperature:g}, top-k {args.top_k or 'all'}, seed {args.seed}, "
                 f"{cfg.n_px}x{cfg.n_px}")
     rng = np.random.default_rng(args.seed)  # the user's own sampling seed
@@ -101,7 +100,7 @@ def sample(args, comm) -> int:
     if args.complete:
         n = args.n or 8
         ds = trained_on(run_settings, cfg.n_px, args.data, args.data_dir,
-                        where=f"{args.init_from} (imported weights)" if args.init_from else args.ckpt)
+                        where=f"{name} (imported weights)" if path.is_dir() else name)
         split = ds.test if ds.test is not None else ds.val
         images = split.images[:n]
         if comm.is_root:

@@ -11,7 +11,8 @@ Our checkpoints are one .npz (read with allow_pickle=False; the config is stored
 Writes are atomic (files.write_atomic): a temporary file in the same folder, flushed to disk, then
 renamed over the old one, so a crash mid-write leaves the previous checkpoint intact.
 
-Hugging Face ImageGPT (`config.json` + `model.safetensors` + `preprocessor_config.json`): the same
+Hugging Face ImageGPT (`config.json` + `model.safetensors` or `pytorch_model.bin` (torchfile.py) +
+`preprocessor_config.json`): the same
 parameter names. Its blocks use GPT-2's Conv1D (weights stored (in, out), as here) but its lm_head is
 a torch nn.Linear stored (out, in), so that one weight is transposed on the way in and out. Its
 vocab_size counts SOS (V + 1), its n_positions is n_px^2, and its palette is `clusters`.
@@ -30,11 +31,13 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CheckpointError
-from .files import write_atomic, write_json
+from .files import file_digest, write_atomic, write_json
+from .hub import locate
 from .model import GPTConfig, ImageGPT
 from .palette import check_palette
 from .sizes import count_parameters, memory_problem
 from .streams import generator
+from .torchfile import read_torch_state
 
 
 
@@ -147,6 +150,41 @@ def load_model(path, dtype=np.float32):
     return model, palette, meta, arrays
 
 
+def open_model(name, dtype=np.float32):
+    """-> (model, palette or None, meta, the local path) of a model named as hub.py says: a
+    checkpoint of ours, a Hugging Face ImageGPT folder, or a hub name."""
+    path = locate(name)
+    if path.is_dir():
+        model, palette = load_hf(path, dtype)
+        return model, palette, {"source": str(name)}, path
+    model, palette, meta, _ = load_model(path, dtype)
+    return model, palette, meta, path
+
+
+def start_arrays(name) -> tuple:
+    """(arrays as a checkpoint of ours holds them, the local path) of a model to start a run from:
+    a Hugging Face folder or hub name becomes "model/..." weights, its palette and its config."""
+    path = locate(name)
+    if not path.is_dir():
+        return load_arrays(path), path
+    model, palette = load_hf(path)
+    if palette is None:
+        raise CheckpointError(f"{path} has no preprocessor_config.json with the palette ('clusters'): its "
+                              "tokens mean no colours")
+    arrays = {f"model/{k}": v for k, v in model.state_dict().items()}
+    arrays["palette"] = palette
+    arrays["config"] = np.array(json.dumps({"config": dataclasses.asdict(model.config), "meta": {"source": str(name)}}))
+    return arrays, path
+
+
+def model_digest(path) -> str:
+    """A digest of the weights at a local model path: the checkpoint file, or a folder's weights file."""
+    path = Path(path)
+    if path.is_dir():
+        path = next(path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file())
+    return file_digest(path)
+
+
 # ---- safetensors -----------------------------------------------------------------------------
 _ST_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2",
               "I8": "i1", "U8": "u1", "BOOL": "?"}
@@ -232,13 +270,15 @@ PIL_BOX = 4  # PIL.Image.BOX, as an image processor's "resample" setting names i
 
 
 def load_hf(directory, dtype=np.float32):
-    """-> (model, palette or None) from a Hugging Face ImageGPT folder (config.json, model.safetensors,
-    optionally preprocessor_config.json)."""
+    """-> (model, palette or None) from a Hugging Face ImageGPT folder: config.json, the weights as
+    model.safetensors or pytorch_model.bin (read without torch: torchfile.py), and optionally
+    preprocessor_config.json (the palette)."""
     d = Path(directory)
-    for need in ("config.json", "model.safetensors"):
-        if not (d / need).is_file():
-            raise CheckpointError(f"{d} has no {need}: point at a Hugging Face ImageGPT folder "
-                                  "(save_pretrained(..., safe_serialization=True) writes both)")
+    weights = next((d / n for n in ("model.safetensors", "pytorch_model.bin") if (d / n).is_file()), None)
+    if not (d / "config.json").is_file() or weights is None:
+        raise CheckpointError(f"{d} has no {'config.json' if not (d / 'config.json').is_file() else 'weights'}: "
+                              "point at a Hugging Face ImageGPT folder (config.json and model.safetensors or "
+                              "pytorch_model.bin)")
     try:
         hf = json.loads((d / "config.json").read_text())
         if not isinstance(hf, dict):
@@ -277,8 +317,12 @@ def load_hf(directory, dtype=np.float32):
         raise CheckpointError(f"{d}/config.json: {e}") from None
     check_fits(cfg, d)
 
-    tensors = {k: v for k, v in read_safetensors(d / "model.safetensors").items()
-               if not k.endswith(_HF_BUFFERS)}
+    raw = (read_safetensors(weights) if weights.suffix == ".safetensors" else
+           read_torch_state(weights, max_bytes=2 * 8 * count_parameters(dataclasses.replace(cfg, bias=True)) + (64 << 20)))
+    tensors = {k: v for k, v in raw.items() if not k.endswith(_HF_BUFFERS)}
+    wrong = [k for k, v in tensors.items() if not np.issubdtype(v.dtype, np.floating)]
+    if wrong:
+        raise CheckpointError(f"{weights}: {', '.join(wrong[:3])} are not floating-point weights")
     if "lm_head.weight" in tensors:
         tensors["lm_head.weight"] = tensors["lm_head.weight"].T  # nn.Linear (V, C) -> (C, V)
     biases = [v for k, v in tensors.items() if k.endswith(".bias")]
@@ -287,11 +331,11 @@ def load_hf(directory, dtype=np.float32):
         tensors = {k: v for k, v in tensors.items() if not k.endswith(".bias")}
     cfg = dataclasses.replace(cfg, bias=has_bias)
     model = ImageGPT(cfg, generator(0, "init"), dtype=dtype)  # weights overwritten below
-    check_finite(tensors, d / "model.safetensors")
+    check_finite(tensors, weights)
     try:
         model.load_state_dict(tensors)
     except (KeyError, ValueError) as e:
-        raise CheckpointError(f"{d}/model.safetensors does not match its config.json: {e}") from None
+        raise CheckpointError(f"{weights} does not match its config.json: {e}") from None
 
     palette = None
     pre = d / "preprocessor_config.json"

@@ -26,15 +26,17 @@ from .tensor import no_grad
 
 def extract_features(model, tokens: np.ndarray, objective: str, batch_size: int, mask_rate: float | None = None,
                      n_masks: int = 1, seed: int = 0, desc: str = "features", comm: Solo | None = None,
-                     fair_share=None):
+                     fair_share=None, upto: int | None = None):
     """tokens (N, T) -> (pooled features (N, L + 1, C) float32, each image's generative loss (N,)
     float64 from the same pass: objectives.image_losses), one no-grad forward per batch. Under MPI
-    the batches are shared out among the ranks and the results summed into every rank.
+    the batches are shared out among the ranks and the results summed into every rank. upto = k < L:
+    the forward pass stops at n^k: features (N, k + 1, C), and no losses (None).
     mask_rate: BERT's (None for AR); n_masks: BERT's features averaged over that many masks
     (departure: §4.6 takes the modal prediction of 5). fair_share (threads.FairShare): adapt the
     thread count to the machine's load after each batch."""
     cfg, comm = model.config, comm or Solo()
-    feats = np.zeros((len(tokens), cfg.n_layer + 1, cfg.n_embd), np.float32)
+    upto = None if upto is None or upto >= cfg.n_layer else upto
+    feats = np.zeros((len(tokens), (cfg.n_layer if upto is None else upto) + 1, cfg.n_embd), np.float32)
     losses = np.zeros(len(tokens))
     repeats = n_masks if objective == "bert" else 1  # AR inputs are not random: one pass is the mean
     with no_grad():
@@ -43,15 +45,16 @@ def extract_features(model, tokens: np.ndarray, objective: str, batch_size: int,
             rng, acc, loss = generator(seed, "probe_masks", b), 0.0, 0.0
             for _ in range(repeats):
                 inputs, causal, mask = model_inputs(x, cfg.sos, objective, mask_rate, rng)
-                logits, ns = model.forward_features(inputs, causal, mask)
+                logits, ns = model.forward_features(inputs, causal, mask, upto)
                 acc = acc + np.stack([n.data.mean(axis=1) for n in ns], axis=1)     # (B, L+1, C)
-                loss = loss + image_losses(logits.data, x, mask)                    # (B,)
+                if logits is not None:
+                    loss = loss + image_losses(logits.data, x, mask)                # (B,)
             feats[rows], losses[rows] = acc / repeats, loss / repeats
             if fair_share is not None:
                 fair_share.update()
     if fair_share is not None:
         fair_share.reset()  # the fits after this run on as many threads as the process has (fan_out)
-    return comm.allreduce_sum(feats), comm.allreduce_sum(losses)
+    return comm.allreduce_sum(feats), (comm.allreduce_sum(losses) if upto is None else None)
 
 
 def side_by_side(F: np.ndarray, layers) -> np.ndarray:
@@ -77,6 +80,11 @@ def shared_cached(paths: tuple, compute, comm: Solo) -> tuple:
 
 def cached_features(stem: Path, model, tokens: np.ndarray, comm: Solo, **kw) -> tuple:
     """extract_features(model, tokens, comm=comm, **kw) -> (features, per-image losses), cached as
-    <stem>.npy and <stem>-loss.npy (shared_cached)."""
+    <stem>.npy and <stem>-loss.npy (shared_cached); a pass stopped below the top (upto) has no
+    losses (None) and caches its features alone."""
+    upto = kw.get("upto")
+    if upto is not None and upto < model.config.n_layer:
+        return shared_cached((Path(f"{stem}.npy"),), lambda: extract_features(model, tokens, comm=comm, **kw)[:1],
+                             comm) + (None,)
     return shared_cached((Path(f"{stem}.npy"), Path(f"{stem}-loss.npy")),
                          lambda: extract_features(model, tokens, comm=comm, **kw), comm)

@@ -31,7 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from .features import cached_features, side_by_side
-from .files import file_digest
+from .checkpoint import model_digest
+from .hub import locate
 from .probe_fit import fit_probe
 from .runconfig import EVAL_BATCH
 
@@ -44,7 +45,7 @@ def start_from_probe(run) -> None:
     cfg, head, comm = run.cfg, run.task.heads["score"], run.comm
     tokens, labels = run.data.train_tokens, run.data.ds.train.labels                     # (N, T), (N,)
     stem = (Path(cfg.cache_dir) / "features" /
-            f"finetune-{file_digest(cfg.finetune)[:16]}-{run.data.data_hash}-{cfg.objective}")
+            f"finetune-{model_digest(locate(cfg.finetune))[:16]}-{run.data.data_hash}-{cfg.objective}")
     F, _ = cached_features(stem, run.model, tokens, comm, objective=cfg.objective, batch_size=EVAL_BATCH,
                            mask_rate=cfg.mask_rate, seed=cfg.seed, desc="probe features",
                            fair_share=run.fair_share)                                     # (N, L+1, C)

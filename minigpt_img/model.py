@@ -132,9 +132,11 @@ class ImageGPT(nn.Module):
         masked positions; the position embedding stays)."""
         return self._forward(tokens, causal, input_mask)[0]
 
-    def forward_features(self, tokens, causal=True, input_mask=None):
-        """As forward, and also the features [n^0, ..., n^L], each (B, T, C), of the same pass."""
-        return self._forward(tokens, causal, input_mask)
+    def forward_features(self, tokens, causal=True, input_mask=None, upto=None):
+        """As forward, and also the features [n^0, ..., n^L], each (B, T, C), of the same pass.
+        upto = k < L: only the blocks below k run, and only [n^0, ..., n^k] come back, with no
+        logits (None): a probe of the middle layers need not pay for the top half."""
+        return self._forward(tokens, causal, input_mask, upto=upto)
 
     def decode(self, tokens, cache: "KVCache"):
         """Inference only (no gradients): logits (B, T, V) of tokens (B, T) that continue the
@@ -144,7 +146,7 @@ class ImageGPT(nn.Module):
         cache.length += np.shape(tokens)[1]
         return logits
 
-    def _forward(self, tokens, causal, input_mask, cache=None):
+    def _forward(self, tokens, causal, input_mask, cache=None, upto=None):
         cfg = self.config
         tokens = np.asarray(tokens)
         B, T = tokens.shape
@@ -162,6 +164,8 @@ class ImageGPT(nn.Module):
         h = h + tr.wpe.weight[t0:t0 + T]                             # (B, T, C) + (T, C)
         feats = []
         for layer, block in enumerate(tr.h):
+            if upto is not None and layer == upto:                   # stop at n^upto: no logits
+                return None, feats + [block.ln_1(h)]
             h, n = block(h, causal, cache, layer)
             feats.append(n)
         n = tr.ln_f(h)                                               # n^L (B, T, C)

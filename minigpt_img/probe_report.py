@@ -20,16 +20,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import load_model, read_meta
+from .checkpoint import model_digest, open_model, read_meta
 from .data import cached_tokens, trained_on
 from .features import cached_features, side_by_side
-from .files import file_digest
+from .errors import CheckpointError
 from .model import ImageGPT
 from .palette import Palette
 from .parallel import Solo, fan_out
 from .plots import line_chart
 from .probe_fit import held_out, low_data_probe, probe_layer
-from .runconfig import EVAL_BATCH, declared
+from .runconfig import declared
 from .streams import generator
 
 
@@ -50,16 +50,18 @@ def concat_name(concat: dict) -> str:
     return f"layers {concat['layers'][0]}..{concat['layers'][-1]} concatenated"
 
 
-def probe_report(ckpt, data=None, data_dir=None, eval_split="test", layers=None, max_train=None,
-                 max_eval=None, batch_size=EVAL_BATCH, labels_per_class=(), bert_masks=1, seed=0,
-                 baselines=True, cache_dir=None, log=print, comm: Solo | None = None,
+def probe_report(ckpt, data, data_dir, eval_split, layers, max_train, max_eval, batch_size, labels_per_class,
+                 bert_masks, seed, baselines=True, cache_dir=None, log=print, comm: Solo | None = None,
                  fair_share=None, concat: int = 1) -> dict:
-    """Probe every layer of a checkpoint; see probe.py for the options. Returns the report dict.
+    """Probe every layer of a checkpoint with probe.py's settings (its flags hold the defaults);
+    concat 1 and no labels_per_class: those probes off. Returns the report dict.
     Under MPI, features are extracted and the regressions fitted by all ranks together.
     fair_share: a threads.FairShare the feature extraction keeps up to date."""
     ckpt, comm = Path(ckpt), comm or Solo()
     cache_dir = Path(cache_dir or declared("cache_dir"))
-    model, centers, meta, _ = load_model(ckpt)
+    model, centers, meta, path = open_model(ckpt)
+    if centers is None:
+        raise CheckpointError(f"{ckpt} holds no palette: its tokens mean no colours")
     run, cfg = meta.get("run", {}), model.config
     ds = trained_on(run, cfg.n_px, data, data_dir, where=ckpt)
     name = ds.name
@@ -93,20 +95,25 @@ def probe_report(ckpt, data=None, data_dir=None, eval_split="test", layers=None,
         t_tr, t_ev = cached_tokens(x_tr, palette, cache_dir), cached_tokens(x_ev, palette, cache_dir)
     objective = run.get("objective", "ar")
     feat_dir = cache_dir / "features"
-    key = f"{file_digest(ckpt)[:16]}-{Path(str(name)).name}-{cfg.n_px}-{objective}{bert_masks}"
+    chosen = list(range(cfg.n_layer + 1)) if layers is None else sorted(set(layers))
+    # the forward passes stop at the deepest layer asked for (and a --concat window centred below it)
+    deepest = min(cfg.n_layer, max(chosen) + concat // 2)
+    upto = deepest if deepest < cfg.n_layer else None
+    key = (f"{model_digest(path)[:16]}-{Path(str(name)).name}-{cfg.n_px}-{objective}{bert_masks}"
+           + (f"-upto{deepest}" if upto is not None else ""))
 
     def features(m, tokens, split, tag):
-        """(features (N, L+1, C), loss per image (N,)) of model m, cached in --cache-dir."""
+        """(features (N, deepest+1, C), loss per image (N,) or None) of model m, cached in --cache-dir."""
         return cached_features(feat_dir / f"{tag}-{key}-{split}{len(tokens)}", m, tokens, comm,
                                objective=objective, batch_size=batch_size,
                                mask_rate=run.get("mask_rate"), n_masks=bert_masks, seed=seed,
-                               desc=f"{tag} {split} features", fair_share=fair_share)
+                               desc=f"{tag} {split} features", fair_share=fair_share, upto=upto)
 
     log(f"probing {ckpt} ({cfg.n_layer} layers, width {cfg.n_embd}) on {name}: {tr_n} train images, "
-        f"{ev_n} {eval_split} images, {K} classes")
+        f"{ev_n} {eval_split} images, {K} classes" +
+        (f"; the forward passes stop at layer {deepest}, the deepest asked for" if upto is not None else ""))
     (F_tr, loss_tr), (F_ev, loss_ev) = (features(model, t_tr, "train", "trained"),
                                         features(model, t_ev, eval_split, "trained"))
-    chosen = list(range(cfg.n_layer + 1)) if layers is None else list(layers)
 
     def layer_job(F, G, l):
         return lambda: {"layer": l, **probe_layer(F[:, l], y_tr, G[:, l], y_ev, K, seed)}
@@ -116,11 +123,11 @@ def probe_report(ckpt, data=None, data_dir=None, eval_split="test", layers=None,
     best = _best(rows)
     report = {"checkpoint": str(ckpt), "data": str(name), "eval_split": eval_split, "n_train": tr_n,
               "n_holdout": held_out(tr_n), "n_eval": ev_n, "n_classes": K, "layers": rows, "best": best,
-              "objective": objective,
-              # the generative loss on the same images, as they are (no augmentation): the real gap
-              "loss": {"train": float(loss_tr.mean()), "eval": float(loss_ev.mean())}}
+              "objective": objective}
+    if loss_tr is not None:  # the generative loss on the same images, as they are (no augmentation): the real gap
+        report["loss"] = {"train": float(loss_tr.mean()), "eval": float(loss_ev.mean())}
     if concat > 1:
-        ls = concat_layers(best["layer"], concat, cfg.n_layer + 1)
+        ls = concat_layers(best["layer"], concat, deepest + 1)
         log(f"fitting a probe on layers {ls[0]}..{ls[-1]} side by side ({concat * cfg.n_embd} features)")
         F, G = side_by_side(F_tr, ls), side_by_side(F_ev, ls)                          # (N, k C)
         fit = fan_out([lambda: probe_layer(F, y_tr, G, y_ev, K, seed)], comm)[0]
@@ -161,12 +168,13 @@ def probe_along(snapshots: list, log=print, **kw) -> dict:
         if "val_loss" not in meta:
             raise ValueError(f"{path} holds no validation loss: probe the snapshots/ of a run trained "
                              "with --snapshots")
-        report = probe_report(path, baselines=False, labels_per_class=(), log=log, **kw)
+        report = probe_report(path, baselines=False, labels_per_class=(), log=log, **kw)  # kw: probe.py's
         split = report["eval_split"]
         points.append({"checkpoint": str(path), "step": meta["step"], "val_loss": meta["val_loss"],
-                       "best": report["best"], "layers": report["layers"], "loss": report["loss"]})
+                       "best": report["best"], "layers": report["layers"], "loss": report.get("loss")})
         log(f"step {meta['step']}: val loss {meta['val_loss']:.4f}, best probe "
-            f"{report['best']['eval_acc']:.2%} (layer {report['best']['layer']}); {_loss_line(report)}")
+            f"{report['best']['eval_acc']:.2%} (layer {report['best']['layer']})"
+            + (f"; {_loss_line(report)}" if "loss" in report else ""))
     return {"points": points, "eval_split": split}
 
 

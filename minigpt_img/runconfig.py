@@ -205,6 +205,40 @@ def _shown(value) -> str:
     return " ".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
+def _pretrained_run(name) -> dict:
+    """The settings a fine-tune takes from the model it starts from: a train.py checkpoint's own, or,
+    for a Hugging Face folder or hub name (hub.py), its size, resolution and palette from config.json,
+    the paper's learning rate grid's 3e-3 as the pre-training rate, and CIFAR-10 as the data."""
+    import json
+
+    from .hub import locate
+
+    path = locate(name)
+    if not path.is_dir():
+        return _saved_run(path, "fine-tune a pre-trained run")
+    try:
+        hf = json.loads((path / "config.json").read_text())
+        shape = (hf["n_layer"], hf["n_embd"], hf["n_head"])
+        n_px = int(round(hf["n_positions"] ** 0.5))
+        vocab = hf["vocab_size"] - 1
+    except (OSError, ValueError, TypeError, KeyError, OverflowError) as e:
+        raise ConfigError(f"{path}/config.json is not an ImageGPT config ({type(e).__name__}: {e})") from None
+    size = next((s for s, spec in SIZES.items() if tuple(spec[:3]) == shape), None)
+    if size is None:
+        raise ConfigError(f"{name} has {shape[0]} layers of width {shape[1]} with {shape[2]} heads, none of the sizes "
+                          f"{', '.join(SIZES)}: fine-tuning builds its model by size")
+    return {"size": size, "res": n_px, "palette_size": vocab, "lr": BASE["lr"], "objective": "ar",
+            "data": PAPER_SIZES_DATA}
+
+
+def _finetune_out(name: Path) -> str:
+    """Where a fine-tune writes by default: beside the run it starts from (<run>-finetune), or, for a
+    Hugging Face folder or hub name, runs/<its name>-finetune."""
+    if name.suffix == ".npz":
+        return str(name.parent) + "-finetune"
+    return str(Path(declared("out")).parent / (str(name).replace("/", "--").replace("@", "-") + "-finetune"))
+
+
 def _saved_run(path: Path, what: str) -> dict:
     """The settings a train.py checkpoint was written with (in the names of today's settings)."""
     from .checkpoint import read_meta
@@ -253,12 +287,12 @@ def resolve_config(given: dict, resume: bool = False) -> RunConfig:
     values = {**defaults, **given}
     if given.get("finetune") and not resume:
         path = Path(given["finetune"])
-        pre = _saved_run(path, "fine-tune a pre-trained run")
+        pre = _pretrained_run(given["finetune"])
         for key in ("size", "res", "palette_size"):
             if key in given and given[key] != pre[key]:
                 raise ConfigError(f"{path} fixes --{key.replace('_', '-')} {pre[key]}: drop that flag")
         values = {**defaults, **{k: pre[k] for k in INHERITED_BY_FINETUNING if k in pre},
-                  "lr": pre["lr"] * FINETUNE_LR_FACTOR, "out": str(path.parent) + "-finetune", **given}
+                  "lr": pre["lr"] * FINETUNE_LR_FACTOR, "out": _finetune_out(path), **given}
     if resume:
         path = Path(values["out"]) / "ckpt.npz"
         saved = _saved_run(path, "resume a train.py run")

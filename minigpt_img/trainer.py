@@ -112,7 +112,9 @@ class Trainer(Evaluation):
             raise ConfigError(problem)
 
         start_path = self.folder.ckpt if resume else cfg.finetune
-        start = ck.load_arrays(start_path) if start_path else None          # the checkpoint we start from
+        start = None                                                          # the weights we start from
+        if start_path:  # a fine-tune may start from a Hugging Face folder or hub name (hub.py)
+            start, start_path = ck.start_arrays(start_path)
         saved = ck.read_config(start, start_path)[1] if resume else {}
         ds = load_dataset(cfg.data, cfg.data_dir, res=cfg.res, seed=cfg.seed,
                           full_train=cfg.augment == "crop")  # the crops are cut before downsampling

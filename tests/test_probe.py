@@ -200,7 +200,7 @@ def test_probe_along_the_run_pairs_accuracy_with_validation_loss(tiny_run, tmp_p
     along = json.loads((tmp_path / "along.json").read_text())
     assert [p["step"] for p in along["points"]] == [4, 8]
     assert all(p["val_loss"] > 0 and 0 <= p["best"]["eval_acc"] <= 1 for p in along["points"])
-    assert all(p["loss"]["train"] > 0 and p["loss"]["eval"] > 0 for p in along["points"])
+    assert all(p["loss"] is None for p in along["points"])  # --layers 1: the passes stop below the logits
     assert (tmp_path / "along.png").is_file()
     empty = subprocess.run([sys.executable, str(REPO / "probe.py"), "--along", str(tmp_path)],
                            capture_output=True, text=True, env=env, timeout=600)
@@ -397,3 +397,27 @@ def test_the_lambda_grid_extends_past_an_end_that_wins():
         probe_fit.LogisticProbe.fit = fit
     assert min(tried) < 1.0 and lam <= 1.0
     assert len(set(tried)) <= 2 + probe_fit.EXTEND
+
+
+def test_the_forward_pass_stops_at_the_deepest_layer_asked_for():
+    """forward_features(upto=k) runs the blocks below k only: n^0..n^k as the full pass has them,
+    no logits; extract_features(upto=k) returns those features and no losses."""
+    cfg = GPTConfig(n_layer=4, n_embd=16, n_head=2, n_px=4, vocab=9)
+    m = ImageGPT(cfg, np.random.default_rng(0))
+    for p in m.parameters():
+        p.data = (p.data + np.random.default_rng(1).standard_normal(p.shape) * 0.1).astype(np.float32)
+    x = np.random.default_rng(2).integers(0, 9, (3, 16))
+    _, full = m.forward_features(ar_inputs(x, cfg.sos))
+    calls = []
+    blocks = m.transformer.h
+    for i, b in enumerate(blocks):
+        forward = b.forward
+        b.forward = lambda *a, i=i, f=forward: calls.append(i) or f(*a)
+    logits, part = m.forward_features(ar_inputs(x, cfg.sos), upto=2)
+    assert logits is None and len(part) == 3 and calls == [0, 1]
+    for a, b in zip(part, full):
+        np.testing.assert_allclose(a.data, b.data, rtol=1e-6, atol=1e-7)
+    F, losses = extract_features(m, x, "ar", 2, upto=2)
+    F_full, _ = extract_features(m, x, "ar", 2)
+    assert losses is None and F.shape == (3, 3, 16)
+    np.testing.assert_allclose(F, F_full[:, :3], rtol=1e-6, atol=1e-7)

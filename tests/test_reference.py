@@ -55,11 +55,11 @@ def test_reference_forward_equals_hugging_face_logits():
 # < the loop < what runs a trained model: fine-tuning's start, the probe report) < scripts. A module
 # may import its own layer and those below.
 LAYERS = {
-    "errors": 0, "ranges": 0, "files": 0, "streams": 0, "threads": 0, "plots": 0, "parallel": 0,
+    "errors": 0, "ranges": 0, "files": 0, "torchfile": 0, "streams": 0, "threads": 0, "plots": 0, "parallel": 0,
     "tensor": 1, "ops": 1, "kernels": 1, "attention": 1,
     "nn": 2, "model": 2, "sizes": 2, "reference": 2,
     "data": 3, "shapes": 3, "streaks": 3, "download": 3, "palette": 3,
-    "objectives": 4, "optim": 4, "checkpoint": 4, "features": 4, "probe_fit": 4, "sampling": 4, "tasks": 4,
+    "objectives": 4, "optim": 4, "hub": 4, "checkpoint": 4, "features": 4, "probe_fit": 4, "sampling": 4, "tasks": 4,
     "runconfig": 5, "run_folder": 5,
     "run_data": 6, "forecast": 6,
     "evaluation": 7,

@@ -165,3 +165,20 @@ def test_generate_stops_when_asked():
     calls = []
     out = generate(m, 2, np.random.default_rng(0), should_stop=lambda: calls.append(1) or len(calls) > 3)
     assert out is None and len(calls) == 4
+
+
+def test_the_shipped_first_run_model_samples_and_probes_in_a_fresh_clone(tmp_path):
+    """weights/first-run: sample.py and probe.py work on it with no training (the built-in data)."""
+    repo = Path(__file__).resolve().parent.parent
+    ckpt = repo / "weights" / "first-run" / "ckpt.npz"
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    r = subprocess.run([sys.executable, str(repo / "sample.py"), "--ckpt", str(ckpt), "--n", "4", "--out",
+                        str(tmp_path / "s.png")], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0 and (tmp_path / "s.png").is_file(), r.stderr[-2000:]
+    r = subprocess.run([sys.executable, str(repo / "probe.py"), "--ckpt", str(ckpt), "--layers", "3",
+                        "--max-train", "600", "--max-eval", "400", "--no-baselines", "--out", str(tmp_path / "p"),
+                        "--cache-dir", str(tmp_path / "cache")], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    import json
+    assert json.loads((tmp_path / "p" / "probe.json").read_text())["best"]["eval_acc"] > 0.9
