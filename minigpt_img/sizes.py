@@ -9,6 +9,10 @@ At 32x32 with V = 512 this gives the paper's 76M (S), 455M (M) and 1.4B (L) para
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # for the annotations only
+    from .model import GPTConfig
 
 # Nothing heavy at the top (the model is imported where a config is built), so that the scripts can
 # list the sizes in their flags before NumPy loads.

@@ -1,7 +1,6 @@
 """A model named as hub.py says: a checkpoint, a Hugging Face folder, or a hub name found in the
 standard Hugging Face cache (built here in its real layout) and otherwise fetched; every entry point
 (sample, probe, fine-tune) takes all three."""
-import json
 import os
 import subprocess
 import sys
@@ -90,7 +89,7 @@ def test_no_cache_and_no_network_or_no_extra_is_one_line(tmp_path):
     empty = {"HF_HUB_CACHE": str(tmp_path / "empty"), "HF_HUB_OFFLINE": "1"}
     args = [sys.executable, str(REPO / "sample.py"), "--init-from", "openai/imagegpt-small"]
     try:
-        import huggingface_hub  # noqa: F401
+        import huggingface_hub  # noqa: F401  (installed: the fetch path answers)
         r = subprocess.run(args, capture_output=True, text=True, env=env(**empty), timeout=300)
         assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
         assert "cannot be reached (offline)" in r.stderr

@@ -315,7 +315,6 @@ def test_finetuning_head_from_probe_starts_where_the_probe_is(tiny_run, tmp_path
                           "head_from_probe": True, "cache_dir": str(tmp_path / "cache")}, resume=False)
     ft = Trainer(cfg, log=lines.append)
     start_from_probe(ft)
-    head = ft.task.heads["score"]
     tokens, labels = ft.data.train_tokens, ft.data.ds.train.labels
     F = side_by_side(extract_features(ft.model, tokens, "ar", 64)[0], [1, 2])                  # (N, 2C)
     probe = fit_probe(F, labels, 3, cfg.seed, one_se=True)[0]
