@@ -13,6 +13,7 @@ Features are cached on disk (files.store_cached), keyed by the caller.
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +56,16 @@ def extract_features(model, tokens: np.ndarray, objective: str, batch_size: int,
     if fair_share is not None:
         fair_share.reset()  # the fits after this run on as many threads as the process has (fan_out)
     return comm.allreduce_sum(feats), (comm.allreduce_sum(losses) if upto is None else None)
+
+
+def seconds_per_image(model, tokens: np.ndarray, objective: str, mask_rate, upto, n: int = 4) -> float:
+    """The time extract_features takes per image, from a pass over n of the images after one that
+    warms up (compiles) the kernels: what a probe announces before it starts."""
+    x = tokens[:n]
+    extract_features(model, x[:1], objective, 1, mask_rate, upto=upto)
+    t = time.perf_counter()
+    extract_features(model, x, objective, len(x), mask_rate, upto=upto)
+    return (time.perf_counter() - t) / max(len(x), 1)
 
 
 def side_by_side(F: np.ndarray, layers) -> np.ndarray:

@@ -22,8 +22,9 @@ import numpy as np
 
 from .checkpoint import model_digest, open_model, read_meta
 from .data import cached_tokens, trained_on
-from .features import cached_features, side_by_side
 from .errors import CheckpointError
+from .features import cached_features, seconds_per_image, side_by_side
+from .forecast import human_time
 from .model import ImageGPT
 from .palette import Palette
 from .parallel import Solo, fan_out
@@ -112,6 +113,17 @@ def probe_report(ckpt, data, data_dir, eval_split, layers, max_train, max_eval, 
     log(f"probing {ckpt} ({cfg.n_layer} layers, width {cfg.n_embd}) on {name}: {tr_n} train images, "
         f"{ev_n} {eval_split} images, {K} classes" +
         (f"; the forward passes stop at layer {deepest}, the deepest asked for" if upto is not None else ""))
+    if not (feat_dir / f"trained-{key}-train{len(t_tr)}.npy").is_file():  # features to extract: say the cost
+        per = seconds_per_image(model, t_tr, objective, run.get("mask_rate"), upto)
+        passes = (tr_n + ev_n) * (2 if baselines else 1)  # the random-init model's features too
+        line = (f"about {human_time(per)} per image: {human_time(per * passes)} for the features of "
+                f"{passes} images{' (the random-init baseline doubles them)' if baselines else ''}")
+        if per * passes > 600:
+            line += ("; for a first try: --max-train 2000 --max-eval 500" +
+                     (" --no-baselines" if baselines else "") +
+                     (" --layers " + " ".join(map(str, range(0, cfg.n_layer // 2 + 1, max(1, cfg.n_layer // 12))))
+                      if upto is None else ""))
+        log(line)
     (F_tr, loss_tr), (F_ev, loss_ev) = (features(model, t_tr, "train", "trained"),
                                         features(model, t_ev, eval_split, "trained"))
 

@@ -149,6 +149,7 @@ def test_probe_script_writes_the_report(tiny_run):
     assert best in report["concat"]["layers"] and len(report["concat"]["layers"]) == 2
     assert "concatenated" in r.stdout
     assert (tiny_run / "run" / "probe.png").is_file() and "best layer" in r.stdout
+    assert "s per image:" in r.stdout and "for the features of" in r.stdout  # said before the features
     assert list((tiny_run / "cache" / "features").glob("trained-*.npy"))  # cached for the next probe
 
 
