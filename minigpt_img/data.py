@@ -48,7 +48,6 @@ from .sizes import memory_problem
 from .streams import generator
 
 
-
 @dataclass
 class Split:
     images: np.ndarray   # (N, H, W, 3) uint8
@@ -341,9 +340,14 @@ def check_present(name: str, data_dir) -> None:
     """Raise DataError (naming --data-dir and --download) when an official data set's files are not
     where load_dataset would read them: found before a run creates anything, not after."""
     if name in BINARY:
-        if data_dir is None:
-            raise DataError(f"{name}: no --data-dir says where its files are")
-        _Source(name, Path(data_dir)).close()
+        _Source(name, _data_dir(name, data_dir)).close()
+
+
+def _data_dir(name: str, data_dir) -> Path:
+    """The folder an official data set is read from (--data-dir), which must be given."""
+    if data_dir is None:
+        raise DataError(f"{name}: no --data-dir says where its files are")
+    return Path(data_dir)
 
 
 def load_dataset(name: str, data_dir=None, res: int | None = None, seed: int = 0,
@@ -371,9 +375,7 @@ def load_dataset(name: str, data_dir=None, res: int | None = None, seed: int = 0
         test = Split(*draw(max(procedural_size // 5, 10), r, generator(0, name, 1)))  # the same for every seed
         classes = list(classes)
     elif name in BINARY:
-        if data_dir is None:
-            raise DataError(f"{name}: no --data-dir says where its files are")
-        classes, train, test = _load_binary(name, Path(data_dir), official)
+        classes, train, test = _load_binary(name, _data_dir(name, data_dir), official)
     else:
         classes, train, test = _load_folder(Path(name), res)
     native = train                                               # as loaded, before downsampling

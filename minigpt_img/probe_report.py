@@ -103,9 +103,12 @@ def probe_report(ckpt, data, data_dir, eval_split, layers, max_train, max_eval, 
     key = (f"{model_digest(path)[:16]}-{Path(str(name)).name}-{cfg.n_px}-{objective}{bert_masks}"
            + (f"-upto{deepest}" if upto is not None else ""))
 
+    def stem(tag, split, tokens) -> Path:
+        return feat_dir / f"{tag}-{key}-{split}{len(tokens)}"
+
     def features(m, tokens, split, tag):
         """(features (N, deepest+1, C), loss per image (N,) or None) of model m, cached in --cache-dir."""
-        return cached_features(feat_dir / f"{tag}-{key}-{split}{len(tokens)}", m, tokens, comm,
+        return cached_features(stem(tag, split, tokens), m, tokens, comm,
                                objective=objective, batch_size=batch_size,
                                mask_rate=run.get("mask_rate"), n_masks=bert_masks, seed=seed,
                                desc=f"{tag} {split} features", fair_share=fair_share, upto=upto)
@@ -113,7 +116,7 @@ def probe_report(ckpt, data, data_dir, eval_split, layers, max_train, max_eval, 
     log(f"probing {ckpt} ({cfg.n_layer} layers, width {cfg.n_embd}) on {name}: {tr_n} train images, "
         f"{ev_n} {eval_split} images, {K} classes" +
         (f"; the forward passes stop at layer {deepest}, the deepest asked for" if upto is not None else ""))
-    if not (feat_dir / f"trained-{key}-train{len(t_tr)}.npy").is_file():  # features to extract: say the cost
+    if not Path(f"{stem('trained', 'train', t_tr)}.npy").is_file():  # features to extract: say the cost
         per = seconds_per_image(model, t_tr, objective, run.get("mask_rate"), upto)
         passes = (tr_n + ev_n) * (2 if baselines else 1)  # the random-init model's features too
         line = (f"about {human_time(per)} per image: {human_time(per * passes)} for the features of "
