@@ -50,23 +50,9 @@ def main(argv=None) -> int:
     return run(along if args.along else probe, args)
 
 
-def out_folder(out, name) -> Path:
-    """--out, else beside a checkpoint, in a Hugging Face folder of the user's, or for a hub name
-    probes/<owner>--<name> (never inside the hub's cache)."""
-    from minigpt_img.hub import cache_root
-
-    path = Path(name)
-    if out:
-        return Path(out)
-    if path.is_file():
-        return path.parent
-    if path.is_dir() and not path.resolve().is_relative_to(cache_root().resolve()):
-        return path
-    return Path("probes") / str(name).replace("/", "--").replace("@", "-")
-
-
 def probe(args, comm) -> int:
     from minigpt_img.files import write_json
+    from minigpt_img.hub import home_of, locate
     from minigpt_img.probe_report import format_report, plot_report, probe_report
 
     report = probe_report(args.ckpt, args.data, args.data_dir, args.eval_split, args.layers,
@@ -76,7 +62,7 @@ def probe(args, comm) -> int:
                           fair_share=fair_share(args, comm), concat=args.concat)
     if not comm.is_root:  # rank 0 writes the report
         return 0
-    out = out_folder(args.out, args.ckpt)
+    out = Path(args.out) if args.out else home_of(args.ckpt, locate(args.ckpt))
     write_json(out / "probe.json", report)
     plot_report(report, out / "probe.png")
     print(format_report(report))

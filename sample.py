@@ -62,7 +62,7 @@ def sample(args, comm) -> int:
         return palette_preview(args)
 
     from minigpt_img.checkpoint import CheckpointError, open_model
-    from minigpt_img.hub import cache_root
+    from minigpt_img.hub import home_of
     from minigpt_img.data import trained_on
     from minigpt_img.palette import Palette
     from minigpt_img.plots import GRID_PAD, image_grid, save_png, with_caption
@@ -74,8 +74,8 @@ def sample(args, comm) -> int:
     name = args.init_from or args.ckpt
     model, centers, meta, path = open_model(name)
     run_settings = meta.get("run", {})
-    # beside a checkpoint, in a Hugging Face folder; never inside the hub's cache (here, then)
-    where = path.parent if path.is_file() else Path(".") if path.is_relative_to(cache_root()) else path
+    # beside a checkpoint, in a Hugging Face folder; never inside the hub's cache (hub.home_of)
+    where = home_of(name, path)
     if run_settings.get("objective") == "bert":
         raise CheckpointError(f"{name} is a BERT model: it defines no raster-order sampler; "
                               "sample from an AR checkpoint (train.py --objective ar)")

@@ -32,7 +32,7 @@ import numpy as np
 
 from .errors import CheckpointError
 from .files import file_digest, write_atomic, write_json
-from .hub import locate
+from .hub import locate, weights_file
 from .model import GPTConfig, ImageGPT
 from .palette import check_palette
 from .sizes import count_parameters, memory_problem
@@ -144,9 +144,13 @@ def load_model(path, dtype=np.float32):
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"{path}: weights do not fit its own config ({e})") from None
     palette = arrays.get("palette")
-    if palette is not None and (palette.shape != (cfg.vocab, 3) or not np.isfinite(palette).all()):
-        raise CheckpointError(f"{path}: its palette {palette.shape} does not give the model's {cfg.vocab} "
-                              "colours (finite, 3 channels each)")
+    if palette is not None:
+        try:
+            palette = check_palette(palette, path)
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
+        if len(palette) != cfg.vocab:
+            raise CheckpointError(f"{path}: its palette has {len(palette)} colours, its model {cfg.vocab} tokens")
     return model, palette, meta, arrays
 
 
@@ -181,7 +185,7 @@ def model_digest(path) -> str:
     """A digest of the weights at a local model path: the checkpoint file, or a folder's weights file."""
     path = Path(path)
     if path.is_dir():
-        path = next(path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file())
+        path = weights_file(path)
     return file_digest(path)
 
 
@@ -274,7 +278,7 @@ def load_hf(directory, dtype=np.float32):
     model.safetensors or pytorch_model.bin (read without torch: torchfile.py), and optionally
     preprocessor_config.json (the palette)."""
     d = Path(directory)
-    weights = next((d / n for n in ("model.safetensors", "pytorch_model.bin") if (d / n).is_file()), None)
+    weights = weights_file(d)
     if not (d / "config.json").is_file() or weights is None:
         raise CheckpointError(f"{d} has no {'config.json' if not (d / 'config.json').is_file() else 'weights'}: "
                               "point at a Hugging Face ImageGPT folder (config.json and model.safetensors or "

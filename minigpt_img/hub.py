@@ -21,8 +21,25 @@ from pathlib import Path
 
 from .errors import CheckpointError
 
-FILES = ("config.json", "preprocessor_config.json", "model.safetensors", "pytorch_model.bin")
+WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # a folder's weights, in the order they are preferred
+FILES = ("config.json", "preprocessor_config.json", *WEIGHTS)
 HUB_NAME = re.compile(r"^[\w.-]+/[\w.-]+(@[\w./-]+)?$")
+
+
+def weights_file(folder: Path) -> Path | None:
+    """The weights of a Hugging Face folder (WEIGHTS, the first present), or None."""
+    return next((folder / n for n in WEIGHTS if (folder / n).is_file()), None)
+
+
+def home_of(name, path: Path) -> Path:
+    """Where a script writes what it makes of a model (probe.json, samples) unless told: beside a
+    checkpoint, in a Hugging Face folder of the user's, and for a model in the hub's cache (never
+    written into) <owner>--<name> in the working folder. path: locate(name)."""
+    if path.is_file():
+        return path.parent
+    if not path.resolve().is_relative_to(cache_root().resolve()):
+        return path
+    return Path(str(name).replace("/", "--").replace("@", "-"))
 
 
 def cache_root() -> Path:
@@ -41,8 +58,7 @@ def cached_snapshot(repo: str, revision: str = "main") -> Path | None:
     ref = base / "refs" / revision
     commit = ref.read_text().strip() if ref.is_file() else revision
     folder = base / "snapshots" / commit
-    has_weights = (folder / "model.safetensors").is_file() or (folder / "pytorch_model.bin").is_file()
-    return folder if (folder / "config.json").is_file() and has_weights else None
+    return folder if (folder / "config.json").is_file() and weights_file(folder) is not None else None
 
 
 def locate(name) -> Path:
