@@ -371,9 +371,10 @@ class Trainer(Evaluation):
         if heads:
             modules.update({f"head/{n}": h for n, h in self.task.heads.items()})
         for prefix, module in modules.items():
-            ck.check_finite(ck.sub_state(arrays, prefix), path)
+            state = ck.sub_state(arrays, prefix)
+            ck.check_finite(state, path)
             try:
-                module.load_state_dict(ck.sub_state(arrays, prefix))
+                module.load_state_dict(state)
             except (KeyError, ValueError) as e:
                 raise ConfigError(f"{path} holds another model ({e}): start a new --out") from None
 
