@@ -36,7 +36,6 @@ from .hub import locate, weights_file
 from .model import GPTConfig, ImageGPT
 from .palette import check_palette
 from .sizes import count_parameters, memory_problem
-from .streams import generator
 from .torchfile import read_torch_state
 
 
@@ -137,10 +136,10 @@ def load_model(path, dtype=np.float32):
     check_fits(cfg, path)
     arrays = load_arrays(path)
     cfg, meta = read_config(arrays, path)
-    model = ImageGPT(cfg, generator(0, "init"), dtype=dtype)  # weights overwritten below
+    model = ImageGPT(cfg, None, dtype=dtype)  # no initial draw: the weights are loaded below
     check_finite(sub_state(arrays, "model"), path)
     try:
-        model.load_state_dict(sub_state(arrays, "model"))
+        model.load_state_dict(sub_state(arrays, "model"), copy=False)
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"{path}: weights do not fit its own config ({e})") from None
     palette = arrays.get("palette")
@@ -232,18 +231,20 @@ def read_safetensors(path) -> dict[str, np.ndarray]:
                 raise ValueError(f"two tensors overlap in the data section (at byte {begin})")
     except (struct.error, ValueError, TypeError, KeyError, OSError) as e:
         raise CheckpointError(f"{path} is not a valid safetensors file ({type(e).__name__}: {e})") from None
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n) if body else np.zeros(0, np.uint8)
     out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        begin, end = info["data_offsets"]
-        raw = data[begin:end]
-        if info["dtype"] == "BF16":  # the top 16 bits of a float32
-            arr = (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)
-        else:
-            arr = raw.view(_ST_DTYPES[info["dtype"]])
-        out[name] = np.array(arr.reshape(info["shape"]))  # a copy: nothing keeps the file open
+    with open(path, "rb") as f:  # each tensor read straight into its own array: the weights exist once
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            begin, end = info["data_offsets"]
+            arr = np.empty(int(np.prod(info["shape"], dtype=np.int64)),
+                           dtype="<u2" if info["dtype"] == "BF16" else _ST_DTYPES[info["dtype"]])
+            f.seek(8 + n + begin)
+            if f.readinto(memoryview(arr).cast("B")) != end - begin:
+                raise CheckpointError(f"{path} ends inside tensor {name}: the file is truncated")
+            if info["dtype"] == "BF16":  # the top 16 bits of a float32
+                arr = (arr.astype(np.uint32) << 16).view(np.float32)
+            out[name] = arr.reshape(info["shape"])
     return out
 
 
@@ -334,10 +335,10 @@ def load_hf(directory, dtype=np.float32):
     if not has_bias:  # OpenAI's released weights have no biases: HF stores zeros
         tensors = {k: v for k, v in tensors.items() if not k.endswith(".bias")}
     cfg = dataclasses.replace(cfg, bias=has_bias)
-    model = ImageGPT(cfg, generator(0, "init"), dtype=dtype)  # weights overwritten below
+    model = ImageGPT(cfg, None, dtype=dtype)  # no initial draw: the weights are loaded below
     check_finite(tensors, weights)
     try:
-        model.load_state_dict(tensors)
+        model.load_state_dict(tensors, copy=False)
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"{weights} does not match its config.json: {e}") from None
 

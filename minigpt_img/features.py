@@ -46,8 +46,9 @@ def extract_features(model, tokens: np.ndarray, objective: str, batch_size: int,
             rng, acc, loss = generator(seed, "probe_masks", b), 0.0, 0.0
             for _ in range(repeats):
                 inputs, causal, mask = model_inputs(x, cfg.sos, objective, mask_rate, rng)
-                logits, ns = model.forward_features(inputs, causal, mask, upto)
-                acc = acc + np.stack([n.data.mean(axis=1) for n in ns], axis=1)     # (B, L+1, C)
+                logits, fs = model.forward_features(inputs, causal, mask, upto,
+                                                    pool=lambda n: n.data.mean(axis=1))  # L+1 x (B, C)
+                acc = acc + np.stack(fs, axis=1)                                    # (B, L+1, C)
                 if logits is not None:
                     loss = loss + image_losses(logits.data, x, mask)                # (B,)
             feats[rows], losses[rows] = acc / repeats, loss / repeats

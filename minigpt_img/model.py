@@ -119,7 +119,8 @@ class ImageGPT(nn.Module):
         decode(tokens, cache)       -> logits, no gradients              sampling with the KV cache
     """
 
-    def __init__(self, cfg: GPTConfig, rng: np.random.Generator, dtype=np.float32):
+    def __init__(self, cfg: GPTConfig, rng: np.random.Generator | None, dtype=np.float32):
+        """rng: the stream of the initial weights; None leaves them at zero for a loader to fill."""
         self.config = cfg
         self.transformer = Transformer(cfg, rng, dtype)
         # released iGPT, §3.3 "zero-initialize all projections producing logits": the untied output
@@ -132,11 +133,13 @@ class ImageGPT(nn.Module):
         masked positions; the position embedding stays)."""
         return self._forward(tokens, causal, input_mask)[0]
 
-    def forward_features(self, tokens, causal=True, input_mask=None, upto=None):
+    def forward_features(self, tokens, causal=True, input_mask=None, upto=None, pool=None):
         """As forward, and also the features [n^0, ..., n^L], each (B, T, C), of the same pass.
         upto = k < L: only the blocks below k run, and only [n^0, ..., n^k] come back, with no
-        logits (None): a probe of the middle layers need not pay for the top half."""
-        return self._forward(tokens, causal, input_mask, upto=upto)
+        logits (None): a probe of the middle layers need not pay for the top half. pool: a function
+        applied to each n^l as soon as it is made, whose results come back instead (a probe's
+        average over positions: the L + 1 full features never exist at once)."""
+        return self._forward(tokens, causal, input_mask, upto=upto, pool=pool)
 
     def decode(self, tokens, cache: "KVCache"):
         """Inference only (no gradients): logits (B, T, V) of tokens (B, T) that continue the
@@ -146,7 +149,7 @@ class ImageGPT(nn.Module):
         cache.length += np.shape(tokens)[1]
         return logits
 
-    def _forward(self, tokens, causal, input_mask, cache=None, upto=None):
+    def _forward(self, tokens, causal, input_mask, cache=None, upto=None, pool=None):
         cfg = self.config
         tokens = np.asarray(tokens)
         B, T = tokens.shape
@@ -162,14 +165,15 @@ class ImageGPT(nn.Module):
             keep = (~np.asarray(input_mask, dtype=bool))[..., None].astype(h.dtype)
             h = h * keep                                             # released iGPT BERT: h * (1 - M)
         h = h + tr.wpe.weight[t0:t0 + T]                             # (B, T, C) + (T, C)
+        keep = pool or (lambda n: n)
         feats = []
         for layer, block in enumerate(tr.h):
             if upto is not None and layer == upto:                   # stop at n^upto: no logits
-                return None, feats + [block.ln_1(h)]
+                return None, feats + [keep(block.ln_1(h))]
             h, n = block(h, causal, cache, layer)
-            feats.append(n)
+            feats.append(keep(n))
         n = tr.ln_f(h)                                               # n^L (B, T, C)
-        feats.append(n)
+        feats.append(keep(n))
         return self.lm_head(n), feats                                # (B, T, V), L+1 x (B, T, C)
 
 

@@ -50,8 +50,10 @@ class Module:
     def state_dict(self) -> dict[str, np.ndarray]:
         return {name: p.data for name, p in self.named_parameters()}
 
-    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
-        """Copy arrays into the parameters; names and shapes must match exactly."""
+    def load_state_dict(self, state: dict[str, np.ndarray], copy: bool = True) -> None:
+        """Copy arrays into the parameters; names and shapes must match exactly. copy=False takes
+        each array as it is when it already has the parameter's dtype and C order (a loader's fresh
+        arrays: the weights of a large model then exist once in memory, not twice)."""
         own = dict(self.named_parameters())
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))
@@ -61,11 +63,15 @@ class Module:
             value = np.asarray(state[name])
             if value.shape != p.shape:
                 raise ValueError(f"{name}: shape {value.shape} in the state dict, {p.shape} in the model")
-            p.data = value.astype(p.dtype, copy=True)
+            p.data = value.astype(p.dtype, copy=True) if copy else np.ascontiguousarray(value, dtype=p.dtype)
 
 
-def _normal(rng: np.random.Generator, shape, std: float, dtype) -> Tensor:
-    data = rng.standard_normal(shape, dtype=np.float64) * std if std > 0 else np.zeros(shape)
+def _normal(rng: np.random.Generator | None, shape, std: float, dtype) -> Tensor:
+    """N(0, std^2) values; zeros when std is 0 or rng is None (a model whose weights are loaded next:
+    np.zeros takes no memory until written, so a large model is not drawn, then thrown away)."""
+    if rng is None or std == 0:
+        return Tensor(np.zeros(shape, dtype=dtype), requires_grad=True)
+    data = rng.standard_normal(shape, dtype=np.float64) * std
     return Tensor(data.astype(dtype), requires_grad=True)
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import pickle
 import zipfile
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 
 import numpy as np
 
@@ -75,6 +75,30 @@ class _StateDictUnpickler(pickle.Unpickler):
         return _Storage(STORAGES[pid[1]], pid[2], pid[4])
 
 
+def _c_strides(size: tuple) -> tuple:
+    """The element strides of a C-ordered (row-major) array of this shape."""
+    strides, step = [], 1
+    for n in reversed(size):
+        strides.append(step)
+        step *= n
+    return tuple(reversed(strides))
+
+
+def _read_storage(z: zipfile.ZipFile, member, s: _Storage) -> np.ndarray:
+    """A storage's elements (s.numel,) as a writable array read straight into its own buffer
+    (bfloat16 widened to float32), after its size is checked against the element count."""
+    itemsize = 2 if s.dtype == "bf16" else np.dtype(s.dtype).itemsize
+    if member is None or member.file_size != s.numel * itemsize:
+        raise ValueError(f"storage {s.key}: {s.numel} elements, but its data "
+                         f"{'is missing' if member is None else f'holds {member.file_size} bytes'}")
+    buf = bytearray(member.file_size)
+    with z.open(member) as f:
+        if f.readinto(buf) != len(buf):
+            raise EOFError(f"storage {s.key} ends early")
+    raw = np.frombuffer(buf, dtype="<u2" if s.dtype == "bf16" else s.dtype)
+    return (raw.astype(np.uint32) << 16).view(np.float32) if s.dtype == "bf16" else raw
+
+
 def read_torch_state(path, max_bytes: int) -> dict:
     """{name: array} of a torch.save'd state dict, read as the module docstring says; anything a
     plain state dict does not hold is refused with CheckpointError. max_bytes: the most its storages
@@ -95,22 +119,26 @@ def read_torch_state(path, max_bytes: int) -> dict:
             state = _StateDictUnpickler(z.open(pickles[0])).load()
             if not isinstance(state, dict) or not all(isinstance(v, _Tensor) for v in state.values()):
                 raise ValueError("the pickle holds something other than a dict of tensors")
+            # Each storage is read once and let go after its last tensor: a tensor that is the whole of
+            # a storage no other tensor uses is that storage's array (no copy), any other is copied out.
+            # So the weights are in memory once, plus one storage at a time.
+            users = Counter(t.storage.key for t in state.values())
             out, storages = {}, {}
             for name, t in state.items():
                 s = t.storage
                 if s.key not in storages:
-                    member = infos.get(f"{root}data/{s.key}")
-                    itemsize = 2 if s.dtype == "bf16" else np.dtype(s.dtype).itemsize
-                    if member is None or member.file_size != s.numel * itemsize:
-                        raise ValueError(f"storage {s.key}: {s.numel} elements, but its data "
-                                         f"{'is missing' if member is None else f'holds {member.file_size} bytes'}")
-                    raw = np.frombuffer(z.read(member), dtype="<u2" if s.dtype == "bf16" else s.dtype)
-                    storages[s.key] = ((raw.astype(np.uint32) << 16).view(np.float32) if s.dtype == "bf16"
-                                       else raw)
+                    storages[s.key] = _read_storage(z, infos.get(f"{root}data/{s.key}"), s)
                 flat = storages[s.key]
-                view = np.lib.stride_tricks.as_strided(flat[t.offset:], shape=t.size,
-                                                       strides=[st * flat.itemsize for st in t.stride])
-                out[str(name)] = np.array(view)  # a copy: nothing keeps the archive open
+                whole = t.offset == 0 and int(np.prod(t.size)) == s.numel and t.stride == _c_strides(t.size)
+                if whole and users[s.key] == 1:
+                    out[str(name)] = flat.reshape(t.size)
+                else:
+                    view = np.lib.stride_tricks.as_strided(flat[t.offset:], shape=t.size,
+                                                           strides=[st * flat.itemsize for st in t.stride])
+                    out[str(name)] = np.array(view)
+                users[s.key] -= 1
+                if users[s.key] == 0:
+                    del storages[s.key]
             return out
     except (zipfile.BadZipFile, pickle.UnpicklingError, ValueError, EOFError, KeyError, TypeError,
             AttributeError, IndexError, OSError) as e:

@@ -3,7 +3,9 @@ format, crafted ones refused with nothing run, and (when torch and transformers 
 file transformers wrote giving transformers' logits."""
 import importlib.util
 import io
+import os
 import pickle
+import subprocess
 import sys
 import types
 import zipfile
@@ -15,10 +17,12 @@ import pytest
 
 from minigpt_img import checkpoint as ck
 from minigpt_img.errors import CheckpointError
+from minigpt_img.model import GPTConfig, ImageGPT
 from minigpt_img.torchfile import read_torch_state
 
 HAS_TRANSFORMERS = all(importlib.util.find_spec(m) for m in ("torch", "transformers"))
 LIMIT = 1 << 30
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -147,3 +151,41 @@ def test_a_pytorch_model_bin_written_by_transformers_gives_its_logits(tmp_path):
     x = np.random.default_rng(1).integers(0, 12, (3, 16))
     x[:, 0] = ours.config.sos
     np.testing.assert_allclose(ours(x).data, hf_logits(hf, x), rtol=0, atol=1e-5)
+
+
+PEAK_OF_A_LOAD = """
+import sys
+from minigpt_img.checkpoint import open_model
+def kib(key):
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key))
+open("/proc/self/clear_refs", "w").write("5")   # the peak (VmHWM) starts again from here
+before = kib("VmRSS:")
+model = open_model(sys.argv[1])[0]
+print((kib("VmHWM:") - before) * 1024 / (4 * model.num_parameters()))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="measures memory through Linux's /proc")
+def test_loading_a_model_holds_its_weights_once(fake_torch, tmp_path):
+    """iGPT-L is 5.4 GB in float32: a loader that drew random weights first, kept a file's bytes
+    beside their copies, or copied the arrays into the model would need two or three times that.
+    From each format (our .npz, model.safetensors, pytorch_model.bin) the peak memory of a load
+    stays close to the weights' own size."""
+    import shutil
+    cfg = GPTConfig(n_layer=4, n_embd=512, n_head=8, n_px=8, vocab=16)       # 12.7M parameters, 51 MB
+    model = ImageGPT(cfg, np.random.default_rng(0))
+    ck.save_model(tmp_path / "ckpt.npz", model)
+    ck.export_hf(model, tmp_path / "st")
+    (tmp_path / "bin").mkdir()
+    shutil.copy(tmp_path / "st" / "config.json", tmp_path / "bin")
+    tensors = ck.read_safetensors(tmp_path / "st" / "model.safetensors")
+    storages = [Storage("FloatStorage", str(i), v.ravel()) for i, v in enumerate(tensors.values())]
+    state = OrderedDict((k, Tensor(s, 0, v.shape, tuple(int(st) // 4 for st in v.strides)))
+                        for (k, v), s in zip(tensors.items(), storages))
+    write_archive(tmp_path / "bin" / "pytorch_model.bin", state, storages)
+    del tensors, storages, state
+    for source in ("ckpt.npz", "st", "bin"):
+        r = subprocess.run([sys.executable, "-c", PEAK_OF_A_LOAD, str(tmp_path / source)], capture_output=True,
+                           text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert r.returncode == 0, r.stderr
+        assert float(r.stdout) < 1.4, f"{source}: a load's peak is {float(r.stdout):.2f} x the weights"
