@@ -11,7 +11,7 @@ Image GPT does not model the 3 x 8 bits of a pixel: it clusters (R, G, B) values
 
 Lloyd's iterations run on the distinct colours of the sample, each weighted by how often it occurs:
 the same objective as on every sampled pixel, on far fewer points. The nearest-centre search is the
-numba kernel kernels.palette_lookup, which checks only the centres that can win in the pixel's cell of
+numba kernel palette_kernels.palette_lookup, which checks only the centres that can win in the pixel's cell of
 an RGB grid (`palette_grid`), so it is exact and fast; large inputs read a table of all 2^24 colours.
 
 Preview what the palette does to real images:
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import kernels
+from . import palette_kernels
 from .streams import generator
 
 GRID_SHIFT = 4                    # cells of 16 intensity levels per channel
@@ -79,12 +79,12 @@ class Palette:
     def nearest(self, pixels: np.ndarray):
         """pixels (..., 3) uint8 -> (tokens (...) uint16, squared distances (...) float64)."""
         flat = np.ascontiguousarray(pixels, dtype=np.uint8).reshape(-1, 3)
-        tokens, dist = kernels.palette_lookup(flat, self._c64, *self._grid, GRID_SHIFT, GRID_LEVELS)
+        tokens, dist = palette_kernels.palette_lookup(flat, self._c64, *self._grid, GRID_SHIFT, GRID_LEVELS)
         return tokens.reshape(pixels.shape[:-1]), dist.reshape(pixels.shape[:-1])
 
     def table(self) -> np.ndarray:
         if self._table is None:
-            self._table = kernels.palette_table(self._c64, *self._grid, GRID_SHIFT, GRID_LEVELS)
+            self._table = palette_kernels.palette_table(self._c64, *self._grid, GRID_SHIFT, GRID_LEVELS)
         return self._table
 
     def encode(self, images: np.ndarray) -> np.ndarray:
@@ -94,7 +94,7 @@ class Palette:
         if self._table is None and len(flat) < self.TABLE_FROM:
             tokens = self.nearest(flat)[0]
         else:
-            tokens = kernels.palette_encode_table(flat, self.table())
+            tokens = palette_kernels.palette_encode_table(flat, self.table())
         return tokens.reshape(len(images), -1)
 
     def decode(self, tokens: np.ndarray) -> np.ndarray:
@@ -114,11 +114,11 @@ def _kmeans_pp(points, weights, k, rng):
     d2 = np.full(len(points), np.inf)
     p = weights / weights.sum()
     centers[0] = points[rng.choice(len(points), p=p)]
-    kernels.min_sq_dist_update(points, centers[0], d2)
+    palette_kernels.min_sq_dist_update(points, centers[0], d2)
     for j in range(1, k):
         score = np.cumsum(weights * d2)
         centers[j] = points[min(np.searchsorted(score, rng.random() * score[-1]), len(points) - 1)]
-        kernels.min_sq_dist_update(points, centers[j], d2)
+        palette_kernels.min_sq_dist_update(points, centers[j], d2)
     return centers
 
 

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from minigpt_img import kernels
+from minigpt_img import palette_kernels
 from minigpt_img.palette import Palette, fit_palette, load_palette, palette_grid, to_unit
 
 
@@ -19,7 +19,7 @@ def test_lookup_matches_brute_force(k, n):
     centers = random_palette(k, seed=k)
     pixels = rng.integers(0, 256, (n, 3), dtype=np.uint8)
     tokens, dist = Palette(centers).nearest(pixels)
-    ref_tokens, ref_dist = kernels.palette_lookup_ref(pixels, centers.astype(np.float32).astype(np.float64))
+    ref_tokens, ref_dist = palette_kernels.palette_lookup_ref(pixels, centers.astype(np.float32).astype(np.float64))
     np.testing.assert_array_equal(tokens, ref_tokens)
     np.testing.assert_array_equal(dist, ref_dist)
 
@@ -28,7 +28,7 @@ def test_lookup_ties_pick_the_lowest_index():
     c = to_unit(np.array([[10, 20, 30], [200, 100, 0], [10, 20, 30], [200, 100, 0]]))  # duplicates
     pixels = np.array([[10, 20, 30], [200, 100, 0], [105, 60, 15], [0, 0, 0]], np.uint8)
     tokens, _ = Palette(c).nearest(pixels)
-    ref, _ = kernels.palette_lookup_ref(pixels, c.astype(np.float32).astype(np.float64))
+    ref, _ = palette_kernels.palette_lookup_ref(pixels, c.astype(np.float32).astype(np.float64))
     np.testing.assert_array_equal(tokens, ref)
     assert tokens[0] == 0 and tokens[1] == 1
 
@@ -44,7 +44,7 @@ def test_lookup_adversarial_equidistant_and_cell_boundaries():
     pixels = np.concatenate([grid, np.array([[l, l, l] for l in levels])]).astype(np.uint8)
     p = Palette(centers)
     c = p.centers.astype(np.float64)
-    ref, _ = kernels.palette_lookup_ref(pixels, c)
+    ref, _ = palette_kernels.palette_lookup_ref(pixels, c)
     np.testing.assert_array_equal(p.nearest(pixels)[0], ref)
 
 
@@ -55,7 +55,7 @@ def test_table_equals_direct_lookup():
     pixels = np.stack([codes >> 16, (codes >> 8) & 255, codes & 255], 1).astype(np.uint8)
     np.testing.assert_array_equal(table[codes], p.nearest(pixels)[0])
     images = pixels[:49_152].reshape(48, 32, 32, 3)
-    np.testing.assert_array_equal(kernels.palette_encode_table(pixels, table), p.nearest(pixels)[0])
+    np.testing.assert_array_equal(palette_kernels.palette_encode_table(pixels, table), p.nearest(pixels)[0])
     assert p.encode(images).shape == (48, 1024)  # the table path, now that the table exists
 
 
@@ -77,7 +77,7 @@ def test_grid_candidates_cover_every_winner():
                        1).reshape(-1, 8, 3).reshape(-1, 3)
     random = np.random.default_rng(1).integers(0, 256, (200_000, 3))
     pixels = np.concatenate([corners, random]).astype(np.uint8)
-    winners, _ = kernels.palette_lookup_ref(pixels, centers.astype(np.float64))
+    winners, _ = palette_kernels.palette_lookup_ref(pixels, centers.astype(np.float64))
     p = pixels.astype(np.int64) >> GRID_SHIFT
     cell = (p[:, 0] * GRID_LEVELS + p[:, 1]) * GRID_LEVELS + p[:, 2]
     assert listed[cell, winners].all()
