@@ -13,7 +13,9 @@ its fraction of the fp32 GEMM peak measured in the same run, and peak memory (RS
 doing the same). With --compare-torch the same model in PyTorch (benchmarks/torch_ref.py: iGPT norm,
 gelu2, SDPA, AdamW) is timed alternately with ours, and the ratio ours/PyTorch is printed.
 
-sampling: tokens per second generating 16 images at 32x32 with the KV cache (micro and mini).
+sampling: tokens per second generating 16 images at 32x32 with the KV cache (micro and mini), and
+at iGPT-S size against transformers' generate on the same weights, also from a plain script
+(benchmarks/sampling_hf.py).
 
 attention: multi-head causal attention forward+backward, T=1024, 8 heads, head size 32, batch 4, the
 numba flash kernel against the materialised NumPy reference (the same float32 math with the whole
@@ -39,6 +41,7 @@ from --data (default shapes; `--data cifar10 --data-dir ../shared/data` for real
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import platform
 import resource
@@ -309,6 +312,11 @@ def bench_sampling(repeats: int) -> dict:
         t = min(_timed(lambda: generate(model, 16, np.random.default_rng(1))) for _ in range(max(1, repeats // 3)))
         results[f"{size}@{res}"] = {"seconds_16_images": t, "tokens_per_s": 16 * cfg.n_ctx / t}
         print(f"  {size}@{res}: 16 images in {t:.1f} s, {16 * cfg.n_ctx / t:,.0f} tokens/s")
+    if all(importlib.util.find_spec(m) for m in ("torch", "transformers")):
+        from sampling_hf import bench
+        results["igpt_s_against_transformers"] = bench(max(1, repeats // 2), _threads())
+    else:
+        print("  against transformers: skipped (pip install torch==2.13.0 transformers, never a dependency)")
     return results
 
 

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from minigpt_img import attention, kernels
+from minigpt_img import attention, kernels, palette_kernels
 
 ROWS_COLS = [(1, 1), (1, 7), (3, 1), (5, 33), (130, 64)]  # single row/col, odd widths, > chunk count
 DTYPES = [np.float32, np.float64]
@@ -165,14 +165,26 @@ def test_attention_decode_matches_reference(B, NH, D, q_offset, Tq, dtype):
     np.testing.assert_allclose(o, o_ref, **t)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N,K,M", [(1, 1, 1), (1, 32, 513), (4, 512, 1536), (3, 7, 255), (16, 65, 300)])
+def test_rows_matmul_matches_reference(N, K, M, dtype):
+    """A few rows times a weight (decoding); M not a multiple of the column block, one row, one column."""
+    rng = np.random.default_rng(N * 1000 + M)
+    x, w = rng.standard_normal((N, K)).astype(dtype), rng.standard_normal((K, M)).astype(dtype)
+    out = kernels.rows_matmul(x, w)
+    assert out.dtype == dtype and out.shape == (N, M)
+    t = dict(rtol=1e-4, atol=1e-4) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(out, kernels.rows_matmul_ref(x, w), **t)
+
+
 @pytest.mark.parametrize("n,k", [(1, 1), (5, 3), (257, 64)])
 def test_min_sq_dist_update(n, k):
     rng = np.random.default_rng(n)
     points = rng.uniform(-1, 1, (n, 3))
     d2, d2_ref = np.full(n, np.inf), np.full(n, np.inf)
     for c in rng.uniform(-1, 1, (k, 3)):
-        kernels.min_sq_dist_update(points, c, d2)
-        kernels.min_sq_dist_update_ref(points, c, d2_ref)
+        palette_kernels.min_sq_dist_update(points, c, d2)
+        palette_kernels.min_sq_dist_update_ref(points, c, d2_ref)
     np.testing.assert_allclose(d2, d2_ref, rtol=1e-12, atol=1e-15)
 
 

@@ -1,0 +1,146 @@
+"""Sampling at iGPT-S size against Hugging Face: the paper's Figure 1 task (the top half of a 32x32
+image given, the rest drawn pixel by pixel with the KV cache), ours and `transformers`' `generate`
+on the same weights.
+
+    python benchmarks/bench.py --cases sampling            # all three below, alternately, medians
+    python benchmarks/sampling_hf.py --impl ours           # one run, one JSON line
+
+Each run is a fresh child process: the model is iGPT-S's width and depth (24 layers, width 512, 8
+heads) at 32x32 with random weights, exported once with `convert.py`'s export so that transformers
+loads the very same numbers. A run reads a prompt of SOS and 512 pixels for 4 images, then draws
+`--steps` pixels (256 by default) by sampling from the full softmax. The same call drawing 1 pixel
+is timed too, and tokens/s is images x (steps - 1) over the difference: the decoding steps alone,
+without the prompt's pass (a forward pass, benchmarked as such), for both.
+
+    ours          the package's own functions (model.decode, KVCache, sampling.choose) from a
+                  script that called threads.configure() first, as train.py, probe.py, sample.py do
+    ours, plain   the same from a plain script that imported NumPy first and set nothing: what a
+                  library user runs (the environment's thread-spin variables removed)
+    transformers  ImageGPTForCausalImageModeling.generate(do_sample=True, top_k=0, use_cache=True)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CFG = dict(n_layer=24, n_embd=512, n_head=8, n_px=32, vocab=512)   # iGPT-S at 32x32
+IMAGES, PROMPT = 4, 512
+IMPLS = ("ours", "ours, plain", "transformers")
+
+
+def export(folder: Path) -> Path:
+    """The random iGPT-S-shaped model as a Hugging Face folder (written once, then reused)."""
+    import numpy as np
+
+    from minigpt_img.checkpoint import export_hf
+    from minigpt_img.model import GPTConfig, ImageGPT
+    if not (folder / "model.safetensors").is_file():
+        model = ImageGPT(GPTConfig(**CFG), np.random.default_rng(0))
+        head = model.lm_head.weight
+        head.data = np.random.default_rng(1).standard_normal(head.shape).astype(np.float32) * 0.02
+        export_hf(model, folder)
+    return folder
+
+
+def prompt_tokens():
+    import numpy as np
+    x = np.random.default_rng(2).integers(0, CFG["vocab"], (IMAGES, PROMPT))
+    return np.concatenate([np.full((IMAGES, 1), CFG["vocab"]), x], axis=1)  # SOS first
+
+
+def run_ours(folder: Path, steps: int) -> float:
+    import numpy as np
+
+    from minigpt_img.checkpoint import load_hf
+    from minigpt_img.model import KVCache
+    from minigpt_img.sampling import choose
+    model, _ = load_hf(folder)
+    x = prompt_tokens()
+    rng = np.random.default_rng(3)
+
+    def draw(n):
+        cache = KVCache(model.config, batch=IMAGES)
+        logits = model.decode(x, cache).data[:, -1]
+        for _ in range(n):
+            token = choose(logits, rng.random(IMAGES))
+            logits = model.decode(token[:, None], cache).data[:, -1]
+    return decoding_seconds(draw, steps)
+
+
+def decoding_seconds(draw, steps: int) -> float:
+    """draw(n) draws n pixels after the prompt: the time of steps - 1 decoding steps alone."""
+    draw(2)                                                               # compile, warm up
+    t0 = time.perf_counter()
+    draw(1)
+    t1 = time.perf_counter()
+    draw(steps)
+    return (time.perf_counter() - t1) - (t1 - t0)
+
+
+def run_transformers(folder: Path, steps: int, threads: int) -> float:
+    import torch
+    from transformers import ImageGPTForCausalImageModeling
+    torch.set_num_threads(threads)
+    model = ImageGPTForCausalImageModeling.from_pretrained(folder).eval()
+    x = torch.from_numpy(prompt_tokens())
+
+    def draw(n):
+        with torch.inference_mode():
+            model.generate(input_ids=x, max_new_tokens=n, min_new_tokens=n, do_sample=True, top_k=0,
+                           use_cache=True, pad_token_id=CFG["vocab"])
+    return decoding_seconds(draw, steps)
+
+
+def child(impl: str, folder: Path, steps: int, threads: int) -> None:
+    seconds = run_transformers(folder, steps, threads) if impl == "transformers" else run_ours(folder, steps)
+    print(json.dumps({"impl": impl, "seconds": seconds, "tokens_per_s": IMAGES * (steps - 1) / seconds}))
+
+
+def bench(repeats: int, threads: int, steps: int = 256, folder: Path = Path("runs/bench-igpt-s-hf")) -> dict:
+    """Each implementation in its own child process, alternately; the median of each."""
+    export(folder)
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_THREAD_TIMEOUT", "OMP_WAIT_POLICY")}
+    env["PYTHONPATH"] = str(REPO)
+    runs = {impl: [] for impl in IMPLS}
+    for _ in range(max(1, repeats)):
+        for impl in IMPLS:
+            args = [sys.executable, __file__, "--impl", impl, "--steps", str(steps), "--threads", str(threads),
+                    "--folder", str(folder)] + (["--configure"] if impl == "ours" else [])
+            out = subprocess.run(args, capture_output=True, text=True, check=True, env=env).stdout
+            runs[impl].append(json.loads(out.strip().splitlines()[-1])["tokens_per_s"])
+    import numpy as np
+    result = {impl: float(np.median(r)) for impl, r in runs.items()}
+    print(f"sampling at iGPT-S size (24 layers, width 512) at 32x32: {IMAGES} images, a prompt of {PROMPT} "
+          f"pixels, then {steps} pixels each (decoding steps alone), {threads} threads")
+    for impl in IMPLS:
+        ratio = "" if impl == "transformers" else f"  {result[impl] / result['transformers']:.2f}x transformers"
+        print(f"  {impl:<14} {result[impl]:7.1f} tokens/s{ratio}")
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--impl", choices=IMPLS, required=True)
+    ap.add_argument("--steps", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--folder", type=Path, default=Path("runs/bench-igpt-s-hf"))
+    ap.add_argument("--configure", action="store_true", help="call threads.configure() before NumPy loads")
+    args = ap.parse_args()
+    if args.configure:
+        sys.path.insert(0, str(REPO))
+        from minigpt_img.threads import configure
+        configure(args.threads)
+    import numpy  # noqa: F401  (a plain script: NumPy first)
+    sys.path.insert(0, str(REPO))
+    export(args.folder)
+    child(args.impl, args.folder, args.steps, args.threads)
+
+
+if __name__ == "__main__":
+    main()
