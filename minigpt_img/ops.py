@@ -131,19 +131,13 @@ class MatMul(Function):
     """out = a @ b over the last two axes, leading (batch) axes broadcast.
 
     With out[..., i, j] = sum_k a[..., i, k] b[..., k, j]:  da = g @ b^T,  db = a^T @ g.
-    When b is a 2-D weight shared by every batch row, db is one matmul over the flattened rows. A
-    product of a few rows (decoding) is kernels.rows_matmul, on the kernels' own threads.
+    When b is a 2-D weight shared by every batch row, db is one matmul over the flattened rows.
     """
 
     def forward(self, a, b):
         self.a, self.b = a, b
-        if b.ndim == 2 and a.ndim >= 2:  # one (rows, K) @ (K, N) GEMM, not one per batch entry
-            rows = a.reshape(-1, a.shape[-1])
-            if len(rows) <= kernels.FEW_ROWS and a.dtype == b.dtype and b.flags.c_contiguous:
-                out = kernels.rows_matmul(np.ascontiguousarray(rows), b)         # decoding: a row per image
-            else:
-                out = rows @ b
-            return out.reshape(*a.shape[:-1], b.shape[1])
+        if b.ndim == 2 and a.ndim > 2:  # one (rows, K) @ (K, N) GEMM, not one per batch entry
+            return (a.reshape(-1, a.shape[-1]) @ b).reshape(*a.shape[:-1], b.shape[1])
         return a @ b
 
     def backward(self, g):

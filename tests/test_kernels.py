@@ -165,18 +165,6 @@ def test_attention_decode_matches_reference(B, NH, D, q_offset, Tq, dtype):
     np.testing.assert_allclose(o, o_ref, **t)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("N,K,M", [(1, 1, 1), (1, 32, 513), (4, 512, 1536), (3, 7, 255), (16, 65, 300)])
-def test_rows_matmul_matches_reference(N, K, M, dtype):
-    """A few rows times a weight (decoding); M not a multiple of the column block, one row, one column."""
-    rng = np.random.default_rng(N * 1000 + M)
-    x, w = rng.standard_normal((N, K)).astype(dtype), rng.standard_normal((K, M)).astype(dtype)
-    out = kernels.rows_matmul(x, w)
-    assert out.dtype == dtype and out.shape == (N, M)
-    t = dict(rtol=1e-4, atol=1e-4) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(out, kernels.rows_matmul_ref(x, w), **t)
-
-
 @pytest.mark.parametrize("n,k", [(1, 1), (5, 3), (257, 64)])
 def test_min_sq_dist_update(n, k):
     rng = np.random.default_rng(n)
