@@ -96,3 +96,29 @@ def load_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def cifar_bytes(images, labels, coarse=None):
+    """Official CIFAR binary records: label byte(s), then the R, G, B planes row-major."""
+    planes = images.transpose(0, 3, 1, 2).reshape(len(images), -1)
+    lab = labels[:, None] if coarse is None else np.stack([coarse, labels], 1)
+    return np.concatenate([lab.astype(np.uint8), planes], 1).tobytes()
+
+
+def write_cifar10(root, n_per_batch=4, test=True, seed=0):
+    """A cifar-10-batches-bin folder in the official format: five training batches of random images
+    (and a test batch of three) -> (folder, training images, their labels)."""
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-bin"
+    folder.mkdir(parents=True)
+    all_images, all_labels = [], []
+    for i in range(1, 6):
+        im = rng.integers(0, 256, (n_per_batch, 32, 32, 3), dtype=np.uint8)
+        lab = rng.integers(0, 10, n_per_batch)
+        (folder / f"data_batch_{i}.bin").write_bytes(cifar_bytes(im, lab))
+        all_images.append(im)
+        all_labels.append(lab)
+    if test:
+        (folder / "test_batch.bin").write_bytes(cifar_bytes(all_images[0][:3], all_labels[0][:3]))
+    (folder / "batches.meta.txt").write_text("\n".join(f"c{i}" for i in range(10)) + "\n\n")
+    return folder, np.concatenate(all_images), np.concatenate(all_labels)

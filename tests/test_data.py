@@ -17,30 +17,9 @@ from minigpt_img.shapes import make_shapes
 from minigpt_img.streaks import (DARK as STREAK_DARK, LIGHT as STREAK_LIGHT, OFFSETS, STAY,
                                  class_log_likelihoods, judge_samples, make_streaks)
 
+from helpers import cifar_bytes, write_cifar10  # noqa: E402
+
 RNG = np.random.default_rng(0)
-
-
-def cifar_bytes(images, labels, coarse=None):
-    """Official CIFAR binary records: label byte(s), then the R, G, B planes row-major."""
-    planes = images.transpose(0, 3, 1, 2).reshape(len(images), -1)
-    lab = labels[:, None] if coarse is None else np.stack([coarse, labels], 1)
-    return np.concatenate([lab.astype(np.uint8), planes], 1).tobytes()
-
-
-def write_cifar10(root, n_per_batch=4, test=True):
-    folder = root / "cifar-10-batches-bin"
-    folder.mkdir(parents=True)
-    all_images, all_labels = [], []
-    for i in range(1, 6):
-        im = RNG.integers(0, 256, (n_per_batch, 32, 32, 3), dtype=np.uint8)
-        lab = RNG.integers(0, 10, n_per_batch)
-        (folder / f"data_batch_{i}.bin").write_bytes(cifar_bytes(im, lab))
-        all_images.append(im)
-        all_labels.append(lab)
-    if test:
-        (folder / "test_batch.bin").write_bytes(cifar_bytes(all_images[0][:3], all_labels[0][:3]))
-    (folder / "batches.meta.txt").write_text("\n".join(f"c{i}" for i in range(10)) + "\n\n")
-    return folder, np.concatenate(all_images), np.concatenate(all_labels)
 
 
 def test_cifar10_folder(tmp_path):

@@ -25,7 +25,7 @@ from minigpt_img.palette import Palette, load_palette
 from minigpt_img.runconfig import ConfigError, RunConfig, resolve_config
 from minigpt_img.trainer import Trainer, TrainingDiverged
 
-from helpers import write_image_folder  # noqa: E402
+from helpers import write_cifar10, write_image_folder  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 QUIET = dict(log=lambda *a: None)
@@ -372,24 +372,14 @@ def test_a_checkpoint_cannot_choose_where_a_run_writes(folder, tmp_path):
 
 
 # ---- 9. data integrity --------------------------------------------------------------------------------
-def write_cifar10(root, n):
-    folder = root / "cifar-10-batches-bin"
-    folder.mkdir(parents=True)
-    for i in range(1, 6):
-        records = np.zeros((n, 3073), np.uint8)
-        records[:, 0] = np.arange(n) % 10
-        (folder / f"data_batch_{i}.bin").write_bytes(records.tobytes())
-    return folder
-
-
 def test_a_cifar_file_cut_at_a_record_boundary_is_refused(tmp_path):
-    folder = write_cifar10(tmp_path, 20)
+    write_cifar10(tmp_path, 20, test=False)
     with pytest.raises(DataError, match="holds 20 images where the official file has 10000"):
         load_dataset("cifar10", tmp_path)
 
 
 def test_checksum_files_beside_the_data_are_verified(tmp_path):
-    folder = write_cifar10(tmp_path, 20)
+    folder = write_cifar10(tmp_path, 20, test=False)[0]
     sums = [f"{files.file_digest(folder / f'data_batch_{i}.bin')}  data_batch_{i}.bin" for i in range(1, 6)]
     (folder / "SHA256SUMS").write_text("\n".join(sums) + "\n")
     assert len(load_dataset("cifar10", tmp_path, official=False).train) == 90

@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from minigpt_img import no_grad
@@ -16,6 +15,8 @@ from minigpt_img.objectives import ar_inputs
 from minigpt_img.palette import Palette
 from minigpt_img.plots import image_grid
 from minigpt_img.sampling import choose, completion_rows, generate
+
+from helpers import write_cifar10  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 CFG = GPTConfig(n_layer=2, n_embd=16, n_head=2, n_px=4, vocab=6)
@@ -182,3 +183,21 @@ def test_the_shipped_first_run_model_samples_and_probes_in_a_fresh_clone(tmp_pat
     assert r.returncode == 0, r.stderr[-2000:]
     import json
     assert json.loads((tmp_path / "p" / "probe.json").read_text())["best"]["eval_acc"] > 0.9
+
+
+def test_the_shipped_cifar10_model_samples_and_probes_in_a_fresh_clone(tmp_path):
+    """weights/cifar10-micro: sample.py draws from it, and probe.py reads CIFAR-10 with it (here a
+    small folder in the official format: the real data is not in a fresh clone)."""
+    repo = Path(__file__).resolve().parent.parent
+    ckpt = repo / "weights" / "cifar10-micro" / "ckpt.npz"
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    r = subprocess.run([sys.executable, str(repo / "sample.py"), "--ckpt", str(ckpt), "--n", "2", "--out",
+                        str(tmp_path / "s.png")], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0 and (tmp_path / "s.png").is_file(), r.stderr[-2000:]
+    write_cifar10(tmp_path / "data", n_per_batch=20)
+    r = subprocess.run([sys.executable, str(repo / "probe.py"), "--ckpt", str(ckpt), "--data", "cifar10",
+                        "--data-dir", str(tmp_path / "data"), "--eval-split", "val", "--layers", "2", "3",
+                        "--no-baselines", "--out", str(tmp_path / "p"), "--cache-dir", str(tmp_path / "cache")],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "p" / "probe.json").is_file()
