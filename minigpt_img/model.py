@@ -26,12 +26,14 @@ classifier (tasks.FineTuning). §3.4: "No dropout is used": there is none.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 
 from . import attention, nn, ops
 from .tensor import Tensor, no_grad
+from .threads import kernels_on_this_thread
 
 
 @dataclass(frozen=True)
@@ -143,8 +145,11 @@ class ImageGPT(nn.Module):
 
     def decode(self, tokens, cache: "KVCache"):
         """Inference only (no gradients): logits (B, T, V) of tokens (B, T) that continue the
-        positions already in the cache, whose keys and values are read instead of recomputed."""
-        with no_grad():
+        positions already in the cache, whose keys and values are read instead of recomputed. A
+        step of a few tokens runs its kernels on the calling thread (threads.kernels_on_this_thread)
+        and its matmuls on BLAS's threads."""
+        few = np.shape(tokens)[1] <= attention.DECODE_ROWS                 # a decoding step, not a prompt
+        with no_grad(), (kernels_on_this_thread() if few else nullcontext()):
             logits = self._forward(tokens, True, None, cache)[0]
         cache.length += np.shape(tokens)[1]
         return logits

@@ -10,6 +10,7 @@ thread count of a running process when other processes load the machine.
 """
 import os
 import time
+from contextlib import contextmanager
 
 SPIN_SETTINGS = {"OPENBLAS_THREAD_TIMEOUT": "4", "OMP_WAIT_POLICY": "PASSIVE"}
 # Variables an MPI launcher sets in each process it starts (Open MPI, MPICH/Hydra, PMIx).
@@ -138,6 +139,23 @@ class FairShare:
             return (f"other processes keep {self.others_cores:.1f} of {self.cores} cores busy: {self.threads} "
                     f"thread(s) now, back to {self.max_threads} when they finish (--threads fixes the count)")
         return f"the cores are free again: {self.threads} threads"
+
+
+@contextmanager
+def kernels_on_this_thread():
+    """Inside: numba's kernels run on the calling thread only (numba's count is per thread, so
+    nothing else changes). For decoding, whose steps are a few tokens: each step's BLAS matmuls keep
+    the cores, and no kernel hands them to numba's pool and back. Two pools taking turns on the same
+    cores wait for each other's spinning threads, and how long they spin is fixed when each library
+    loads (OPENBLAS_THREAD_TIMEOUT, OMP_WAIT_POLICY): in a script that imported NumPy before this
+    package, too late for `configure`."""
+    import numba
+    before = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(before)
 
 
 def set_threads(n: int) -> None:
