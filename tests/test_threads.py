@@ -98,3 +98,26 @@ def test_fair_share_sees_a_real_busy_process():
         busy.kill()
         busy.wait()
     assert share.others(before, after) - quiet > 0.5  # the busy loop adds about one core
+
+
+def test_a_decoding_step_runs_its_kernels_on_the_calling_thread():
+    """In a fresh process with 2 threads: inside a decoding step numba runs 1 thread (its kernels
+    never wake numba's pool between BLAS calls), and the count is 2 again after it; a prompt of
+    many tokens keeps both."""
+    code = textwrap.dedent("""
+        import numba, numpy as np
+        from minigpt_img import threads
+        from minigpt_img.model import GPTConfig, ImageGPT, KVCache
+        seen = []
+        cfg = GPTConfig(n_layer=1, n_embd=8, n_head=2, n_px=4, vocab=4)
+        m, cache = ImageGPT(cfg, np.random.default_rng(0)), KVCache(cfg, 2)
+        norm = m.transformer.h[0].ln_1
+        forward = norm.forward
+        norm.forward = lambda x: seen.append(numba.get_num_threads()) or forward(x)
+        m.decode(np.full((2, 9), 4), cache)
+        m.decode(np.zeros((2, 1), int), cache)
+        print(seen, numba.get_num_threads())
+    """)
+    env = {**threads.os.environ, "NUMBA_NUM_THREADS": "2"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    assert out.split("]")[0] + "]" == "[2, 1]" and out.split("]")[1].strip() == "2", out
