@@ -35,16 +35,17 @@ IMPLS = ("ours", "ours, plain", "transformers")
 
 
 def export(folder: Path) -> Path:
-    """The random iGPT-S-shaped model as a Hugging Face folder (written once, then reused)."""
+    """The random iGPT-S-shaped model as a Hugging Face folder with a random 512-colour palette
+    (written once, then reused; sample.py and probe.py take it as they take a released model)."""
     import numpy as np
 
     from minigpt_img.checkpoint import export_hf
     from minigpt_img.model import GPTConfig, ImageGPT
-    if not (folder / "model.safetensors").is_file():
+    if not (folder / "preprocessor_config.json").is_file():
         model = ImageGPT(GPTConfig(**CFG), np.random.default_rng(0))
         head = model.lm_head.weight
         head.data = np.random.default_rng(1).standard_normal(head.shape).astype(np.float32) * 0.02
-        export_hf(model, folder)
+        export_hf(model, folder, np.random.default_rng(2).uniform(-1, 1, (CFG["vocab"], 3)).astype(np.float32))
     return folder
 
 
