@@ -170,15 +170,15 @@ class ImageGPT(nn.Module):
             keep = (~np.asarray(input_mask, dtype=bool))[..., None].astype(h.dtype)
             h = h * keep                                             # released iGPT BERT: h * (1 - M)
         h = h + tr.wpe.weight[t0:t0 + T]                             # (B, T, C) + (T, C)
-        keep = pool or (lambda n: n)
+        take = pool or (lambda n: n)                                 # what of each n^l is kept
         feats = []
         for layer, block in enumerate(tr.h):
             if upto is not None and layer == upto:                   # stop at n^upto: no logits
-                return None, feats + [keep(block.ln_1(h))]
+                return None, feats + [take(block.ln_1(h))]
             h, n = block(h, causal, cache, layer)
-            feats.append(keep(n))
+            feats.append(take(n))
         n = tr.ln_f(h)                                               # n^L (B, T, C)
-        feats.append(keep(n))
+        feats.append(take(n))
         return self.lm_head(n), feats                                # (B, T, V), L+1 x (B, T, C)
 
 
