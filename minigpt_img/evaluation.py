@@ -87,22 +87,36 @@ class Evaluation:
 
     def score_best(self) -> None:
         """Fine-tuning's result: the best checkpoint scored on the test set (or, when the data has
-        none, on the validation split, which then chose nothing) -> finetune.json, accuracy.png."""
+        none, on the validation split, which then chose nothing) -> finetune.json, accuracy.png.
+        When the time budget ended the run between evaluations, the weights since the last one
+        count too: they are measured, and scored instead when better, from memory (they are
+        ckpt.npz's). Neither a best.npz of an evaluation nor the best score in the checkpoint changes,
+        so a resumed run goes on from the evaluations an uninterrupted one made."""
+        chosen, best_acc, best_step = self.folder.best, self.best["score"], self.best["step"]
+        m = {}
         if self.stop_reason == "time budget" or not self.folder.best.exists():
-            self.evaluate()  # the weights since the last evaluation count too
-        self.load_weights(ck.load_arrays(self.folder.best), self.folder.best, heads=True)
+            m = self.measure(self.data.val_tokens, self.data.val_labels)
+            if m is not None:
+                self.log(self.describe(m))
+                if best_acc is None or m[self.task.score] > best_acc:
+                    chosen, best_acc, best_step = self.folder.ckpt, m[self.task.score], self.step
+                if not self.folder.best.exists():  # no evaluation yet: a resumed run's first one replaces it
+                    self.save(self.folder.best, weights_only=True, val_acc=best_acc)
+                    chosen = self.folder.best
+        if m is not None and chosen == self.folder.best:
+            self.load_weights(ck.load_arrays(self.folder.best), self.folder.best, heads=True)
         ds = self.data.ds
         split, name = (ds.test, "test") if ds.test is not None else (ds.val, "validation")
         tokens = cached_tokens(split.images, self.data.palette, self.cfg.cache_dir)
-        result = self.measure(tokens, split.labels, desc="scoring")
+        result = None if m is None else self.measure(tokens, split.labels, desc="scoring")
         if result is None:
             self.log(f"scoring interrupted: no finetune.json; {self.folder.best} holds the best weights")
             return
-        self.log(f"best checkpoint ({self.plan.eval_on} accuracy {self.best['score']:.2%}): {name} accuracy "
+        self.log(f"best checkpoint, {chosen.name} ({self.plan.eval_on} accuracy {best_acc:.2%}): {name} accuracy "
                  f"{result['acc']:.2%} on {len(split)} images")
         if self.comm.is_root:
             write_json(self.folder.path / "finetune.json", {
-                "best_acc": self.best["score"], "best_step": self.best["step"], "chosen_on": self.plan.eval_on,
+                "best_acc": best_acc, "best_step": best_step, "best_file": chosen.name, "chosen_on": self.plan.eval_on,
                 "eval_split": name, "eval_acc": result["acc"], "n_eval": len(split), "clf_only": self.cfg.clf_only,
                 "pool_layer": list(self.plan.pool_layers), "head_from_probe": self.cfg.head_from_probe,
                 "steps": self.step})

@@ -377,6 +377,42 @@ def test_a_fine_tune_interrupted_after_an_evaluation_without_improvement_resumes
     assert summary["n_eval"] == 15 and summary["eval_acc"] > 0  # scored after the early stop
 
 
+def test_a_fine_tune_ended_by_its_time_budget_between_evaluations_resumes_exactly(tiny_run, tmp_path,
+                                                                                    monkeypatch):
+    """The time budget ends a fine-tune between evaluations, whose last weights then measure better
+    than every evaluation: they are scored (finetune.json names ckpt.npz), but best.npz and the
+    checkpoint's best stay as the scheduled evaluations left them, so the resumed run ends with the
+    best.npz and finetune.json of one never stopped. Accuracies are scripted by step."""
+    from minigpt_img.evaluation import Evaluation
+    measure = Evaluation.measure
+    scripted = {2: 0.5, 3: 0.9, 4: 0.4, 6: 0.45}
+
+    def by_step(self, tokens, labels, batch_size=64, desc="evaluating"):
+        m = measure(self, tokens, labels, batch_size, desc)
+        return m if desc == "scoring" else {**m, "acc": scripted[self.step]}
+    monkeypatch.setattr(Evaluation, "measure", by_step)
+    settings = {"finetune": str(tiny_run / "run" / "ckpt.npz"), "steps": 6, "eval_every": 2, "patience": 10}
+    quiet = {"log": lambda *a: None}
+    straight = Trainer(resolve_config({**settings, "out": str(tmp_path / "a")}), **quiet)
+    assert straight.train() == "done"
+
+    def budget_ends_at_step_3(run):
+        if run.step == 3:
+            run.stop_reason = "time budget"
+    first = Trainer(resolve_config({**settings, "out": str(tmp_path / "b")}), **quiet)
+    assert first.train(on_step=budget_ends_at_step_3) == "time budget"
+    stopped = json.loads((tmp_path / "b" / "finetune.json").read_text())
+    assert (stopped["best_file"], stopped["best_step"], stopped["best_acc"]) == ("ckpt.npz", 3, 0.9)
+    assert json.loads(str(load_arrays(tmp_path / "b" / "best.npz")["config"]))["meta"]["step"] == 2
+    resumed = Trainer(resolve_config({"out": str(tmp_path / "b")}, resume=True), resume=True, **quiet)
+    assert resumed.train() == "done"
+    a, b = load_arrays(tmp_path / "a" / "best.npz"), load_arrays(tmp_path / "b" / "best.npz")
+    assert all(np.array_equal(a[k], b[k]) for k in a if k.startswith(("model/", "head/")))
+    summary = json.loads((tmp_path / "a" / "finetune.json").read_text())
+    assert summary == json.loads((tmp_path / "b" / "finetune.json").read_text())
+    assert (summary["best_file"], summary["best_step"], summary["best_acc"]) == ("best.npz", 2, 0.5)
+
+
 def test_the_lambda_grid_extends_past_an_end_that_wins():
     """When the weakest lambda of the grid scores best on the held-out images, weaker ones are tried
     (up to probe_fit.EXTEND more), so the choice is not the grid's edge by construction."""
