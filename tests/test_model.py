@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from minigpt_img import Tensor, no_grad, ops
+from minigpt_img import no_grad, ops
 from minigpt_img.model import GPTConfig, ImageGPT, KVCache
 from minigpt_img.optim import Adam
 from minigpt_img.sizes import PAPER_PARAMS, SIZES, config_for, count_parameters
