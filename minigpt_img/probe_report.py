@@ -31,6 +31,7 @@ from .parallel import Solo, fan_out
 from .plots import line_chart
 from .probe_fit import held_out, low_data_probe, probe_layer
 from .runconfig import declared
+from .sizes import forward_bytes, memory_problem
 from .streams import generator
 
 
@@ -100,6 +101,10 @@ def probe_report(ckpt, data, data_dir, eval_split, layers, max_train, max_eval, 
     # the forward passes stop at the deepest layer asked for (and a --concat window centred below it)
     deepest = min(cfg.n_layer, max(chosen) + concat // 2)
     upto = deepest if deepest < cfg.n_layer else None
+    problem = memory_problem(forward_bytes(cfg, batch_size), f"the forward passes of {batch_size} images at once",
+                             "lower --batch-size")
+    if problem:  # before any feature is extracted
+        raise ValueError(problem)
     key = (f"{model_digest(path)[:16]}-{Path(str(name)).name}-{cfg.n_px}-{objective}{bert_masks}"
            + (f"-upto{deepest}" if upto is not None else ""))
 
@@ -155,6 +160,7 @@ def probe_report(ckpt, data, data_dir, eval_split, layers, max_train, max_eval, 
         V = cfg.vocab
         hist_tr = np.stack([np.bincount(t, minlength=V) for t in t_tr]) / t_tr.shape[1]
         hist_ev = np.stack([np.bincount(t, minlength=V) for t in t_ev]) / t_ev.shape[1]
+        model = None  # the trained weights are done with: the random ones take their place in memory
         random_model = ImageGPT(cfg, generator(seed, "random_init"))
         R_tr = features(random_model, t_tr, "train", "random")[0]
         R_ev = features(random_model, t_ev, eval_split, "random")[0]

@@ -412,6 +412,20 @@ def test_a_fine_tune_ended_by_its_time_budget_between_evaluations_resumes_exactl
     assert (summary["best_file"], summary["best_step"], summary["best_acc"]) == ("best.npz", 2, 0.5)
 
 
+def test_a_probe_whose_forward_passes_would_not_fit_is_refused_before_it_starts(tiny_run, monkeypatch):
+    """With memory for the weights but not for 64 images' forward pass: one line naming the need and
+    --batch-size, before any feature is extracted; a batch that fits goes on."""
+    from minigpt_img import probe_report as pr
+    from minigpt_img import sizes
+    monkeypatch.setattr(sizes, "available_memory", lambda: 2 << 20)  # 2 MiB: the nano weights fit
+    args = dict(ckpt=tiny_run / "run" / "ckpt.npz", data=None, data_dir=None, eval_split="test", layers=[1],
+                max_train=20, max_eval=10, labels_per_class=(), bert_masks=1, seed=0, baselines=False,
+                cache_dir=tiny_run / "cache", log=lambda *a: None)
+    with pytest.raises(ValueError, match=r"64 images at once needs about .* lower --batch-size"):
+        pr.probe_report(batch_size=64, **args)
+    assert pr.probe_report(batch_size=4, **args)["best"]["layer"] == 1
+
+
 def test_the_lambda_grid_extends_past_an_end_that_wins():
     """When the weakest lambda of the grid scores best on the held-out images, weaker ones are tried
     (up to probe_fit.EXTEND more), so the choice is not the grid's edge by construction."""
