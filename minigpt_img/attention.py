@@ -20,6 +20,7 @@ import numpy as np
 from numba import njit, prange
 
 from .kernels import _JIT, exp_inplace, logsumexp, row_max
+from .threads import serial_kernel_blas
 
 
 def heads(qkv: np.ndarray, n_head: int):
@@ -30,17 +31,24 @@ def heads(qkv: np.ndarray, n_head: int):
 
 
 # Tiles: TQ query rows by TK keys. Every tile product is a BLAS GEMM of TQ * TK * D multiply-adds,
-# called from inside our own parallel loop. Measured here: GEMMs of m * n * k <= 2^18 ran on the
-# calling thread; at 2^19 OpenBLAS started its own threads inside ours and a layer's forward took
-# 60x longer. So the key tile shrinks as the head grows: TK = 128 for D <= 32, 64 for D = 64, 32 for
-# D = 128. (64 x 128 beat 64 x 64 by 1.25x on the forward.)
-TQ = 64
+# called from inside our own parallel loop, so it must run on the calling thread. When the kernels'
+# BLAS can be kept at one thread (threads.serial_kernel_blas: numba's np.dot calls SciPy's OpenBLAS,
+# a library apart from NumPy's), tiles are 128 x 128: measured single-threaded against 64 x 128, 5%
+# faster forward + backward at T = 256, D = 32 and 13% at T = 1024, D = 64 (a GEMM with 128 rows
+# runs at 56-65 GFLOP/s here, with 64 at 35). Otherwise they stay small enough that OpenBLAS does
+# not start threads of its own (m n k <= 2^18: at 2^19 it did, inside ours, and a layer's forward
+# took 60x longer): TQ = 64 and TK = 128 for D <= 32, 64 for D = 64, 32 for D = 128.
 GEMM_ONE_THREAD = 1 << 18
 
 
-@njit(**_JIT)
-def _key_tile(D):
-    return max(8, min(128, GEMM_ONE_THREAD // (TQ * D)))
+def tiles(D: int) -> tuple[int, int]:
+    """(TQ, TK) for head size D, as the comment above says: the kernels' last two arguments."""
+    return (128, 128) if serial_kernel_blas() else one_thread_tiles(D)
+
+
+def one_thread_tiles(D: int) -> tuple[int, int]:
+    """Tiles whose GEMMs OpenBLAS runs on the calling thread whatever its thread count."""
+    return 64, max(8, min(128, GEMM_ONE_THREAD // (64 * D)))
 
 
 @njit(**_JIT)
@@ -61,14 +69,13 @@ def _tile(x, b, i0, i1, h, out):
 
 
 @njit(parallel=True, **_JIT)
-def attention_forward(q, k, v, causal, q_offset):
+def attention_forward(q, k, v, causal, q_offset, TQ, TK):
     """q (B, Tq, NH, D), k, v (B, Tk, NH, D), any strides -> o (B, Tq, NH, D) C-contiguous (so
     o.reshape(B, Tq, C) has the heads side by side) and lse (B, NH, Tq) = log sum_j exp(S_ij).
     Tiles are computed in the inputs' precision (float32 SIMD for float32); row statistics m, l
-    in float64."""
+    in float64. TQ, TK: the tile (tiles())."""
     B, Tq, NH, D = q.shape
     Tk = k.shape[1]
-    TK = _key_tile(D)
     scale = q.dtype.type(1.0 / np.sqrt(D))
     o = np.empty((B, Tq, NH, D), dtype=q.dtype)
     lse = np.empty((B, NH, Tq), dtype=q.dtype)
@@ -198,7 +205,7 @@ def attention_forward_ref(q, k, v, causal, q_offset):
 
 
 @njit(parallel=True, **_JIT)
-def attention_backward(q, k, v, o, lse, do, causal, q_offset):
+def attention_backward(q, k, v, o, lse, do, causal, q_offset, TQ, TK):
     """Backward of attention_forward: do (B, Tq, NH, D) -> the fused gradient (B, T, 3, NH, D) =
     (dQ, dK, dV) side by side, which reshapes to (B, T, 3C) like qkv. In the forward pass
     O = P V with P = softmax(S), so:
@@ -207,11 +214,10 @@ def attention_backward(q, k, v, o, lse, do, causal, q_offset):
         dK = dS^T Q / sqrt(D)
     (rowsum(dO * O) = rowsum(dP * P), the softmax Jacobian's diagonal term). P is rebuilt tile by
     tile from the saved lse; for each key tile, dK and dV are summed over the query tiles that see it.
-    Needs Tq = Tk (training, q_offset = 0 unless testing).
+    Needs Tq = Tk (training, q_offset = 0 unless testing). TQ, TK: the tile (tiles()).
     """
     B, Tq, NH, D = q.shape
     Tk = k.shape[1]
-    TK = _key_tile(D)
     scale = q.dtype.type(1.0 / np.sqrt(D))
     dqkv = np.zeros((B, Tq, 3, NH, D), dtype=q.dtype)
     for bh in prange(B * NH):

@@ -206,5 +206,6 @@ class KVCache:
             o = attention.attention_decode(q, self.k[layer], self.v[layer], t0)
         else:                                                              # a prompt: the tiled kernel
             o, _ = attention.attention_forward(q, self.k[layer].transpose(0, 2, 1, 3),
-                                               self.v[layer].transpose(0, 2, 1, 3), True, t0)
+                                               self.v[layer].transpose(0, 2, 1, 3), True, t0,
+                                               *attention.tiles(q.shape[-1]))
         return o.reshape(B, T, -1)                                         # (B, T, C)

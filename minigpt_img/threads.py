@@ -8,6 +8,7 @@ two (unless the environment already sets them) and, when asked, the thread count
 `configure` imports nothing heavy, so calling it before NumPy is possible. `FairShare` changes the
 thread count of a running process when other processes load the machine.
 """
+import functools
 import os
 import time
 from contextlib import contextmanager
@@ -158,6 +159,32 @@ def kernels_on_this_thread():
         numba.set_num_threads(before)
 
 
+@functools.cache
+def _kernel_blas() -> str | None:
+    """The path of the OpenBLAS that numba's kernels call (np.dot inside @njit goes through
+    scipy.linalg.cython_blas to SciPy's own OpenBLAS), when it is a library apart from NumPy's (the
+    pip wheels'); None otherwise (one shared library, or not OpenBLAS)."""
+    import numpy
+    import scipy.linalg.cython_blas  # noqa: F401 (loads SciPy's BLAS, which numba would load anyway)
+    libraries = _openblas_libraries()
+    numpy_dirs = (os.path.dirname(numpy.__file__), os.path.dirname(numpy.__file__) + ".libs")
+    numpy_libs = [p for p in libraries if p.startswith(numpy_dirs)]
+    others = [p for p in libraries if p not in numpy_libs and "scipy" in p]
+    return others[0] if numpy_libs and len(others) == 1 else None
+
+
+def serial_kernel_blas() -> bool:
+    """Keep the BLAS of numba's kernels at one thread (see _kernel_blas): their GEMMs run inside
+    numba's own threads, and an OpenBLAS starting threads of its own inside them oversubscribes the
+    cores (measured: a layer's attention 60x slower). True when that BLAS is at one thread now, so
+    the kernels may call it with products of any size; False when it cannot be told apart from
+    NumPy's, whose matmuls need all the threads."""
+    path = _kernel_blas()
+    if path is not None:
+        _set_openblas(path, 1)
+    return path is not None
+
+
 def set_threads(n: int) -> None:
     """Set numba's and every loaded OpenBLAS's thread count now (after NumPy has loaded)."""
     import numba
@@ -172,15 +199,28 @@ def current_threads() -> int:
 
 
 def set_blas_threads(n: int) -> None:
-    """Set every loaded OpenBLAS's thread count now (NumPy's and SciPy's are separate libraries)."""
-    import ctypes
+    """Set the thread count of every loaded OpenBLAS now (NumPy's and SciPy's are separate
+    libraries) but the kernels' own, which stays at one thread (serial_kernel_blas)."""
     for path in _openblas_libraries():
-        lib = ctypes.CDLL(path)
-        for name in ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
-                     "openblas_set_num_threads64_", "openblas_set_num_threads"):
-            if hasattr(lib, name):
-                getattr(lib, name)(ctypes.c_int(n))
-                break
+        if path != _kernel_blas():
+            _set_openblas(path, n)
+
+
+def _set_openblas(path: str, n: int) -> None:
+    setter = _openblas_function(path, "set_num_threads")
+    if setter is not None:
+        setter(n)
+
+
+@functools.cache
+def _openblas_function(path: str, what: str):
+    """An OpenBLAS library's openblas_<what> function, under whichever of its builds' names it has."""
+    import ctypes
+    lib = ctypes.CDLL(path)
+    for name in (f"scipy_openblas_{what}64_", f"scipy_openblas_{what}", f"openblas_{what}64_", f"openblas_{what}"):
+        if hasattr(lib, name):
+            return getattr(lib, name)
+    return None
 
 
 def _openblas_libraries() -> list[str]:

@@ -105,27 +105,30 @@ def test_norm_backward_does_not_depend_on_thread_count():
 
 ATTN_SHAPES = [  # (B, NH, T, D): T = 1, T not a multiple of the tile, head sizes 8/32/64/128, one head
     (1, 1, 1, 8), (1, 1, 1, 64), (1, 3, 65, 32), (2, 1, 130, 64), (1, 1, 100, 8), (2, 2, 64, 32),
-    (2, 1, 7, 32), (1, 1, 70, 128),  # a head size whose key tile is 32 wide (attention._key_tile)
+    (2, 1, 7, 32), (1, 1, 70, 128),  # a head size whose one-thread key tile is 32 wide
     (3, 2, 33, 16),
 ]
 
 
+@pytest.mark.parametrize("tiles", ["one-thread", (128, 128), (16, 8)])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("B,NH,T,D", ATTN_SHAPES)
-def test_attention_forward_and_backward(B, NH, T, D, causal, dtype):
-    """On the strided views of a fused qkv (B, T, 3C), as the model calls it."""
+def test_attention_forward_and_backward(B, NH, T, D, causal, dtype, tiles):
+    """On the strided views of a fused qkv (B, T, 3C), as the model calls it; with the tiles of a
+    BLAS that may start threads, the tiles of one that may not, and small ones (many per head)."""
+    tiles = attention.one_thread_tiles(D) if tiles == "one-thread" else tiles
     rng = np.random.default_rng(B * 10000 + NH * 1000 + T + D)
     qkv = rng.standard_normal((B, T, 3 * NH * D)).astype(dtype)
     q, k, v = attention.heads(qkv, NH)                                          # (B, T, NH, D) views
     do = rng.standard_normal((B, T, NH, D)).astype(dtype)
-    o, lse = attention.attention_forward(q, k, v, causal, 0)
+    o, lse = attention.attention_forward(q, k, v, causal, 0, *tiles)
     o_ref, lse_ref = attention.attention_forward_ref(q, k, v, causal, 0)
     assert o.dtype == dtype and lse.dtype == dtype and o.flags.c_contiguous
     t = dict(rtol=1e-4, atol=1e-5) if dtype == np.float32 else dict(rtol=1e-11, atol=1e-12)
     np.testing.assert_allclose(o, o_ref, **t)
     np.testing.assert_allclose(lse, lse_ref, **t)
-    dqkv = attention.attention_backward(q, k, v, o, lse, do, causal, 0)
+    dqkv = attention.attention_backward(q, k, v, o, lse, do, causal, 0, *tiles)
     assert dqkv.dtype == dtype and dqkv.shape == (B, T, 3, NH, D)
     np.testing.assert_allclose(dqkv, attention.attention_backward_ref(q, k, v, o_ref, lse_ref, do, causal, 0), **t)
 
@@ -139,7 +142,7 @@ def test_attention_with_offset_matches_reference(q_offset, Tq, Tk):
     k, v = rng.standard_normal((2, 1, Tk + 20, 3, 16))
     k[:, Tk:] = np.nan  # unwritten cache slots
     v[:, Tk:] = np.nan
-    o, lse = attention.attention_forward(q, k, v, True, q_offset)
+    o, lse = attention.attention_forward(q, k, v, True, q_offset, *attention.tiles(16))
     o_ref, lse_ref = attention.attention_forward_ref(q, k[:, :Tk], v[:, :Tk], True, q_offset)
     np.testing.assert_allclose(o, o_ref, rtol=1e-11, atol=1e-12)
     np.testing.assert_allclose(lse, lse_ref, rtol=1e-11, atol=1e-12)

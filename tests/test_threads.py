@@ -59,27 +59,26 @@ def test_fair_share_does_nothing_with_one_thread_or_off_linux(monkeypatch):
 
 
 def test_set_threads_changes_numba_and_openblas_in_a_running_process():
-    """In a fresh process started with 2 threads: after set_threads(1) both pools run 1 thread."""
+    """In a fresh process started with 2 threads: after set_threads(1) both pools run 1 thread, and
+    set_threads(2) brings NumPy's BLAS back to 2 while the kernels' own BLAS (SciPy's, which numba
+    calls inside its threads) stays at 1 once serial_kernel_blas has set it."""
     code = textwrap.dedent("""
-        import ctypes
-        from minigpt_img.threads import configure, set_threads, _openblas_libraries
+        from minigpt_img.threads import (configure, set_threads, serial_kernel_blas, _kernel_blas,
+                                         _openblas_function, _openblas_libraries)
         configure(2)
         import numpy, numba, scipy.linalg
+        def counts():
+            return {p == _kernel_blas(): _openblas_function(p, "get_num_threads")() for p in _openblas_libraries()}
         set_threads(1)
-        counts = []
-        for path in _openblas_libraries():
-            lib = ctypes.CDLL(path)
-            for name in ("scipy_openblas_get_num_threads64_", "scipy_openblas_get_num_threads",
-                         "openblas_get_num_threads64_", "openblas_get_num_threads"):
-                if hasattr(lib, name):
-                    counts.append(getattr(lib, name)())
-                    break
-        print(numba.get_num_threads(), counts)
+        one = numba.get_num_threads(), counts()
+        serial = serial_kernel_blas()
+        set_threads(2)
+        print(repr((one, serial, counts())))
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    numba_threads, blas = out.split(maxsplit=1)
-    assert numba_threads == "1"
-    assert eval(blas) and set(eval(blas)) == {1}
+    (numba_threads, one), serial, two = eval(out)
+    assert numba_threads == 1 and one[False] == 1
+    assert two == ({False: 2, True: 1} if serial else {False: 2})
 
 
 @pytest.mark.skipif(not hasattr(threads.os, "sched_getaffinity"), reason="Linux /proc only")
