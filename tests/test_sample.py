@@ -1,5 +1,6 @@
 """Sampling: determinism, temperature 0 = argmax, top-k, completions keep the given pixels, grids,
 and sample.py end to end."""
+import json
 import os
 import subprocess
 import sys
@@ -168,36 +169,31 @@ def test_generate_stops_when_asked():
     assert out is None and len(calls) == 4
 
 
-def test_the_shipped_first_run_model_samples_and_probes_in_a_fresh_clone(tmp_path):
-    """weights/first-run: sample.py and probe.py work on it with no training (the built-in data)."""
-    repo = Path(__file__).resolve().parent.parent
-    ckpt = repo / "weights" / "first-run" / "ckpt.npz"
-    env = {**os.environ, "PYTHONPATH": str(repo)}
-    r = subprocess.run([sys.executable, str(repo / "sample.py"), "--ckpt", str(ckpt), "--n", "4", "--out",
+def shipped_model_works(tmp_path, name: str, n: int, probe_args: list) -> dict:
+    """sample.py draws n images from weights/<name> and probe.py probes it with probe_args, in a
+    fresh process each, as a fresh clone runs them with no training -> the probe's report."""
+    ckpt = REPO / "weights" / name / "ckpt.npz"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, str(REPO / "sample.py"), "--ckpt", str(ckpt), "--n", str(n), "--out",
                         str(tmp_path / "s.png")], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0 and (tmp_path / "s.png").is_file(), r.stderr[-2000:]
-    r = subprocess.run([sys.executable, str(repo / "probe.py"), "--ckpt", str(ckpt), "--layers", "3",
-                        "--max-train", "600", "--max-eval", "400", "--no-baselines", "--out", str(tmp_path / "p"),
-                        "--cache-dir", str(tmp_path / "cache")], capture_output=True, text=True, env=env,
-                       timeout=300)
+    r = subprocess.run([sys.executable, str(REPO / "probe.py"), "--ckpt", str(ckpt), *probe_args, "--no-baselines",
+                        "--out", str(tmp_path / "p"), "--cache-dir", str(tmp_path / "cache")],
+                       capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    import json
-    assert json.loads((tmp_path / "p" / "probe.json").read_text())["best"]["eval_acc"] > 0.9
+    return json.loads((tmp_path / "p" / "probe.json").read_text())
+
+
+def test_the_shipped_first_run_model_samples_and_probes_in_a_fresh_clone(tmp_path):
+    """weights/first-run, on the built-in data."""
+    report = shipped_model_works(tmp_path, "first-run", 4, ["--layers", "3", "--max-train", "600", "--max-eval", "400"])
+    assert report["best"]["eval_acc"] > 0.9
 
 
 def test_the_shipped_cifar10_model_samples_and_probes_in_a_fresh_clone(tmp_path):
-    """weights/cifar10-micro: sample.py draws from it, and probe.py reads CIFAR-10 with it (here a
-    small folder in the official format: the real data is not in a fresh clone)."""
-    repo = Path(__file__).resolve().parent.parent
-    ckpt = repo / "weights" / "cifar10-micro" / "ckpt.npz"
-    env = {**os.environ, "PYTHONPATH": str(repo)}
-    r = subprocess.run([sys.executable, str(repo / "sample.py"), "--ckpt", str(ckpt), "--n", "2", "--out",
-                        str(tmp_path / "s.png")], capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0 and (tmp_path / "s.png").is_file(), r.stderr[-2000:]
+    """weights/cifar10-micro, on a small folder in CIFAR-10's official format (the real data is not
+    in a fresh clone)."""
     write_cifar10(tmp_path / "data", n_per_batch=20)
-    r = subprocess.run([sys.executable, str(repo / "probe.py"), "--ckpt", str(ckpt), "--data", "cifar10",
-                        "--data-dir", str(tmp_path / "data"), "--eval-split", "val", "--layers", "2", "3",
-                        "--no-baselines", "--out", str(tmp_path / "p"), "--cache-dir", str(tmp_path / "cache")],
-                       capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert (tmp_path / "p" / "probe.json").is_file()
+    report = shipped_model_works(tmp_path, "cifar10-micro", 2, ["--data", "cifar10", "--data-dir", str(tmp_path / "data"),
+                                                                "--eval-split", "val", "--layers", "2", "3"])
+    assert [row["layer"] for row in report["layers"]] == [2, 3]
