@@ -15,7 +15,8 @@ gelu2, SDPA, AdamW) is timed alternately with ours, and the ratio ours/PyTorch i
 
 sampling: tokens per second generating 16 images at 32x32 with the KV cache (micro and mini), and
 at iGPT-S size against transformers' generate on the same weights, also from a plain script
-(benchmarks/sampling_hf.py).
+(benchmarks/hf_compare.py). forward also runs the forward pass of 8 images at iGPT-S size against
+transformers there.
 
 attention: multi-head causal attention forward+backward, T=1024, 8 heads, head size 32, batch 4, the
 numba flash kernel against the materialised NumPy reference (the same float32 math with the whole
@@ -313,12 +314,17 @@ def bench_sampling(repeats: int) -> dict:
         t = min(_timed(lambda: generate(model, 16, np.random.default_rng(1))) for _ in range(max(1, repeats // 3)))
         results[f"{size}@{res}"] = {"seconds_16_images": t, "tokens_per_s": 16 * cfg.n_ctx / t}
         print(f"  {size}@{res}: 16 images in {t:.1f} s, {16 * cfg.n_ctx / t:,.0f} tokens/s")
-    if all(importlib.util.find_spec(m) for m in ("torch", "transformers")):
-        from sampling_hf import bench
-        results["igpt_s_against_transformers"] = bench(max(1, repeats // 2), _threads())
-    else:
-        print("  against transformers: skipped (pip install torch==2.13.0 transformers, never a dependency)")
+    results.update(against_transformers("sampling", repeats))
     return results
+
+
+def against_transformers(task: str, repeats: int) -> dict:
+    """benchmarks/hf_compare.py at iGPT-S size, when torch and transformers are installed."""
+    if not all(importlib.util.find_spec(m) for m in ("torch", "transformers")):
+        print(f"  {task} against transformers: skipped (pip install torch==2.13.0 transformers, never a dependency)")
+        return {}
+    from hf_compare import bench
+    return {"igpt_s_against_transformers": bench(task, max(1, repeats // 2), _threads())}
 
 
 def bench_data_parallel(repeats: int) -> dict:
@@ -368,7 +374,8 @@ def bench_contention(seconds: float, threads: int, compare_torch: bool) -> dict:
 
 CASES = {  # name -> function of (arguments, fp32 GEMM peak)
     "train": lambda a, peak: bench_model("train", a.repeats, a.compare_torch, peak),
-    "forward": lambda a, peak: bench_model("forward", a.repeats, a.compare_torch, peak),
+    "forward": lambda a, peak: {**bench_model("forward", a.repeats, a.compare_torch, peak),
+                                **against_transformers("forward", a.repeats)},
     "sampling": lambda a, peak: bench_sampling(a.repeats),
     "attention": lambda a, peak: bench_attention(a.repeats),
     "palette": lambda a, peak: bench_palette(a.repeats, a.data, a.data_dir),

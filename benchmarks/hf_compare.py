@@ -1,16 +1,17 @@
-"""Sampling at iGPT-S size against Hugging Face: the paper's Figure 1 task (the top half of a 32x32
-image given, the rest drawn pixel by pixel with the KV cache), ours and `transformers`' `generate`
-on the same weights.
+"""Ours against Hugging Face's `transformers` at iGPT-S size (24 layers, width 512, 8 heads) at 32x32,
+on the same random weights (exported once with `convert.py`'s export, so transformers loads the very
+same numbers): the forward pass of a probe, and sampling, the paper's Figure 1 task.
 
-    python benchmarks/bench.py --cases sampling            # all three below, alternately, medians
-    python benchmarks/sampling_hf.py --impl ours           # one run, one JSON line
+    python benchmarks/bench.py --cases forward sampling    # each alternately in child processes, medians
+    python benchmarks/hf_compare.py --task sampling --impl ours   # one run, one JSON line
 
-Each run is a fresh child process: the model is iGPT-S's width and depth (24 layers, width 512, 8
-heads) at 32x32 with random weights, exported once with `convert.py`'s export so that transformers
-loads the very same numbers. A run reads a prompt of SOS and 512 pixels for 4 images, then draws
-`--steps` pixels (256 by default) by sampling from the full softmax. The same call drawing 1 pixel
-is timed too, and tokens/s is images x (steps - 1) over the difference: the decoding steps alone,
-without the prompt's pass (a forward pass, benchmarked as such), for both.
+forward: 8 images (SOS and 1,023 pixels each) through the whole model, no gradients: ours as probe.py
+runs it (features.extract_features), transformers' ImageGPTForCausalImageModeling under
+torch.inference_mode. Seconds per pass, the median of 3 after one that warms up.
+
+sampling: a prompt of SOS and 512 pixels for 4 images, then `--steps` pixels (256 by default) drawn
+from the full softmax. The same call drawing 1 pixel is timed too, and tokens/s is images x (steps
+- 1) over the difference: the decoding steps alone, without the prompt's pass, for both.
 
     ours          the package's own functions (model.decode, KVCache, sampling.choose) from a
                   script that called threads.configure() first, as train.py, probe.py, sample.py do
@@ -30,8 +31,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 CFG = dict(n_layer=24, n_embd=512, n_head=8, n_px=32, vocab=512)   # iGPT-S at 32x32
-IMAGES, PROMPT = 4, 512
-IMPLS = ("ours", "ours, plain", "transformers")
+IMAGES, PROMPT, FORWARD_BATCH = 4, 512, 8
+IMPLS = {"sampling": ("ours", "ours, plain", "transformers"), "forward": ("ours", "transformers")}
 
 
 def export(folder: Path) -> Path:
@@ -98,28 +99,74 @@ def run_transformers(folder: Path, steps: int, threads: int) -> float:
     return decoding_seconds(draw, steps)
 
 
-def child(impl: str, folder: Path, steps: int, threads: int) -> None:
+def forward_ours(folder: Path) -> float:
+    import numpy as np
+
+    from minigpt_img.checkpoint import load_hf
+    from minigpt_img.features import extract_features
+    model, _ = load_hf(folder)
+    x = np.random.default_rng(2).integers(0, CFG["vocab"], (FORWARD_BATCH, model.config.n_ctx))
+    return _median_pass(lambda: extract_features(model, x, "ar", FORWARD_BATCH))
+
+
+def forward_transformers(folder: Path, threads: int) -> float:
+    import numpy as np
+    import torch
+    from transformers import ImageGPTForCausalImageModeling
+    torch.set_num_threads(threads)
+    model = ImageGPTForCausalImageModeling.from_pretrained(folder).eval()
+    x = np.random.default_rng(2).integers(0, CFG["vocab"], (FORWARD_BATCH, model.config.n_positions))
+    x = torch.from_numpy(np.concatenate([np.full((FORWARD_BATCH, 1), CFG["vocab"]), x[:, :-1]], axis=1))
+
+    def run():
+        with torch.inference_mode():
+            model(input_ids=x)
+    return _median_pass(run)
+
+
+def _median_pass(run, repeats: int = 3) -> float:
+    run()                                                                 # compile, warm up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def child(task: str, impl: str, folder: Path, steps: int, threads: int) -> None:
+    if task == "forward":
+        seconds = forward_transformers(folder, threads) if impl == "transformers" else forward_ours(folder)
+        print(json.dumps({"impl": impl, "seconds": seconds}))
+        return
     seconds = run_transformers(folder, steps, threads) if impl == "transformers" else run_ours(folder, steps)
     print(json.dumps({"impl": impl, "seconds": seconds, "tokens_per_s": IMAGES * (steps - 1) / seconds}))
 
 
-def bench(repeats: int, threads: int, steps: int = 256, folder: Path = Path("runs/bench-igpt-s-hf")) -> dict:
+def bench(task: str, repeats: int, threads: int, steps: int = 256,
+          folder: Path = Path("runs/bench-igpt-s-hf")) -> dict:
     """Each implementation in its own child process, alternately; the median of each."""
+    import numpy as np
     export(folder)
     env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_THREAD_TIMEOUT", "OMP_WAIT_POLICY")}
     env["PYTHONPATH"] = str(REPO)
-    runs = {impl: [] for impl in IMPLS}
+    key = "seconds" if task == "forward" else "tokens_per_s"
+    runs = {impl: [] for impl in IMPLS[task]}
     for _ in range(max(1, repeats)):
-        for impl in IMPLS:
-            args = [sys.executable, __file__, "--impl", impl, "--steps", str(steps), "--threads", str(threads),
-                    "--folder", str(folder)] + (["--configure"] if impl == "ours" else [])
+        for impl in IMPLS[task]:
+            args = [sys.executable, __file__, "--task", task, "--impl", impl, "--steps", str(steps),
+                    "--threads", str(threads), "--folder", str(folder)] + (["--configure"] if impl == "ours" else [])
             out = subprocess.run(args, capture_output=True, text=True, check=True, env=env).stdout
-            runs[impl].append(json.loads(out.strip().splitlines()[-1])["tokens_per_s"])
-    import numpy as np
+            runs[impl].append(json.loads(out.strip().splitlines()[-1])[key])
     result = {impl: float(np.median(r)) for impl, r in runs.items()}
+    if task == "forward":
+        print(f"forward at iGPT-S size at 32x32, {FORWARD_BATCH} images, no gradients, {threads} threads: ours "
+              f"{result['ours']:.2f} s, transformers {result['transformers']:.2f} s, ours/transformers "
+              f"{result['ours'] / result['transformers']:.2f}")
+        return result
     print(f"sampling at iGPT-S size (24 layers, width 512) at 32x32: {IMAGES} images, a prompt of {PROMPT} "
           f"pixels, then {steps} pixels each (decoding steps alone), {threads} threads")
-    for impl in IMPLS:
+    for impl in IMPLS[task]:
         ratio = "" if impl == "transformers" else f"  {result[impl] / result['transformers']:.2f}x transformers"
         print(f"  {impl:<14} {result[impl]:7.1f} tokens/s{ratio}")
     return result
@@ -127,7 +174,8 @@ def bench(repeats: int, threads: int, steps: int = 256, folder: Path = Path("run
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--impl", choices=IMPLS, required=True)
+    ap.add_argument("--task", choices=list(IMPLS), default="sampling")
+    ap.add_argument("--impl", choices=IMPLS["sampling"], required=True)
     ap.add_argument("--steps", type=int, default=256)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--folder", type=Path, default=Path("runs/bench-igpt-s-hf"))
@@ -140,7 +188,7 @@ def main() -> None:
     import numpy  # noqa: F401  (a plain script: NumPy first)
     sys.path.insert(0, str(REPO))
     export(args.folder)
-    child(args.impl, args.folder, args.steps, args.threads)
+    child(args.task, args.impl, args.folder, args.steps, args.threads)
 
 
 if __name__ == "__main__":
