@@ -137,10 +137,12 @@ def _median_pass(run, repeats: int = 3) -> float:
 def child(task: str, impl: str, folder: Path, steps: int, threads: int) -> None:
     if task == "forward":
         seconds = forward_transformers(folder, threads) if impl == "transformers" else forward_ours(folder)
-        print(json.dumps({"impl": impl, "seconds": seconds}))
-        return
-    seconds = run_transformers(folder, steps, threads) if impl == "transformers" else run_ours(folder, steps)
-    print(json.dumps({"impl": impl, "seconds": seconds, "tokens_per_s": IMAGES * (steps - 1) / seconds}))
+        out = {"impl": impl, "seconds": seconds}
+    else:
+        seconds = run_transformers(folder, steps, threads) if impl == "transformers" else run_ours(folder, steps)
+        out = {"impl": impl, "seconds": seconds, "tokens_per_s": IMAGES * (steps - 1) / seconds}
+    from bench import peak_rss_mb  # only now: importing bench.py applies threads.configure
+    print(json.dumps({**out, "peak_rss_mb": peak_rss_mb()}))
 
 
 def bench(task: str, repeats: int, threads: int, steps: int = 256,
@@ -151,24 +153,28 @@ def bench(task: str, repeats: int, threads: int, steps: int = 256,
     env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_THREAD_TIMEOUT", "OMP_WAIT_POLICY")}
     env["PYTHONPATH"] = str(REPO)
     key = "seconds" if task == "forward" else "tokens_per_s"
-    runs = {impl: [] for impl in IMPLS[task]}
+    runs, peaks = {impl: [] for impl in IMPLS[task]}, {}
     for _ in range(max(1, repeats)):
         for impl in IMPLS[task]:
             args = [sys.executable, __file__, "--task", task, "--impl", impl, "--steps", str(steps),
                     "--threads", str(threads), "--folder", str(folder)] + (["--configure"] if impl == "ours" else [])
-            out = subprocess.run(args, capture_output=True, text=True, check=True, env=env).stdout
-            runs[impl].append(json.loads(out.strip().splitlines()[-1])[key])
-    result = {impl: float(np.median(r)) for impl, r in runs.items()}
+            out = json.loads(subprocess.run(args, capture_output=True, text=True, check=True,
+                                            env=env).stdout.strip().splitlines()[-1])
+            runs[impl].append(out[key])
+            peaks[impl] = max(peaks.get(impl, 0.0), out["peak_rss_mb"])
+    result = {impl: {key: float(np.median(r)), "peak_rss_mb": peaks[impl]} for impl, r in runs.items()}
     if task == "forward":
+        ours, hf = result["ours"], result["transformers"]
         print(f"forward at iGPT-S size at 32x32, {FORWARD_BATCH} images, no gradients, {threads} threads: ours "
-              f"{result['ours']:.2f} s, transformers {result['transformers']:.2f} s, ours/transformers "
-              f"{result['ours'] / result['transformers']:.2f}")
+              f"{ours[key]:.2f} s (peak RSS {ours['peak_rss_mb']:,.0f} MB), transformers {hf[key]:.2f} s "
+              f"({hf['peak_rss_mb']:,.0f} MB), ours/transformers {ours[key] / hf[key]:.2f}")
         return result
     print(f"sampling at iGPT-S size (24 layers, width 512) at 32x32: {IMAGES} images, a prompt of {PROMPT} "
           f"pixels, then {steps} pixels each (decoding steps alone), {threads} threads")
     for impl in IMPLS[task]:
-        ratio = "" if impl == "transformers" else f"  {result[impl] / result['transformers']:.2f}x transformers"
-        print(f"  {impl:<14} {result[impl]:7.1f} tokens/s{ratio}")
+        r = result[impl]
+        ratio = "" if impl == "transformers" else f", {r[key] / result['transformers'][key]:.2f}x transformers"
+        print(f"  {impl:<14} {r[key]:7.1f} tokens/s, peak RSS {r['peak_rss_mb']:,.0f} MB{ratio}")
     return result
 
 
