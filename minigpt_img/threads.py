@@ -6,7 +6,10 @@ cores from the other pool's next call: measured here, a micro@16 training step t
 defaults and 0.57 s with short OpenBLAS spinning and passive OpenMP waiting. `configure` sets those
 two (unless the environment already sets them) and, when asked, the thread count of both pools.
 `configure` imports nothing heavy, so calling it before NumPy is possible. `FairShare` changes the
-thread count of a running process when other processes load the machine.
+thread count of a running process when other processes load the machine. Two rules hold whatever
+the environment: the BLAS that numba's kernels call inside their own threads runs on one thread
+(`serial_kernel_blas`), and a decoding step runs its kernels on the calling thread
+(`kernels_on_this_thread`), so that its many small steps never hand the cores between the pools.
 """
 import functools
 import os
