@@ -33,7 +33,7 @@ import numpy as np
 
 from . import attention, nn, ops
 from .tensor import Tensor, no_grad
-from .threads import kernels_on_this_thread
+from .threads import kernels_on_this_thread, whole_pool
 
 
 @dataclass(frozen=True)
@@ -146,8 +146,8 @@ class ImageGPT(nn.Module):
     def decode(self, tokens, cache: "KVCache"):
         """Inference only (no gradients): logits (B, T, V) of tokens (B, T) that continue the
         positions already in the cache, whose keys and values are read instead of recomputed. A
-        step of a few tokens runs its kernels on the calling thread (threads.kernels_on_this_thread)
-        and its matmuls on BLAS's threads."""
+        step of a few tokens runs its tiny kernels on the calling thread and its matmuls
+        (kernels.few_rows_matmul) and attention on numba's pool (threads.kernels_on_this_thread)."""
         few = np.shape(tokens)[1] <= attention.DECODE_ROWS                 # a decoding step, not a prompt
         with no_grad(), (kernels_on_this_thread() if few else nullcontext()):
             logits = self._forward(tokens, True, None, cache)[0]
@@ -203,7 +203,8 @@ class KVCache:
         self.v[layer, :, :, t0:t1] = v.transpose(0, 2, 1, 3)
         # Causal with q_offset = t0: the kernels read keys < t1 only, never the unwritten rest.
         if T <= attention.DECODE_ROWS:                                     # a token or a few
-            o = attention.attention_decode(q, self.k[layer], self.v[layer], t0)
+            with whole_pool():                                             # reads the whole cache
+                o = attention.attention_decode(q, self.k[layer], self.v[layer], t0)
         else:                                                              # a prompt: the tiled kernel
             o, _ = attention.attention_forward(q, self.k[layer].transpose(0, 2, 1, 3),
                                                self.v[layer].transpose(0, 2, 1, 3), True, t0,

@@ -21,6 +21,9 @@ import numpy as np
 from . import attention as attention_kernels
 from . import kernels
 from .tensor import Function
+from .threads import whole_pool
+
+_FLOATS = (np.float32, np.float64)
 
 
 def _unbroadcast(g: np.ndarray, shape: tuple) -> np.ndarray:
@@ -136,9 +139,15 @@ class MatMul(Function):
 
     def forward(self, a, b):
         self.a, self.b = a, b
-        if b.ndim == 2 and a.ndim > 2:  # one (rows, K) @ (K, N) GEMM, not one per batch entry
-            return (a.reshape(-1, a.shape[-1]) @ b).reshape(*a.shape[:-1], b.shape[1])
-        return a @ b
+        if b.ndim != 2:
+            return a @ b
+        rows = a.reshape(-1, a.shape[-1])                       # (rows, K): one product, not one per batch entry
+        if len(rows) <= kernels.FEW_ROWS and b.flags.c_contiguous and a.dtype == b.dtype in _FLOATS:
+            with whole_pool() as threads:                       # a decoding step: stream the weight once
+                out = kernels.few_rows_matmul(np.ascontiguousarray(rows), b, threads)
+        else:
+            out = rows @ b
+        return out.reshape(*a.shape[:-1], b.shape[1])
 
     def backward(self, g):
         a, b = self.a, self.b

@@ -8,8 +8,9 @@ two (unless the environment already sets them) and, when asked, the thread count
 `configure` imports nothing heavy, so calling it before NumPy is possible. `FairShare` changes the
 thread count of a running process when other processes load the machine. Two rules hold whatever
 the environment: the BLAS that numba's kernels call inside their own threads runs on one thread
-(`serial_kernel_blas`), and a decoding step runs its kernels on the calling thread
-(`kernels_on_this_thread`), so that its many small steps never hand the cores between the pools.
+(`serial_kernel_blas`), and a decoding step runs its tiny kernels on the calling thread and the rest
+on numba's pool (`kernels_on_this_thread`, `whole_pool`), so that its many small steps never hand the
+cores between the pools.
 """
 import functools
 import os
@@ -148,14 +149,31 @@ class FairShare:
 @contextmanager
 def kernels_on_this_thread():
     """Inside: numba's kernels run on the calling thread only (numba's count is per thread, so
-    nothing else changes). For decoding, whose steps are a few tokens: each step's BLAS matmuls keep
-    the cores, and no kernel hands them to numba's pool and back. Two pools taking turns on the same
-    cores wait for each other's spinning threads, and how long they spin is fixed when each library
-    loads (OPENBLAS_THREAD_TIMEOUT, OMP_WAIT_POLICY): in a script that imported NumPy before this
-    package, too late for `configure`."""
+    nothing else changes), except inside `whole_pool`. For decoding, whose steps are a few tokens:
+    its many tiny kernels (a norm or an activation of a few rows) cost less than handing work to
+    other threads and back, and the few that stream megabytes (every weight matrix, the KV cache)
+    take numba's whole pool, so a step uses one pool only: two pools taking turns on the same cores
+    wait for each other's spinning threads, and how long they spin is fixed when each library loads
+    (OPENBLAS_THREAD_TIMEOUT, OMP_WAIT_POLICY): in a script that imported NumPy before this package,
+    too late for `configure`."""
+    with _numba_threads(1):
+        yield
+
+
+@contextmanager
+def whole_pool():
+    """Inside: numba's kernels use every thread numba started (also within kernels_on_this_thread);
+    gives that count."""
+    import numba
+    with _numba_threads(numba.config.NUMBA_NUM_THREADS):
+        yield numba.config.NUMBA_NUM_THREADS
+
+
+@contextmanager
+def _numba_threads(n: int):
     import numba
     before = numba.get_num_threads()
-    numba.set_num_threads(1)
+    numba.set_num_threads(n)
     try:
         yield
     finally:

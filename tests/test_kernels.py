@@ -32,6 +32,18 @@ def test_norm(N, C, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,K,N", [(1, 1, 1), (1, 5, 7), (3, 8, 1), (8, 33, 64), (4, 512, 130)])
+@pytest.mark.parametrize("blocks", [1, 2, 3])
+def test_few_rows_matmul(M, K, N, blocks, dtype):
+    rng = np.random.default_rng(M * 1000 + K * 10 + N)
+    x, W = rng.standard_normal((M, K)).astype(dtype), rng.standard_normal((K, N)).astype(dtype)
+    out = kernels.few_rows_matmul(x, W, blocks)
+    assert out.dtype == dtype and out.shape == (M, N)
+    np.testing.assert_allclose(out, kernels.few_rows_matmul_ref(x, W, blocks), **tol(dtype))
+    assert np.array_equal(out, kernels.few_rows_matmul(x, W, blocks + 1))  # same sums, any split
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", [1, 2, 17, 1000])
 def test_gelu2(n, dtype):
     rng = np.random.default_rng(n)

@@ -1,4 +1,5 @@
 """threads.FairShare: the thread count follows what other processes leave of the CPU."""
+import json
 import subprocess
 import sys
 import textwrap
@@ -99,24 +100,38 @@ def test_fair_share_sees_a_real_busy_process():
     assert share.others(before, after) - quiet > 0.5  # the busy loop adds about one core
 
 
-def test_a_decoding_step_runs_its_kernels_on_the_calling_thread():
-    """In a fresh process with 2 threads: inside a decoding step numba runs 1 thread (its kernels
-    never wake numba's pool between BLAS calls), and the count is 2 again after it; a prompt of
-    many tokens keeps both."""
+def test_a_decoding_step_runs_its_tiny_kernels_on_the_calling_thread_and_the_rest_on_numbas_pool():
+    """In a fresh process with 2 threads: inside a decoding step numba runs 1 thread for the norm (its
+    tiny kernels never wake a pool), its weight matmuls and its attention run on numba's 2 threads
+    (one pool only: BLAS is not called), and the count is 2 again after it; a prompt of many tokens
+    keeps both, its matmuls through BLAS."""
     code = textwrap.dedent("""
-        import numba, numpy as np
-        from minigpt_img import threads
+        import json, numba, numpy as np
+        from minigpt_img import attention, kernels, threads
         from minigpt_img.model import GPTConfig, ImageGPT, KVCache
-        seen = []
+        seen = {"norm": [], "matmul": [], "attention": []}
         cfg = GPTConfig(n_layer=1, n_embd=8, n_head=2, n_px=4, vocab=4)
         m, cache = ImageGPT(cfg, np.random.default_rng(0)), KVCache(cfg, 2)
         norm = m.transformer.h[0].ln_1
         forward = norm.forward
-        norm.forward = lambda x: seen.append(numba.get_num_threads()) or forward(x)
+        norm.forward = lambda x: seen["norm"].append(numba.get_num_threads()) or forward(x)
+        matmul, decode = kernels.few_rows_matmul, attention.attention_decode
+        def spy_matmul(x, W, blocks):
+            seen["matmul"].append([numba.get_num_threads(), blocks])
+            return matmul(x, W, blocks)
+        def spy_decode(*args):
+            seen["attention"].append(numba.get_num_threads())
+            return decode(*args)
+        kernels.few_rows_matmul, attention.attention_decode = spy_matmul, spy_decode
         m.decode(np.full((2, 9), 4), cache)
+        assert seen["matmul"] == [] and seen["attention"] == [], seen
         m.decode(np.zeros((2, 1), int), cache)
-        print(seen, numba.get_num_threads())
+        print(json.dumps({**seen, "after": numba.get_num_threads()}))
     """)
     env = {**threads.os.environ, "NUMBA_NUM_THREADS": "2"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
-    assert out.split("]")[0] + "]" == "[2, 1]" and out.split("]")[1].strip() == "2", out
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen["norm"] == [2, 1] and seen["after"] == 2, seen
+    assert len(seen["matmul"]) == 5 and all(t == [2, 2] for t in seen["matmul"]), seen  # 4 per block, lm_head
+    assert seen["attention"] == [2], seen
