@@ -138,21 +138,14 @@ def _exp_f32(a, work):
 
 @njit(**_JIT)
 def row_max(row, n):
-    """max(row[:n]), n >= 1, in 16 interleaved running maxima: a plain max loop is one chain that
-    cannot be reordered into SIMD lanes without assuming no NaN; 16 independent chains can (2.4x
-    faster measured). A NaN in the row may or may not come out, but it stays in the row itself."""
-    lanes = np.empty(16, dtype=row.dtype)
-    lanes[:] = row[0]
-    b = 0
-    while b + 16 <= n:
-        for u in range(16):
-            lanes[u] = max(lanes[u], row[b + u])
-        b += 16
-    m = lanes[0]
-    for u in range(1, 16):
-        m = max(m, lanes[u])
-    for c in range(b, n):
-        m = max(m, row[c])
+    """max(row[:n]), n >= 1, as a compare-and-select loop: numba's max() checks for NaN at every
+    element and does not vectorise (measured 0.28 ns per element against 0.66-0.99 for 16 running
+    maxima in an array and for max()). A NaN in the row may or may not come out, but it stays in
+    the row itself."""
+    m = row[0]
+    for c in range(1, n):
+        v = row[c]
+        m = v if v > m else m
     return m
 
 
