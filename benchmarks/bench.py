@@ -93,9 +93,10 @@ def attention_inputs(B, NH, T, D, seed=0):
 
 def attention_step(variant, q, k, v, do):
     fwd, bwd = ATTN_VARIANTS[variant]
-    tiles = attention.tiles(q.shape[-1]) if variant == "kernel" else ()   # as ops.Attention passes them
-    o, lse = fwd(q, k, v, True, 0, *tiles)
-    bwd(q, k, v, o, lse, do, True, 0, *tiles)
+    D, T = q.shape[-1], q.shape[1]
+    kernel = variant == "kernel"                                           # tiles as ops.Attention passes them
+    o, lse = fwd(q, k, v, True, 0, *(attention.forward_tiles(D, T) if kernel else ()))
+    bwd(q, k, v, o, lse, do, True, 0, *(attention.tiles(D) if kernel else ()))
 
 
 def attention_memory_child(variant: str) -> None:

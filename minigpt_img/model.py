@@ -208,5 +208,5 @@ class KVCache:
         else:                                                              # a prompt: the tiled kernel
             o, _ = attention.attention_forward(q, self.k[layer].transpose(0, 2, 1, 3),
                                                self.v[layer].transpose(0, 2, 1, 3), True, t0,
-                                               *attention.tiles(q.shape[-1]))
+                                               *attention.forward_tiles(q.shape[-1], t1))
         return o.reshape(B, T, -1)                                         # (B, T, C)

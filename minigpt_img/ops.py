@@ -445,15 +445,16 @@ class Attention(Function):
         B, T, C3 = qkv.shape
         self.causal = causal
         self.q, self.k, self.v = attention_kernels.heads(qkv, n_head)                  # (B, T, NH, D) views
-        self.tiles = attention_kernels.tiles(self.q.shape[-1])
-        self.o, self.lse = attention_kernels.attention_forward(self.q, self.k, self.v, causal, 0, *self.tiles)
+        D = self.q.shape[-1]
+        self.o, self.lse = attention_kernels.attention_forward(self.q, self.k, self.v, causal, 0,
+                                                               *attention_kernels.forward_tiles(D, T))
         return self.o.reshape(B, T, C3 // 3)                                            # (B, T, C)
 
     def backward(self, g):
         B, T, NH, D = self.q.shape
         do = np.ascontiguousarray(g).reshape(B, T, NH, D)
         dqkv = attention_kernels.attention_backward(self.q, self.k, self.v, self.o, self.lse, do,
-                                                    self.causal, 0, *self.tiles)        # (B, T, 3, NH, D)
+                                                    self.causal, 0, *attention_kernels.tiles(D))  # (B, T, 3, NH, D)
         return dqkv.reshape(B, T, 3 * NH * D)                                           # (B, T, 3C)
 
 

@@ -88,9 +88,10 @@ CASES = [
     ("attention_bidirectional", lambda qkv: ops.attention(qkv, n_head=3, causal=False),
      [randn(1, 4, 18)]),
     ("attention_one_token", lambda qkv: ops.attention(qkv, n_head=1), [randn(2, 1, 6)]),
-    # T = 130 with D = 4: two query tiles and two key tiles (128, 2) with 128 x 128 tiles, three
-    # query tiles (64, 64, 2) with the one-thread tiles, so the online softmax's rescaling across key
-    # tiles and dK/dV summed over query tiles are both checked
+    # T = 130 with D = 4: the backward's two query tiles and two key tiles (128, 2) with 128 x 128
+    # tiles, three query tiles (64, 64, 2) with the one-thread tiles, whose forward also has two key
+    # tiles, so dK/dV summed over query tiles and (with one-thread tiles) the online softmax's
+    # rescaling across key tiles are checked; test_kernels checks the rescaling with every BLAS
     ("attention_causal_many_tiles", lambda qkv: ops.attention(qkv, n_head=2, causal=True),
      [randn(1, 130, 24)]),
     ("attention_bidirectional_many_tiles", lambda qkv: ops.attention(qkv, n_head=2, causal=False),

@@ -122,13 +122,14 @@ ATTN_SHAPES = [  # (B, NH, T, D): T = 1, T not a multiple of the tile, head size
 ]
 
 
-@pytest.mark.parametrize("tiles", ["one-thread", (128, 128), (16, 8)])
+@pytest.mark.parametrize("tiles", ["one-thread", (128, 128), (16, 8), (64, attention.FORWARD_KEYS)])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("B,NH,T,D", ATTN_SHAPES)
 def test_attention_forward_and_backward(B, NH, T, D, causal, dtype, tiles):
     """On the strided views of a fused qkv (B, T, 3C), as the model calls it; with the tiles of a
-    BLAS that may start threads, the tiles of one that may not, and small ones (many per head)."""
+    BLAS that may start threads, the tiles of one that may not, small ones (many per head), and the
+    forward's (every key in one tile)."""
     tiles = attention.one_thread_tiles(D) if tiles == "one-thread" else tiles
     rng = np.random.default_rng(B * 10000 + NH * 1000 + T + D)
     qkv = rng.standard_normal((B, T, 3 * NH * D)).astype(dtype)
