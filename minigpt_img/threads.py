@@ -5,7 +5,8 @@ default, keeps its threads spinning for a while after its work, and the spinners
 cores from the other pool's next call: measured here, a micro@16 training step took 1.13 s with the
 defaults and 0.57 s with short OpenBLAS spinning and passive OpenMP waiting. `configure` sets those
 two (unless the environment already sets them) and, when asked, the thread count of both pools.
-`configure` imports nothing heavy, so calling it before NumPy is possible. `FairShare` changes the
+`configure` imports nothing heavy, so calling it before NumPy is possible; it also sets how the C
+library's malloc keeps freed memory (`keep_freed_memory`). `FairShare` changes the
 thread count of a running process when other processes load the machine. Two rules hold whatever
 the environment: the BLAS that numba's kernels call inside their own threads runs on one thread
 (`serial_kernel_blas`), and a decoding step runs its tiny kernels on the calling thread and the rest
@@ -25,12 +26,35 @@ COUNT_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
 
 
 def configure(threads: int | None = None) -> None:
-    """Apply the spin settings (environment values win) and, if given, the thread count."""
+    """Apply the spin settings (environment values win), if given the thread count, and
+    keep_freed_memory()."""
     for key, value in SPIN_SETTINGS.items():
         os.environ.setdefault(key, value)
     if threads:
         for key in COUNT_VARIABLES:
             os.environ[key] = str(threads)
+    keep_freed_memory()
+
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+KEEP_AT_TOP = 1 << 30  # bytes of freed memory the heap may keep at its top before returning them
+
+
+def keep_freed_memory() -> bool:
+    """glibc's malloc serves every block from its heap and keeps what is freed (up to KEEP_AT_TOP),
+    instead of mapping fresh pages for each block above its mmap threshold (at most 32 MB) and
+    unmapping them when freed. A forward pass over a batch allocates and frees activations of tens of
+    MB in every layer, and the kernel faults in and zeroes every page of a fresh mapping: measured
+    (2026-12-03, AMD EPYC, 2 threads) a forward pass of 8 images at iGPT-S size, 11.4 -> 9.7 s, its
+    2 s of kernel time gone, peak RSS 760 -> 743 MB; training steps unchanged. For the whole process;
+    True where applied (glibc), False elsewhere."""
+    import ctypes
+    import platform
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(None)                                     # this process's own C library
+    return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, KEEP_AT_TOP))
 
 
 def _from_environment(names) -> int:

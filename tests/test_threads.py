@@ -1,5 +1,6 @@
 """threads.FairShare: the thread count follows what other processes leave of the CPU."""
 import json
+import platform
 import subprocess
 import sys
 import textwrap
@@ -135,3 +136,29 @@ def test_a_decoding_step_runs_its_tiny_kernels_on_the_calling_thread_and_the_res
     assert seen["norm"] == [2, 1] and seen["after"] == 2, seen
     assert len(seen["matmul"]) == 5 and all(t == [2, 2] for t in seen["matmul"]), seen  # 4 per block, lm_head
     assert seen["attention"] == [2], seen
+
+
+def test_configure_keeps_freed_memory_so_a_large_block_costs_no_page_faults_the_second_time():
+    """In a fresh process: after configure(), allocating a 64 MB array again after freeing one maps
+    no fresh pages (glibc: no page faults); without it, every allocation maps fresh ones."""
+    code = textwrap.dedent("""
+        import resource, sys
+        from minigpt_img import threads
+        if sys.argv[1] == "on":
+            threads.configure()
+        import numpy as np
+        def faults():
+            return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        a = np.ones(16 << 20, np.float32); del a
+        before = faults()
+        for _ in range(3):
+            b = np.ones(16 << 20, np.float32); del b
+        print((faults() - before) / 3)
+    """)
+    runs = {}
+    for mode in ("on", "off"):
+        out = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, check=True)
+        runs[mode] = float(out.stdout.split()[-1])
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("not glibc: malloc is left as it is")
+    assert runs["on"] < 10 and runs["off"] > 100, runs
