@@ -7,7 +7,7 @@
     python benchmarks/bench.py --json out.json      # also write the results
 
 train / forward: a training step (forward, backward, Adam) or a forward pass of micro@16 batch 16,
-mini@32 batch 4 and s@32 batch 1, on random tokens. Per case: the median time over the timed steps
+mini@32 batch 4 and s@32 batch 1 (forward: also s@32 batch 8), on random tokens. Per case: the median time over the timed steps
 after two warm-up steps, tokens/s, model FLOP/s (matmuls and attention; x3 for a training step) and
 its fraction of the fp32 GEMM peak measured in the same run, and peak memory (RSS of a child process
 doing the same). With --compare-torch the same model in PyTorch (benchmarks/torch_ref.py: iGPT norm,
@@ -181,6 +181,7 @@ def bench_palette(repeats: int, data: str = "shapes", data_dir: str = "data") ->
 
 # ---- whole-model steps ------------------------------------------------------------------------
 MODEL_CASES = [("micro", 16, 16), ("mini", 32, 4), ("s", 32, 1)]
+FORWARD_CASES = MODEL_CASES + [("s", 32, 8)]  # and a probe's batch at iGPT-S size
 
 
 class OursStep:
@@ -267,7 +268,7 @@ def bench_model(kind: str, repeats: int, compare_torch: bool, peak: float) -> di
     results = {}
     print(f"{kind} ({'forward, backward, Adam' if kind == 'train' else 'forward only'}), "
           f"fp32 GEMM peak {peak:.0f} GFLOP/s, {_threads()} threads")
-    for size, res, batch in MODEL_CASES:
+    for size, res, batch in (MODEL_CASES if kind == "train" else FORWARD_CASES):
         cfg = config_for(size, res)
         steps = {impl: _make_step(impl, cfg, batch, _threads(), size, kind) for impl in impls}
         fns = {impl: (st.train_step if kind == "train" else st.forward) for impl, st in steps.items()}

@@ -82,5 +82,5 @@ class TorchStep:
         self.opt.step()
 
     def forward(self):
-        with torch.no_grad():
+        with torch.inference_mode():
             self.model(self.inputs)
