@@ -35,9 +35,10 @@ def heads(qkv: np.ndarray, n_head: int):
 # BLAS can be kept at one thread (threads.serial_kernel_blas: numba's np.dot calls SciPy's OpenBLAS,
 # a library apart from NumPy's), the backward's tiles are 128 x 128 (the forward's: forward_tiles):
 # measured single-threaded against 64 x 128, 5% faster forward + backward at T = 256, D = 32 and
-# 13% at T = 1024, D = 64 (a GEMM with 128 rows runs at 56-65 GFLOP/s here, with 64 at 35). Otherwise they stay small enough that OpenBLAS does
-# not start threads of its own (m n k <= 2^18: at 2^19 it did, inside ours, and a layer's forward
-# took 60x longer): TQ = 64 and TK = 128 for D <= 32, 64 for D = 64, 32 for D = 128.
+# 13% at T = 1024, D = 64 (a GEMM with 128 rows runs at 56-65 GFLOP/s here, with 64 at 35).
+# Otherwise they stay small enough that OpenBLAS does not start threads of its own (m n k <= 2^18:
+# at 2^19 it did, inside ours, and a layer's forward took 60x longer): TQ = 64 and TK = 128 for
+# D <= 32, 64 for D = 64, 32 for D = 128.
 GEMM_ONE_THREAD = 1 << 18
 
 
