@@ -48,6 +48,9 @@ def tiles(D: int) -> tuple[int, int]:
     return (128, 128) if serial_kernel_blas() else one_thread_tiles(D)
 
 
+FORWARD_KEYS = 4096  # the forward's widest key tile (2 MB of scores per thread at TQ = 128)
+
+
 def forward_tiles(D: int, Tk: int) -> tuple[int, int]:
     """(TQ, TK) for the forward pass over Tk keys: where the kernels' BLAS runs on one thread, a key
     tile holds every key (up to FORWARD_KEYS), so each query tile's softmax is exact in one pass, with
@@ -61,8 +64,6 @@ def forward_tiles(D: int, Tk: int) -> tuple[int, int]:
         return one_thread_tiles(D)
     return (64 if Tk <= 256 else 128), min(Tk, FORWARD_KEYS)
 
-
-FORWARD_KEYS = 4096
 
 
 def one_thread_tiles(D: int) -> tuple[int, int]:
