@@ -7,10 +7,10 @@
     python benchmarks/bench.py --json out.json      # also write the results
 
 train / forward: a training step (forward, backward, Adam) or a forward pass of micro@16 batch 16,
-mini@32 batch 4 and s@32 batch 1 (forward: also s@32 batch 8), on random tokens. Per case: the median time over the timed steps
-after two warm-up steps, tokens/s, model FLOP/s (matmuls and attention; x3 for a training step) and
-its fraction of the fp32 GEMM peak measured in the same run, and peak memory (RSS of a child process
-doing the same). With --compare-torch the same model in PyTorch (benchmarks/torch_ref.py: iGPT norm,
+mini@32 batch 4 and s@32 batch 1 (forward: also s@32 batch 8), on random tokens. Per case: the
+median time over the timed steps after two warm-up steps, tokens/s, model FLOP/s (matmuls and
+attention; x3 for a training step) and its fraction of the fp32 GEMM peak measured in the same run,
+and peak memory (RSS of a child process doing the same). With --compare-torch the same model in PyTorch (benchmarks/torch_ref.py: iGPT norm,
 gelu2, SDPA, AdamW) is timed alternately with ours, and the ratio ours/PyTorch is printed.
 
 sampling: tokens per second generating 16 images at 32x32 with the KV cache (micro and mini), and

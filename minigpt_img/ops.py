@@ -142,7 +142,8 @@ class MatMul(Function):
         if b.ndim != 2:
             return a @ b
         rows = a.reshape(-1, a.shape[-1])                       # (rows, K): one product, not one per batch entry
-        if len(rows) <= kernels.FEW_ROWS and b.flags.c_contiguous and a.dtype == b.dtype in _FLOATS:
+        few = len(rows) <= kernels.FEW_ROWS and b.flags.c_contiguous
+        if few and a.dtype == b.dtype and b.dtype in _FLOATS:
             with whole_pool() as threads:                       # a decoding step: stream the weight once
                 out = kernels.few_rows_matmul(np.ascontiguousarray(rows), b, threads)
         else:
