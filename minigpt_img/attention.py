@@ -10,15 +10,17 @@ next projection reads, and the backward writes dQ, dK, dV straight into the fuse
 (B, T, 3C). The forward walks key tiles with an online softmax (running max m and
 denominator l per query row), so only a (TQ, TK) block of S exists at any time, and saves
 lse = m + log(l) per row for backward. q_offset places the queries after q_offset earlier positions
-(incremental decoding with a KV cache). Decoding a token or a few goes through attention_decode
-instead, which reads a head-major cache (B, NH, n_ctx, D) in place. The *_ref twins materialise the
-whole (Tq, Tk) matrix per head: the specification the tests check.
+(incremental decoding with a KV cache). Decoding a token or a few reads a head-major cache
+(B, NH, n_ctx, D) in place instead: decode_layer runs the whole sub-layer (projections, cache,
+attention) for a few rows in two parallel loops, attention_decode the attention alone for more. The
+*_ref twins materialise the whole (Tq, Tk) matrix per head: the specification the tests check.
 
 Legend: B batch, T tokens, NH heads, D = C / NH head size, BH = B * NH.
 """
 import numpy as np
 from numba import njit, prange
 
+from .decode_kernels import few_rows_partials, few_rows_times, sum_shares
 from .kernels import _JIT, exp_inplace, logsumexp, row_max
 from .threads import serial_kernel_blas
 
@@ -162,7 +164,39 @@ def attention_forward(q, k, v, causal, q_offset, TQ, TK):
     return o, lse
 
 
-DECODE_ROWS = 8  # KVCache.attend: up to this many new queries go through attention_decode
+DECODE_ROWS = 8  # ImageGPT.decode: a step of up to this many new tokens per image is a decoding step
+
+
+@njit(**_JIT)
+def _attend_cached(q, K, V, n, s, work, out):
+    """One query against the first n cached positions, read in place: out (D,) = sum_j p_j V_j / sum_j p_j
+    with p_j = exp(s_j - max s), s_j = K_j . q / sqrt(D), for q (D,) any stride, K, V (>= n, D)
+    C-contiguous; s, work: scratch of at least n."""
+    D = q.shape[0]
+    scale = q.dtype.type(1.0 / np.sqrt(D))
+    zero = q.dtype.type(0.0)
+    qa = q * scale                                                     # (D,) contiguous
+    m = -np.inf
+    for j in range(n):                                                 # s = K q / sqrt(D)
+        acc = zero
+        for d in range(D):
+            acc += K[j, d] * qa[d]
+        s[j] = acc
+        m = max(m, acc)
+    sa = s[:n]
+    shift = q.dtype.type(m)
+    for j in range(n):
+        sa[j] -= shift
+    exp_inplace(sa, work[:n])                                          # p = exp(s - max s)
+    out[:] = zero
+    l = 0.0
+    for j in range(n):                                                 # o = p V / sum p
+        p = sa[j]
+        l += p
+        for d in range(D):
+            out[d] += p * V[j, d]
+    for d in range(D):
+        out[d] /= l
 
 
 @njit(parallel=True, **_JIT)
@@ -170,46 +204,80 @@ def attention_decode(q, k_cache, v_cache, q_offset):
     """Decoding with a KV cache: a few queries q (B, Tq, NH, D), any strides, placed after q_offset
     cached positions, against the head-major cache k_cache, v_cache (B, NH, n_ctx, D), C-contiguous,
     holding at least q_offset + Tq positions -> o (B, Tq, NH, D) C-contiguous; causal. Each head's
-    keys are one contiguous block read in place, once per query: s_j = K_j . q / sqrt(D), then
-    o = sum_j exp(s_j - max s) V_j / sum_j exp(s_j - max s). Plain loops, no BLAS: a matrix-vector
-    product this size would start BLAS's own threads inside ours. Specification:
-    attention_forward_ref on the cache's first positions."""
+    keys are one contiguous block read in place, once per query (_attend_cached). Plain loops, no
+    BLAS: a matrix-vector product this size would start BLAS's own threads inside ours.
+    Specification: attention_forward_ref on the cache's first positions."""
     B, Tq, NH, D = q.shape
-    scale = q.dtype.type(1.0 / np.sqrt(D))
-    zero = q.dtype.type(0.0)
     o = np.empty((B, Tq, NH, D), dtype=q.dtype)
     for bh in prange(B * NH):
         b, h = bh // NH, bh % NH
         n = q_offset + Tq                                              # keys any query sees
-        Kh, Vh = k_cache[b, h, :n], v_cache[b, h, :n]                  # (n, D) contiguous views
-        qa, oa = np.empty(D, dtype=q.dtype), np.empty(D, dtype=q.dtype)
         s, work = np.empty(n, dtype=q.dtype), np.empty(n, dtype=q.dtype)
-        for a in range(Tq):
-            nb = q_offset + a + 1                                      # keys j <= i + q_offset
-            for d in range(D):
-                qa[d] = q[b, a, h, d] * scale
-            m = -np.inf
-            for j in range(nb):                                        # s = K q / sqrt(D)
-                acc = zero
-                for d in range(D):
-                    acc += Kh[j, d] * qa[d]
-                s[j] = acc
-                m = max(m, acc)
-            sa = s[:nb]
-            shift = q.dtype.type(m)
-            for j in range(nb):
-                sa[j] -= shift
-            exp_inplace(sa, work)                                      # p = exp(s - max s)
-            oa[:] = zero
-            l = 0.0
-            for j in range(nb):                                        # o = p V / sum p
-                p = sa[j]
-                l += p
-                for d in range(D):
-                    oa[d] += p * Vh[j, d]
-            for d in range(D):
-                o[b, a, h, d] = oa[d] / l
+        for a in range(Tq):                                            # keys j <= i + q_offset
+            _attend_cached(q[b, a, h], k_cache[b, h], v_cache[b, h], q_offset + a + 1, s, work, o[b, a, h])
     return o
+
+
+# The attention sub-layer of a decoding step of a few rows: two parallel loops. The first is the
+# product x W_attn in row blocks (decode_kernels.few_rows_partials); the second takes a head per iteration:
+# the head's q, k, v from the partial sums of its columns (plus the bias), its keys and values into
+# the cache, its attention over the cache, and its share of c_proj (its rows of W_proj: contiguous):
+#
+#   y = c_proj(attention) = sum_h o_h W_proj[h D:(h + 1) D, :] + b_proj,  o_h = softmax(q_h K_h^T / sqrt(D)) V_h
+#
+# so every weight and every cached key is read once. The NH shares are summed in head order.
+def decode_layer(x, W_attn, b_attn, W_proj, b_proj, k_cache, v_cache, q_offset):
+    """x (B, Tq, C) C-contiguous: the normed new positions q_offset .. q_offset + Tq - 1; W_attn (C, 3C),
+    W_proj (C, C) C-contiguous, biases (3C,), (C,) or None; k_cache, v_cache (B, NH, n_ctx, D)
+    C-contiguous, written here at the new positions -> y (B, Tq, C), causal. Specification:
+    decode_layer_ref."""
+    B, Tq, C = x.shape
+    partials = few_rows_partials(x.reshape(B * Tq, C), W_attn)             # (S, B Tq, 3C)
+    y = _heads_from_partials(partials, b_attn, W_proj, b_proj, k_cache, v_cache, q_offset, Tq)
+    return y.reshape(B, Tq, C)
+
+
+@njit(parallel=True, **_JIT)
+def _heads_from_partials(partials, b_attn, W_proj, b_proj, k_cache, v_cache, q_offset, Tq):
+    S, M, C3 = partials.shape
+    C = C3 // 3
+    NH, D = k_cache.shape[1], k_cache.shape[3]
+    shares = np.empty((NH, M, C), dtype=partials.dtype)                   # np.empty: see decode_kernels.sum_shares
+    for h in prange(NH):
+        qkv = np.zeros((3, M, D), dtype=partials.dtype)                   # this head's q, k, v rows
+        for part in range(3):
+            c0 = part * C + h * D                                          # its columns of q, k, v
+            for m in range(M):
+                if b_attn is not None:
+                    qkv[part, m] = b_attn[c0:c0 + D]
+                for s in range(S):
+                    for d in range(D):
+                        qkv[part, m, d] += partials[s, m, c0 + d]
+        n = q_offset + Tq
+        scores, work = np.empty(n, dtype=qkv.dtype), np.empty(n, dtype=qkv.dtype)
+        o = np.empty((M, D), dtype=qkv.dtype)                              # (B Tq, D)
+        for b in range(M // Tq):
+            for a in range(Tq):
+                k_cache[b, h, q_offset + a] = qkv[1, b * Tq + a]
+                v_cache[b, h, q_offset + a] = qkv[2, b * Tq + a]
+            for a in range(Tq):                                            # keys j <= i + q_offset
+                _attend_cached(qkv[0, b * Tq + a], k_cache[b, h], v_cache[b, h], q_offset + a + 1,
+                               scores, work, o[b * Tq + a])
+        share = shares[h]                                                  # (B Tq, C) this head's share
+        share[:] = 0.0
+        few_rows_times(o, W_proj[h * D:(h + 1) * D], 0, D, share)
+    return sum_shares(shares, b_proj)
+
+
+def decode_layer_ref(x, W_attn, b_attn, W_proj, b_proj, k_cache, v_cache, q_offset):
+    B, Tq, C = x.shape
+    qkv = x @ W_attn + (0 if b_attn is None else b_attn)                    # (B, Tq, 3C)
+    q, k, v = heads(qkv, k_cache.shape[1])                                  # (B, Tq, NH, D)
+    t1 = q_offset + Tq
+    k_cache[:, :, q_offset:t1] = _per_head(k)
+    v_cache[:, :, q_offset:t1] = _per_head(v)
+    o, _ = attention_forward_ref(q, _per_head(k_cache[:, :, :t1]), _per_head(v_cache[:, :, :t1]), True, q_offset)
+    return o.reshape(B, Tq, C) @ W_proj + (0 if b_proj is None else b_proj)
 
 
 def _per_head(x):

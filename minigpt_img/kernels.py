@@ -326,48 +326,6 @@ def xent_backward_ref(z, t, lse, coef):
 
 
 # ---------------------------------------------------------------------------------------------
-# few-row matmul:  out = x W,  out[m, n] = sum_k x[m, k] W[k, n]      (x: M rows, M small)
-# A decoding step multiplies a few rows (one token per image) by every weight matrix: each weight is
-# read once from memory for a few multiply-adds, so the time is the weights' bytes over the memory
-# bandwidth. Each thread takes one block of columns and streams it row by row, four rows of W at a
-# time, into an (M, block) accumulator that stays in cache. Each output is summed over k in one
-# fixed order whatever the block or thread count.
-# ---------------------------------------------------------------------------------------------
-FEW_ROWS = 8  # ops.MatMul sends products with at most this many rows here (measured: M = 4 1.2x BLAS)
-
-
-@njit(parallel=True, **_JIT)
-def few_rows_matmul(x, W, blocks):
-    """x (M, K) @ W (K, N), both C-contiguous and of one dtype -> (M, N), in `blocks` column blocks
-    (one per thread)."""
-    M, K = x.shape
-    N = W.shape[1]
-    block = -(-N // blocks)
-    out = np.empty((M, N), dtype=x.dtype)
-    for t in prange(blocks):
-        n0, n1 = min(N, t * block), min(N, (t + 1) * block)
-        acc = np.zeros((M, n1 - n0), dtype=x.dtype)              # (M, block)
-        for k in range(0, K - K % 4, 4):
-            w0, w1, w2, w3 = W[k, n0:n1], W[k + 1, n0:n1], W[k + 2, n0:n1], W[k + 3, n0:n1]
-            for m in range(M):
-                a0, a1, a2, a3 = x[m, k], x[m, k + 1], x[m, k + 2], x[m, k + 3]
-                acc_m = acc[m]
-                for c in range(n1 - n0):
-                    acc_m[c] += a0 * w0[c] + a1 * w1[c] + a2 * w2[c] + a3 * w3[c]
-        for k in range(K - K % 4, K):
-            for m in range(M):
-                a0 = x[m, k]
-                for c in range(n1 - n0):
-                    acc[m, c] += a0 * W[k, n0 + c]
-        out[:, n0:n1] = acc
-    return out
-
-
-def few_rows_matmul_ref(x, W, blocks):
-    return x @ W
-
-
-# ---------------------------------------------------------------------------------------------
 # embedding backward: scatter-add rows of the upstream gradient into the table (indices repeat)
 # ---------------------------------------------------------------------------------------------
 @njit(**_JIT)

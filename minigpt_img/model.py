@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import attention, nn, ops
+from . import attention, decode_kernels, nn, ops
 from .tensor import Tensor, no_grad
 from .threads import kernels_on_this_thread, whole_pool
 
@@ -79,6 +79,13 @@ class Attention(nn.Module):
             a = Tensor(cache.attend(layer, qkv.data, self.n_head))   # (B, T, C)
         return self.c_proj(a)                                        # (B, T, C)
 
+    def step(self, n, cache, layer):
+        """forward for a decoding step of a few rows (ImageGPT.decode), on arrays: n (B, T, C) ->
+        (B, T, C), the whole sub-layer in two parallel loops (attention.decode_layer)."""
+        with whole_pool():
+            return attention.decode_layer(n, *_arrays(self.c_attn), *_arrays(self.c_proj),
+                                          cache.k[layer], cache.v[layer], cache.length)
+
 
 class MLP(nn.Module):
     def __init__(self, cfg: GPTConfig, rng, dtype):
@@ -89,6 +96,18 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.c_proj(ops.gelu2(self.c_fc(x)))                  # (B, T, 4C) -> (B, T, C)
+
+    def step(self, n):
+        """forward for a decoding step of a few rows, on arrays: two parallel loops (decode_kernels.few_rows_mlp)."""
+        B, T, C = n.shape
+        with whole_pool():
+            y = decode_kernels.few_rows_mlp(n.reshape(B * T, C), *_arrays(self.c_fc), *_arrays(self.c_proj))
+        return y.reshape(B, T, C)
+
+
+def _arrays(linear: nn.Linear):
+    """A Linear's weight and bias (None when it has none) as arrays, for the decoding kernels."""
+    return linear.weight.data, (linear.bias.data if hasattr(linear, "bias") else None)
 
 
 class Block(nn.Module):
@@ -115,7 +134,8 @@ class Transformer(nn.Module):
 
 
 class ImageGPT(nn.Module):
-    """The whole model. Three ways in, one path through the blocks (`_forward`):
+    """The whole model. Three ways in, one path through the blocks (`_forward`), and a decoding
+    step's own for a few rows (`_step`):
         forward(tokens)             -> logits (B, T, V)                  training and evaluation
         forward_features(tokens)    -> logits and [n^0 .. n^L]           probes, fine-tuning (§2.3, §2.4)
         decode(tokens, cache)       -> logits, no gradients              sampling with the KV cache
@@ -146,30 +166,50 @@ class ImageGPT(nn.Module):
     def decode(self, tokens, cache: "KVCache"):
         """Inference only (no gradients): logits (B, T, V) of tokens (B, T) that continue the
         positions already in the cache, whose keys and values are read instead of recomputed. A
-        step of a few tokens runs its tiny kernels on the calling thread and its matmuls
-        (kernels.few_rows_matmul) and attention on numba's pool (threads.kernels_on_this_thread)."""
-        few = np.shape(tokens)[1] <= attention.DECODE_ROWS                 # a decoding step, not a prompt
-        with no_grad(), (kernels_on_this_thread() if few else nullcontext()):
-            logits = self._forward(tokens, True, None, cache)[0]
-        cache.length += np.shape(tokens)[1]
-        return logits
-
-    def _forward(self, tokens, causal, input_mask, cache=None, upto=None, pool=None):
-        cfg = self.config
+        decoding step (T <= attention.DECODE_ROWS) runs its tiny kernels on the calling thread and
+        the rest on numba's pool (threads.kernels_on_this_thread); with at most decode_kernels.FEW_ROWS
+        rows in all it goes through _step."""
         tokens = np.asarray(tokens)
         B, T = tokens.shape
-        t0 = cache.length if cache is not None else 0
+        few = T <= attention.DECODE_ROWS                                   # a decoding step, not a prompt
+        with no_grad(), (kernels_on_this_thread() if few else nullcontext()):
+            if B * T <= decode_kernels.FEW_ROWS:
+                logits = self._step(tokens, cache)
+            else:
+                logits = self._forward(tokens, True, None, cache)[0]
+        cache.length += T
+        return logits
+
+    def _step(self, tokens, cache: "KVCache"):
+        """The blocks of decode for a few rows, on arrays: each sub-layer two parallel loops that
+        read its weights (and the layer's cache) once, the norms and residual adds between them
+        tiny; the same sums as _forward up to rounding (tested)."""
+        tr = self.transformer
+        h = self._embed(tokens, cache.length).data                          # (B, T, C)
+        for layer, block in enumerate(tr.h):
+            h = h + block.attn.step(block.ln_1(h).data, cache, layer)       # a^l
+            h = h + block.mlp.step(block.ln_2(h).data)                      # h^l+1
+        return self.lm_head(tr.ln_f(h))                                     # (B, T, V)
+
+    def _embed(self, tokens, t0: int, input_mask=None):
+        """h^0 (B, T, C) of tokens (B, T) at positions t0 .., after checking both."""
+        cfg = self.config
+        B, T = tokens.shape
         if t0 + T > cfg.n_ctx:
             raise ValueError(f"{t0 + T} positions exceed the context of {cfg.n_ctx} (n_px={cfg.n_px})")
         if tokens.min(initial=0) < 0 or tokens.max(initial=0) > cfg.vocab:
             raise ValueError(f"tokens must lie in [0, {cfg.vocab}] (palette colours and SOS={cfg.sos})")
-
         tr = self.transformer
         h = tr.wte(tokens)                                           # (B, T, C)
         if input_mask is not None:
             keep = (~np.asarray(input_mask, dtype=bool))[..., None].astype(h.dtype)
             h = h * keep                                             # released iGPT BERT: h * (1 - M)
-        h = h + tr.wpe.weight[t0:t0 + T]                             # (B, T, C) + (T, C)
+        return h + tr.wpe.weight[t0:t0 + T]                          # (B, T, C) + (T, C)
+
+    def _forward(self, tokens, causal, input_mask, cache=None, upto=None, pool=None):
+        tokens = np.asarray(tokens)
+        tr = self.transformer
+        h = self._embed(tokens, cache.length if cache is not None else 0, input_mask)  # h^0 (B, T, C)
         take = pool or (lambda n: n)                                 # what of each n^l is kept
         feats = []
         for layer, block in enumerate(tr.h):
@@ -186,7 +226,7 @@ class KVCache:
     """Keys and values of every layer for the positions decoded so far, so that each new token costs
     one pass over the new position plus an attention read of the cache (O(T) per token, not O(T^2)).
     Arrays are head-major, (L, B, NH, n_ctx, D), preallocated for the whole image: each head's keys
-    are one contiguous block that decoding reads in place (attention.attention_decode)."""
+    are one contiguous block that decoding reads in place (attention.decode_layer, attention_decode)."""
 
     def __init__(self, cfg: GPTConfig, batch: int, dtype=np.float32):
         D = cfg.n_embd // cfg.n_head

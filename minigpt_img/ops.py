@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import attention as attention_kernels
-from . import kernels
+from . import decode_kernels, kernels
 from .tensor import Function
 from .threads import whole_pool
 
@@ -142,10 +142,10 @@ class MatMul(Function):
         if b.ndim != 2:
             return a @ b
         rows = a.reshape(-1, a.shape[-1])                       # (rows, K): one product, not one per batch entry
-        few = len(rows) <= kernels.FEW_ROWS and b.flags.c_contiguous
+        few = len(rows) <= decode_kernels.FEW_ROWS and b.flags.c_contiguous
         if few and a.dtype == b.dtype and b.dtype in _FLOATS:
-            with whole_pool() as threads:                       # a decoding step: stream the weight once
-                out = kernels.few_rows_matmul(np.ascontiguousarray(rows), b, threads)
+            with whole_pool():                                  # a decoding step: stream the weight once
+                out = decode_kernels.few_rows_matmul(np.ascontiguousarray(rows), b)
         else:
             out = rows @ b
         return out.reshape(*a.shape[:-1], b.shape[1])

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from minigpt_img import attention, kernels, palette_kernels
+from minigpt_img import attention, decode_kernels, kernels, palette_kernels
 
 ROWS_COLS = [(1, 1), (1, 7), (3, 1), (5, 33), (130, 64)]  # single row/col, odd widths, > chunk count
 DTYPES = [np.float32, np.float64]
@@ -32,15 +32,42 @@ def test_norm(N, C, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("M,K,N", [(1, 1, 1), (1, 5, 7), (3, 8, 1), (8, 33, 64), (4, 512, 130)])
-@pytest.mark.parametrize("blocks", [1, 2, 3])
-def test_few_rows_matmul(M, K, N, blocks, dtype):
+@pytest.mark.parametrize("M,K,N", [(1, 1, 1), (1, 5, 7), (3, 8, 1), (8, 33, 64), (4, 512, 130), (2, 11, 3)])
+def test_few_rows_matmul(M, K, N, dtype):
+    """Against its twin, with K below, above and not a multiple of the row blocks; the same sums on 1
+    and 2 threads."""
     rng = np.random.default_rng(M * 1000 + K * 10 + N)
     x, W = rng.standard_normal((M, K)).astype(dtype), rng.standard_normal((K, N)).astype(dtype)
-    out = kernels.few_rows_matmul(x, W, blocks)
+    out = decode_kernels.few_rows_matmul(x, W)
     assert out.dtype == dtype and out.shape == (M, N)
-    np.testing.assert_allclose(out, kernels.few_rows_matmul_ref(x, W, blocks), **tol(dtype))
-    assert np.array_equal(out, kernels.few_rows_matmul(x, W, blocks + 1))  # same sums, any split
+    np.testing.assert_allclose(out, decode_kernels.few_rows_matmul_ref(x, W), **tol(dtype))
+    assert np.array_equal(out, on_one_thread(decode_kernels.few_rows_matmul, x, W))
+
+
+def on_one_thread(kernel, *args):
+    import numba
+    before = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        return kernel(*args)
+    finally:
+        numba.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,C,H", [(1, 1, 4), (3, 5, 20), (8, 33, 132), (4, 64, 256)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_few_rows_mlp(M, C, H, bias, dtype):
+    """Against its twin, with H below, above and not a multiple of MLP_BLOCKS; the same sums on 1 and
+    2 threads."""
+    rng = np.random.default_rng(M * 1000 + C * 10 + H)
+    x = rng.standard_normal((M, C)).astype(dtype)
+    W_fc, W_proj = (rng.standard_normal(s).astype(dtype) / np.sqrt(s[0]) for s in ((C, H), (H, C)))
+    b_fc, b_proj = (rng.standard_normal(n).astype(dtype) if bias else None for n in (H, C))
+    y = decode_kernels.few_rows_mlp(x, W_fc, b_fc, W_proj, b_proj)
+    assert y.dtype == dtype and y.shape == (M, C)
+    np.testing.assert_allclose(y, decode_kernels.few_rows_mlp_ref(x, W_fc, b_fc, W_proj, b_proj), **tol(dtype))
+    assert np.array_equal(y, on_one_thread(decode_kernels.few_rows_mlp, x, W_fc, b_fc, W_proj, b_proj))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -179,6 +206,32 @@ def test_attention_decode_matches_reference(B, NH, D, q_offset, Tq, dtype):
     assert o.dtype == dtype and o.flags.c_contiguous
     t = dict(rtol=1e-4, atol=1e-5) if dtype == np.float32 else dict(rtol=1e-11, atol=1e-12)
     np.testing.assert_allclose(o, o_ref, **t)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,NH,D,q_offset,Tq", [(1, 1, 8, 0, 1), (2, 3, 16, 9, 1), (1, 2, 7, 70, 5),
+                                                (4, 2, 8, 0, 2), (1, 1, 7, 127, 1)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_decode_layer_matches_reference(B, NH, D, q_offset, Tq, bias, dtype):
+    """The attention sub-layer of a decoding step: the output and the cache it writes match the twin;
+    the cache's slots past the new positions hold NaN and must be neither read nor written."""
+    rng = np.random.default_rng(q_offset * 10 + D + Tq)
+    C, n_ctx = NH * D, q_offset + Tq + 20
+    x = rng.standard_normal((B, Tq, C)).astype(dtype)
+    W_attn, W_proj = (rng.standard_normal(s).astype(dtype) / np.sqrt(C) for s in ((C, 3 * C), (C, C)))
+    b_attn, b_proj = (rng.standard_normal(n).astype(dtype) if bias else None for n in (3 * C, C))
+    k, v = rng.standard_normal((2, B, NH, n_ctx, D)).astype(dtype)
+    k[:, :, q_offset:] = np.nan
+    v[:, :, q_offset:] = np.nan
+    k_ref, v_ref = k.copy(), v.copy()
+    y = attention.decode_layer(x, W_attn, b_attn, W_proj, b_proj, k, v, q_offset)
+    y_ref = attention.decode_layer_ref(x, W_attn, b_attn, W_proj, b_proj, k_ref, v_ref, q_offset)
+    assert y.dtype == dtype and y.shape == (B, Tq, C)
+    t = dict(rtol=1e-4, atol=1e-5) if dtype == np.float32 else dict(rtol=1e-11, atol=1e-12)
+    np.testing.assert_allclose(y, y_ref, **t)
+    np.testing.assert_allclose(k, k_ref, **t)                                # NaN where both are
+    np.testing.assert_allclose(v, v_ref, **t)
+    assert np.isnan(k[:, :, q_offset + Tq:]).all() and np.isfinite(k[:, :, :q_offset + Tq]).all()
 
 
 @pytest.mark.parametrize("n,k", [(1, 1), (5, 3), (257, 64)])

@@ -97,16 +97,23 @@ def test_bert_input_mask_zeroes_token_embeddings_only():
     assert np.abs(wpe).max() > 1e-3  # a zeroed position embedding would give n^0 = 0 there
 
 
-def test_kv_cache_equals_full_forward():
-    cfg = GPTConfig(n_layer=3, n_embd=32, n_head=4, n_px=9, vocab=11)  # 81 > one tile
+@pytest.mark.parametrize("batch,bias", [(3, False), (3, True), (9, False)])
+def test_kv_cache_equals_full_forward(batch, bias):
+    """A prefix at once, then steps of one token and of two: through decode's own step (at most 8
+    rows: batch 3) and through the blocks' forward (batch 9), with and without biases."""
+    cfg = GPTConfig(n_layer=3, n_embd=32, n_head=4, n_px=9, vocab=11, bias=bias)  # 81 > one tile
     m = ImageGPT(cfg, np.random.default_rng(0))
-    m.lm_head.weight.data = np.random.default_rng(1).standard_normal((32, 11)).astype(np.float32)
-    x = tokens(cfg, 3)
+    rng = np.random.default_rng(1)
+    for name, p in m.named_parameters():
+        if name.endswith("bias") or name == "lm_head.weight":
+            p.data = rng.standard_normal(p.shape).astype(np.float32) * 0.5
+    x = tokens(cfg, batch)
     with no_grad():
         full = m(x).data
-        cache = KVCache(cfg, batch=3)
+        cache = KVCache(cfg, batch=batch)
         steps = [m.decode(x[:, :5], cache).data]          # a prefix at once (completions)
-        for t in range(5, cfg.n_ctx):
+        steps.append(m.decode(x[:, 5:7], cache).data)     # two tokens per image
+        for t in range(7, cfg.n_ctx):
             steps.append(m.decode(x[:, t:t + 1], cache).data)
     np.testing.assert_allclose(np.concatenate(steps, axis=1), full, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="exceed the context"):

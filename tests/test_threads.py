@@ -103,29 +103,30 @@ def test_fair_share_sees_a_real_busy_process():
 
 def test_a_decoding_step_runs_its_tiny_kernels_on_the_calling_thread_and_the_rest_on_numbas_pool():
     """In a fresh process with 2 threads: inside a decoding step numba runs 1 thread for the norm (its
-    tiny kernels never wake a pool), its weight matmuls and its attention run on numba's 2 threads
-    (one pool only: BLAS is not called), and the count is 2 again after it; a prompt of many tokens
-    keeps both, its matmuls through BLAS."""
+    tiny kernels never wake a pool), each sub-layer's one kernel and the head's product run on numba's
+    2 threads (one pool only: BLAS is not called), and the count is 2 again after it; a prompt of many
+    tokens keeps both, its matmuls through BLAS."""
     code = textwrap.dedent("""
         import json, numba, numpy as np
-        from minigpt_img import attention, kernels, threads
+        from minigpt_img import attention, decode_kernels, threads
         from minigpt_img.model import GPTConfig, ImageGPT, KVCache
-        seen = {"norm": [], "matmul": [], "attention": []}
+        seen = {"norm": [], "matmul": [], "attention": [], "mlp": []}
         cfg = GPTConfig(n_layer=1, n_embd=8, n_head=2, n_px=4, vocab=4)
         m, cache = ImageGPT(cfg, np.random.default_rng(0)), KVCache(cfg, 2)
         norm = m.transformer.h[0].ln_1
         forward = norm.forward
         norm.forward = lambda x: seen["norm"].append(numba.get_num_threads()) or forward(x)
-        matmul, decode = kernels.few_rows_matmul, attention.attention_decode
-        def spy_matmul(x, W, blocks):
-            seen["matmul"].append([numba.get_num_threads(), blocks])
-            return matmul(x, W, blocks)
-        def spy_decode(*args):
-            seen["attention"].append(numba.get_num_threads())
-            return decode(*args)
-        kernels.few_rows_matmul, attention.attention_decode = spy_matmul, spy_decode
+        def spy(module, name, key):
+            kernel = getattr(module, name)
+            def wrapped(*args):
+                seen[key].append(numba.get_num_threads())
+                return kernel(*args)
+            setattr(module, name, wrapped)
+        spy(decode_kernels, "few_rows_matmul", "matmul")
+        spy(attention, "decode_layer", "attention")
+        spy(decode_kernels, "few_rows_mlp", "mlp")
         m.decode(np.full((2, 9), 4), cache)
-        assert seen["matmul"] == [] and seen["attention"] == [], seen
+        assert seen["matmul"] == seen["attention"] == seen["mlp"] == [], seen
         m.decode(np.zeros((2, 1), int), cache)
         print(json.dumps({**seen, "after": numba.get_num_threads()}))
     """)
@@ -134,8 +135,8 @@ def test_a_decoding_step_runs_its_tiny_kernels_on_the_calling_thread_and_the_res
     assert out.returncode == 0, out.stderr
     seen = json.loads(out.stdout.strip().splitlines()[-1])
     assert seen["norm"] == [2, 1] and seen["after"] == 2, seen
-    assert len(seen["matmul"]) == 5 and all(t == [2, 2] for t in seen["matmul"]), seen  # 4 per block, lm_head
-    assert seen["attention"] == [2], seen
+    assert seen["matmul"] == [2], seen                                       # lm_head
+    assert seen["attention"] == [2] and seen["mlp"] == [2], seen
 
 
 def test_configure_keeps_freed_memory_so_a_large_block_costs_no_page_faults_the_second_time():

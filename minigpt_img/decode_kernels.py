@@ -1,0 +1,139 @@
+"""numba kernels of a decoding step: §2.2's transformer applied to a few new tokens (one per image
+when sampling, the paper's Figure 1), each beside its NumPy *_ref twin.
+
+A decoding step multiplies a few rows by every weight matrix of the model: each weight is read once
+from memory for a few multiply-adds, so a step costs the weights' bytes over the memory bandwidth
+(300 MB at iGPT-S size), and these kernels are written to stream each weight once, in long
+contiguous stretches, with few parallel loops per layer (each one a wake-up of the thread pool):
+
+    few_rows_matmul(x, W)      x W                                 (ops.MatMul, <= FEW_ROWS rows)
+    few_rows_mlp(x, ...)       gelu2(x W_fc + b_fc) W_proj + b_proj  the MLP sub-layer, two loops
+    few_rows_partials(x, W)    the partial products x[:, K_s] W[K_s, :] the sub-layers start from
+                               (attention.decode_layer, the attention sub-layer, is the other user)
+
+Sums over blocks are taken in a fixed block order, so results do not depend on the thread count.
+Legend: M rows (B * T flattened, a few), K inputs, N outputs, C width, H = 4C hidden units.
+"""
+import numpy as np
+from numba import njit, prange
+
+from .kernels import _JIT, _gelu2_sigmoid, gelu2_forward_ref
+
+# ---------------------------------------------------------------------------------------------
+# few-row matmul:  out = x W = sum_s x[:, K_s] W[K_s, :]      (K_s: blocks of W's rows)
+# The weight's rows are cut into ROW_BLOCKS blocks, each one contiguous stretch of memory
+# that one thread streams, four rows at a time, into its own (M, N) partial sum; the partial sums are
+# then added in block order. Measured on iGPT-S's weights (AMD EPYC, 2 threads): contiguous row
+# blocks stream at 17-21 GB/s where blocks of columns (every thread reading a part of every row)
+# reach 8.5-16. The fixed block count makes the sums the same whatever the thread count.
+# ---------------------------------------------------------------------------------------------
+FEW_ROWS = 8  # ops.MatMul sends products with at most this many rows here (measured: M = 4 1.5x BLAS, 8 even)
+ROW_BLOCKS = 8
+
+
+@njit(**_JIT)
+def few_rows_times(x, W, k0, k1, acc):
+    """acc (M, N) += x[:, k0:k1] @ W[k0:k1] on the calling thread, W's rows read four at a time."""
+    M = x.shape[0]
+    N = W.shape[1]
+    k = k0
+    while k + 4 <= k1:
+        w0, w1, w2, w3 = W[k], W[k + 1], W[k + 2], W[k + 3]
+        for m in range(M):
+            a0, a1, a2, a3 = x[m, k], x[m, k + 1], x[m, k + 2], x[m, k + 3]
+            acc_m = acc[m]
+            for c in range(N):
+                acc_m[c] += a0 * w0[c] + a1 * w1[c] + a2 * w2[c] + a3 * w3[c]
+        k += 4
+    for k in range(k, k1):
+        for m in range(M):
+            a0 = x[m, k]
+            for c in range(N):
+                acc[m, c] += a0 * W[k, c]
+
+
+@njit(parallel=True, **_JIT)
+def few_rows_partials(x, W):
+    """x (M, K), W (K, N), C-contiguous, one dtype -> (ROW_BLOCKS, M, N): block s's partial product
+    x[:, K_s] W[K_s, :], one parallel loop over the blocks."""
+    M, K = x.shape
+    N = W.shape[1]
+    block = -(-K // ROW_BLOCKS)
+    partials = np.empty((ROW_BLOCKS, M, N), dtype=x.dtype)
+    for s in prange(ROW_BLOCKS):
+        p = partials[s]
+        p[:] = 0.0
+        few_rows_times(x, W, min(K, s * block), min(K, (s + 1) * block), p)
+    return partials
+
+
+# (An array expression in a parallel kernel is a parallel loop of its own, a wake-up of the pool: so
+# the kernels here allocate with np.empty outside prange and leave sums to this serial kernel.)
+@njit(**_JIT)
+def sum_shares(shares, bias):
+    """shares (S, M, N), bias (N,) or None -> (M, N) = bias + shares[0] + shares[1] + ..., in that order."""
+    S, M, N = shares.shape
+    y = np.zeros((M, N), dtype=shares.dtype)
+    for m in range(M):
+        if bias is not None:
+            y[m] = bias
+        for t in range(S):
+            for c in range(N):
+                y[m, c] += shares[t, m, c]
+    return y
+
+
+def few_rows_matmul(x, W):
+    """x (M, K) @ W (K, N), both C-contiguous and of one dtype -> (M, N)."""
+    return sum_shares(few_rows_partials(x, W), None)
+
+
+def few_rows_matmul_ref(x, W):
+    return x @ W
+
+
+# The MLP sub-layer of a decoding step: two parallel loops, the second starting from the first's
+# partial sums, with the activation in between done by the threads of the second:
+#
+#   y = gelu2(x W_fc + b_fc) W_proj + b_proj = sum_t gelu2(x W_fc[:, t] + b_fc[t]) W_proj[t, :] + b_proj
+#
+# t runs over MLP_BLOCKS blocks of hidden units; block t sums its units' partials, adds the bias,
+# applies gelu2 and multiplies them into its share of y (rows t of W_proj: contiguous). The shares
+# are summed in block order.
+MLP_BLOCKS = 16
+
+
+def few_rows_mlp(x, W_fc, b_fc, W_proj, b_proj):
+    """x (M, C), W_fc (C, H), W_proj (H, C), C-contiguous, biases (H,), (C,) or None -> y (M, C)."""
+    return _mlp_from_partials(few_rows_partials(x, W_fc), b_fc, W_proj, b_proj)
+
+
+@njit(parallel=True, **_JIT)
+def _mlp_from_partials(partials, b_fc, W_proj, b_proj):
+    S, M, H = partials.shape
+    C = W_proj.shape[1]
+    block = -(-H // MLP_BLOCKS)
+    shares = np.empty((MLP_BLOCKS, M, C), dtype=partials.dtype)
+    for t in prange(MLP_BLOCKS):
+        h0, h1 = min(H, t * block), min(H, (t + 1) * block)
+        u = np.zeros((M, h1 - h0), dtype=partials.dtype)         # (M, block) this block's units
+        for m in range(M):
+            if b_fc is not None:
+                u[m] = b_fc[h0:h1]
+            for s in range(S):
+                for c in range(h1 - h0):
+                    u[m, c] += partials[s, m, h0 + c]
+        g, work = np.empty(h1 - h0, dtype=u.dtype), np.empty(h1 - h0, dtype=u.dtype)
+        for m in range(M):                                        # gelu2 in place
+            _gelu2_sigmoid(u[m], g, work)
+            for c in range(h1 - h0):
+                u[m, c] *= g[c]
+        share = shares[t]                                         # (M, C) this block's share
+        share[:] = 0.0
+        few_rows_times(u, W_proj[h0:h1], 0, h1 - h0, share)
+    return sum_shares(shares, b_proj)
+
+
+def few_rows_mlp_ref(x, W_fc, b_fc, W_proj, b_proj):
+    u = gelu2_forward_ref(x @ W_fc + (0 if b_fc is None else b_fc))
+    return u @ W_proj + (0 if b_proj is None else b_proj)
