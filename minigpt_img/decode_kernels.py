@@ -27,23 +27,32 @@ from .kernels import _JIT, _gelu2_sigmoid, gelu2_forward_ref
 # blocks stream at 17-21 GB/s where blocks of columns (every thread reading a part of every row)
 # reach 8.5-16. The fixed block count makes the sums the same whatever the thread count.
 # ---------------------------------------------------------------------------------------------
-FEW_ROWS = 8  # ops.MatMul sends products with at most this many rows here (measured: M = 4 1.5x BLAS, 8 even)
+FEW_ROWS = 16  # ops.MatMul sends products with at most this many rows here (measured: M = 4 1.5x BLAS, 16 even)
 ROW_BLOCKS = 8
 
 
 @njit(**_JIT)
 def few_rows_times(x, W, k0, k1, acc):
-    """acc (M, N) += x[:, k0:k1] @ W[k0:k1] on the calling thread, W's rows read four at a time."""
+    """acc (M, N) += x[:, k0:k1] @ W[k0:k1] on the calling thread: W's rows read four at a time,
+    each element multiplied into two rows of acc while it is in a register."""
     M = x.shape[0]
     N = W.shape[1]
     k = k0
     while k + 4 <= k1:
         w0, w1, w2, w3 = W[k], W[k + 1], W[k + 2], W[k + 3]
-        for m in range(M):
+        for m in range(0, M - 1, 2):
             a0, a1, a2, a3 = x[m, k], x[m, k + 1], x[m, k + 2], x[m, k + 3]
-            acc_m = acc[m]
+            b0, b1, b2, b3 = x[m + 1, k], x[m + 1, k + 1], x[m + 1, k + 2], x[m + 1, k + 3]
+            acc_a, acc_b = acc[m], acc[m + 1]
             for c in range(N):
-                acc_m[c] += a0 * w0[c] + a1 * w1[c] + a2 * w2[c] + a3 * w3[c]
+                v0, v1, v2, v3 = w0[c], w1[c], w2[c], w3[c]
+                acc_a[c] += a0 * v0 + a1 * v1 + a2 * v2 + a3 * v3
+                acc_b[c] += b0 * v0 + b1 * v1 + b2 * v2 + b3 * v3
+        if M % 2:                                                 # an odd last row
+            a0, a1, a2, a3 = x[M - 1, k], x[M - 1, k + 1], x[M - 1, k + 2], x[M - 1, k + 3]
+            acc_a = acc[M - 1]
+            for c in range(N):
+                acc_a[c] += a0 * w0[c] + a1 * w1[c] + a2 * w2[c] + a3 * w3[c]
         k += 4
     for k in range(k, k1):
         for m in range(M):

@@ -173,7 +173,7 @@ class ImageGPT(nn.Module):
         B, T = tokens.shape
         few = T <= attention.DECODE_ROWS                                   # a decoding step, not a prompt
         with no_grad(), (kernels_on_this_thread() if few else nullcontext()):
-            if B * T <= decode_kernels.FEW_ROWS:
+            if few and B * T <= decode_kernels.FEW_ROWS:
                 logits = self._step(tokens, cache)
             else:
                 logits = self._forward(tokens, True, None, cache)[0]

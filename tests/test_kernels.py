@@ -32,7 +32,7 @@ def test_norm(N, C, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("M,K,N", [(1, 1, 1), (1, 5, 7), (3, 8, 1), (8, 33, 64), (4, 512, 130), (2, 11, 3)])
+@pytest.mark.parametrize("M,K,N", [(1, 1, 1), (1, 5, 7), (3, 8, 1), (8, 33, 64), (4, 512, 130), (2, 11, 3), (13, 6, 17)])
 def test_few_rows_matmul(M, K, N, dtype):
     """Against its twin, with K below, above and not a multiple of the row blocks; the same sums on 1
     and 2 threads."""

@@ -97,10 +97,11 @@ def test_bert_input_mask_zeroes_token_embeddings_only():
     assert np.abs(wpe).max() > 1e-3  # a zeroed position embedding would give n^0 = 0 there
 
 
-@pytest.mark.parametrize("batch,bias", [(3, False), (3, True), (9, False)])
+@pytest.mark.parametrize("batch,bias", [(3, False), (3, True), (9, False), (17, False)])
 def test_kv_cache_equals_full_forward(batch, bias):
-    """A prefix at once, then steps of one token and of two: through decode's own step (at most 8
-    rows: batch 3) and through the blocks' forward (batch 9), with and without biases."""
+    """A prefix at once, then steps of one token and of two: through decode's own step (at most 16
+    rows: batch 3; batch 9's one-token steps) and through the blocks' forward (batch 9's two-token
+    step, batch 17), with and without biases."""
     cfg = GPTConfig(n_layer=3, n_embd=32, n_head=4, n_px=9, vocab=11, bias=bias)  # 81 > one tile
     m = ImageGPT(cfg, np.random.default_rng(0))
     rng = np.random.default_rng(1)

@@ -101,18 +101,20 @@ def test_fair_share_sees_a_real_busy_process():
     assert share.others(before, after) - quiet > 0.5  # the busy loop adds about one core
 
 
-def test_a_decoding_step_runs_its_tiny_kernels_on_the_calling_thread_and_the_rest_on_numbas_pool():
-    """In a fresh process with 2 threads: inside a decoding step numba runs 1 thread for the norm (its
-    tiny kernels never wake a pool), each sub-layer's one kernel and the head's product run on numba's
-    2 threads (one pool only: BLAS is not called), and the count is 2 again after it; a prompt of many
-    tokens keeps both, its matmuls through BLAS."""
+@pytest.mark.parametrize("batch", [2, 16])
+def test_a_decoding_step_runs_its_tiny_kernels_on_the_calling_thread_and_the_rest_on_numbas_pool(batch):
+    """In a fresh process with 2 threads: inside a decoding step of up to 16 images numba runs 1 thread
+    for the norm (its tiny kernels never wake a pool), each sub-layer's kernels and the head's product
+    run on numba's 2 threads (one pool only: BLAS is not called), and the count is 2 again after it;
+    a prompt of many tokens keeps both, its matmuls through BLAS."""
     code = textwrap.dedent("""
         import json, numba, numpy as np
         from minigpt_img import attention, decode_kernels, threads
         from minigpt_img.model import GPTConfig, ImageGPT, KVCache
         seen = {"norm": [], "matmul": [], "attention": [], "mlp": []}
         cfg = GPTConfig(n_layer=1, n_embd=8, n_head=2, n_px=4, vocab=4)
-        m, cache = ImageGPT(cfg, np.random.default_rng(0)), KVCache(cfg, 2)
+        batch = %d
+        m, cache = ImageGPT(cfg, np.random.default_rng(0)), KVCache(cfg, batch)
         norm = m.transformer.h[0].ln_1
         forward = norm.forward
         norm.forward = lambda x: seen["norm"].append(numba.get_num_threads()) or forward(x)
@@ -125,11 +127,11 @@ def test_a_decoding_step_runs_its_tiny_kernels_on_the_calling_thread_and_the_res
         spy(decode_kernels, "few_rows_matmul", "matmul")
         spy(attention, "decode_layer", "attention")
         spy(decode_kernels, "few_rows_mlp", "mlp")
-        m.decode(np.full((2, 9), 4), cache)
+        m.decode(np.full((batch, 9), 4), cache)
         assert seen["matmul"] == seen["attention"] == seen["mlp"] == [], seen
-        m.decode(np.zeros((2, 1), int), cache)
+        m.decode(np.zeros((batch, 1), int), cache)
         print(json.dumps({**seen, "after": numba.get_num_threads()}))
-    """)
+    """) % batch
     env = {**threads.os.environ, "NUMBA_NUM_THREADS": "2"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
