@@ -106,10 +106,11 @@ def few_rows_matmul_ref(x, W):
 #
 #   y = gelu2(x W_fc + b_fc) W_proj + b_proj = sum_t gelu2(x W_fc[:, t] + b_fc[t]) W_proj[t, :] + b_proj
 #
-# t runs over MLP_BLOCKS blocks of hidden units; block t sums its units' partials, adds the bias,
+# t runs over blocks of hidden units (MLP_BLOCKS, or fewer so that each has at least MLP_UNITS: a
+# small model's blocks would be all overhead); block t sums its units' partials, adds the bias,
 # applies gelu2 and multiplies them into its share of y (rows t of W_proj: contiguous). The shares
-# are summed in block order.
-MLP_BLOCKS = 16
+# are summed in block order; the block count depends on H only.
+MLP_BLOCKS, MLP_UNITS = 16, 128
 
 
 def few_rows_mlp(x, W_fc, b_fc, W_proj, b_proj):
@@ -121,9 +122,10 @@ def few_rows_mlp(x, W_fc, b_fc, W_proj, b_proj):
 def _mlp_from_partials(partials, b_fc, W_proj, b_proj):
     S, M, H = partials.shape
     C = W_proj.shape[1]
-    block = -(-H // MLP_BLOCKS)
-    shares = np.empty((MLP_BLOCKS, M, C), dtype=partials.dtype)
-    for t in prange(MLP_BLOCKS):
+    blocks = max(1, min(MLP_BLOCKS, H // MLP_UNITS))
+    block = -(-H // blocks)
+    shares = np.empty((blocks, M, C), dtype=partials.dtype)
+    for t in prange(blocks):
         h0, h1 = min(H, t * block), min(H, (t + 1) * block)
         u = np.zeros((M, h1 - h0), dtype=partials.dtype)         # (M, block) this block's units
         for m in range(M):
@@ -132,11 +134,11 @@ def _mlp_from_partials(partials, b_fc, W_proj, b_proj):
             for s in range(S):
                 for c in range(h1 - h0):
                     u[m, c] += partials[s, m, h0 + c]
-        g, work = np.empty(h1 - h0, dtype=u.dtype), np.empty(h1 - h0, dtype=u.dtype)
-        for m in range(M):                                        # gelu2 in place
-            _gelu2_sigmoid(u[m], g, work)
-            for c in range(h1 - h0):
-                u[m, c] *= g[c]
+        flat = u.reshape(M * (h1 - h0))                           # gelu2 in place
+        g, work = np.empty_like(flat), np.empty_like(flat)
+        _gelu2_sigmoid(flat, g, work)
+        for i in range(flat.size):
+            flat[i] *= g[i]
         share = shares[t]                                         # (M, C) this block's share
         share[:] = 0.0
         few_rows_times(u, W_proj[h0:h1], 0, h1 - h0, share)

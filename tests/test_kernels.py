@@ -55,11 +55,11 @@ def on_one_thread(kernel, *args):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("M,C,H", [(1, 1, 4), (3, 5, 20), (8, 33, 132), (4, 64, 256)])
+@pytest.mark.parametrize("M,C,H", [(1, 1, 4), (3, 5, 20), (8, 33, 132), (4, 64, 256), (13, 16, 2050)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_few_rows_mlp(M, C, H, bias, dtype):
-    """Against its twin, with H below, above and not a multiple of MLP_BLOCKS; the same sums on 1 and
-    2 threads."""
+    """Against its twin, with 1, 2 and 16 blocks of hidden units, H not a multiple of them; the same
+    sums on 1 and 2 threads."""
     rng = np.random.default_rng(M * 1000 + C * 10 + H)
     x = rng.standard_normal((M, C)).astype(dtype)
     W_fc, W_proj = (rng.standard_normal(s).astype(dtype) / np.sqrt(s[0]) for s in ((C, H), (H, C)))
