@@ -20,7 +20,7 @@ Legend: B batch, T tokens, NH heads, D = C / NH head size, BH = B * NH.
 import numpy as np
 from numba import njit, prange
 
-from .decode_kernels import few_rows_partials, few_rows_times, sum_shares
+from .decode_kernels import few_rows_partials, few_rows_times, sum_partials, sum_shares
 from .kernels import _JIT, exp_inplace, logsumexp, row_max
 from .threads import serial_kernel_blas
 
@@ -239,20 +239,15 @@ def decode_layer(x, W_attn, b_attn, W_proj, b_proj, k_cache, v_cache, q_offset):
 
 @njit(parallel=True, **_JIT)
 def _heads_from_partials(partials, b_attn, W_proj, b_proj, k_cache, v_cache, q_offset, Tq):
-    S, M, C3 = partials.shape
+    M, C3 = partials.shape[1:]
     C = C3 // 3
     NH, D = k_cache.shape[1], k_cache.shape[3]
     shares = np.empty((NH, M, C), dtype=partials.dtype)                   # np.empty: see decode_kernels.sum_shares
     for h in prange(NH):
-        qkv = np.zeros((3, M, D), dtype=partials.dtype)                   # this head's q, k, v rows
+        qkv = np.empty((3, M, D), dtype=partials.dtype)                   # this head's q, k, v rows
         for part in range(3):
             c0 = part * C + h * D                                          # its columns of q, k, v
-            for m in range(M):
-                if b_attn is not None:
-                    qkv[part, m] = b_attn[c0:c0 + D]
-                for s in range(S):
-                    for d in range(D):
-                        qkv[part, m, d] += partials[s, m, c0 + d]
+            sum_partials(partials, b_attn, c0, c0 + D, qkv[part])
         n = q_offset + Tq
         scores, work = np.empty(n, dtype=qkv.dtype), np.empty(n, dtype=qkv.dtype)
         o = np.empty((M, D), dtype=qkv.dtype)                              # (B Tq, D)

@@ -92,6 +92,21 @@ def sum_shares(shares, bias):
     return y
 
 
+@njit(**_JIT)
+def sum_partials(partials, bias, c0, c1, out):
+    """out (M, c1 - c0) = bias[c0:c1] (when not None) + partials[0, :, c0:c1] + partials[1, :, c0:c1]
+    + ..., in block order: columns c0 .. c1 - 1 of a product from few_rows_partials."""
+    S, M = partials.shape[:2]
+    for m in range(M):
+        if bias is not None:
+            out[m] = bias[c0:c1]
+        else:
+            out[m] = 0.0
+        for s in range(S):
+            for c in range(c1 - c0):
+                out[m, c] += partials[s, m, c0 + c]
+
+
 def few_rows_matmul(x, W):
     """x (M, K) @ W (K, N), both C-contiguous and of one dtype -> (M, N)."""
     return sum_shares(few_rows_partials(x, W), None)
@@ -120,20 +135,15 @@ def few_rows_mlp(x, W_fc, b_fc, W_proj, b_proj):
 
 @njit(parallel=True, **_JIT)
 def _mlp_from_partials(partials, b_fc, W_proj, b_proj):
-    S, M, H = partials.shape
+    M, H = partials.shape[1:]
     C = W_proj.shape[1]
     blocks = max(1, min(MLP_BLOCKS, H // MLP_UNITS))
     block = -(-H // blocks)
     shares = np.empty((blocks, M, C), dtype=partials.dtype)
     for t in prange(blocks):
         h0, h1 = min(H, t * block), min(H, (t + 1) * block)
-        u = np.zeros((M, h1 - h0), dtype=partials.dtype)         # (M, block) this block's units
-        for m in range(M):
-            if b_fc is not None:
-                u[m] = b_fc[h0:h1]
-            for s in range(S):
-                for c in range(h1 - h0):
-                    u[m, c] += partials[s, m, h0 + c]
+        u = np.empty((M, h1 - h0), dtype=partials.dtype)         # (M, block) this block's units
+        sum_partials(partials, b_fc, h0, h1, u)
         flat = u.reshape(M * (h1 - h0))                           # gelu2 in place
         g, work = np.empty_like(flat), np.empty_like(flat)
         _gelu2_sigmoid(flat, g, work)
