@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from minigpt_img import attention, decode_kernels, kernels, palette_kernels
+from minigpt_img.threads import kernels_on_this_thread
 
 ROWS_COLS = [(1, 1), (1, 7), (3, 1), (5, 33), (130, 64)]  # single row/col, odd widths, > chunk count
 DTYPES = [np.float32, np.float64]
@@ -41,17 +42,8 @@ def test_few_rows_matmul(M, K, N, dtype):
     out = decode_kernels.few_rows_matmul(x, W)
     assert out.dtype == dtype and out.shape == (M, N)
     np.testing.assert_allclose(out, decode_kernels.few_rows_matmul_ref(x, W), **tol(dtype))
-    assert np.array_equal(out, on_one_thread(decode_kernels.few_rows_matmul, x, W))
-
-
-def on_one_thread(kernel, *args):
-    import numba
-    before = numba.get_num_threads()
-    numba.set_num_threads(1)
-    try:
-        return kernel(*args)
-    finally:
-        numba.set_num_threads(before)
+    with kernels_on_this_thread():
+        assert np.array_equal(out, decode_kernels.few_rows_matmul(x, W))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -67,7 +59,8 @@ def test_few_rows_mlp(M, C, H, bias, dtype):
     y = decode_kernels.few_rows_mlp(x, W_fc, b_fc, W_proj, b_proj)
     assert y.dtype == dtype and y.shape == (M, C)
     np.testing.assert_allclose(y, decode_kernels.few_rows_mlp_ref(x, W_fc, b_fc, W_proj, b_proj), **tol(dtype))
-    assert np.array_equal(y, on_one_thread(decode_kernels.few_rows_mlp, x, W_fc, b_fc, W_proj, b_proj))
+    with kernels_on_this_thread():
+        assert np.array_equal(y, decode_kernels.few_rows_mlp(x, W_fc, b_fc, W_proj, b_proj))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -213,8 +206,9 @@ def test_attention_decode_matches_reference(B, NH, D, q_offset, Tq, dtype):
                                                 (4, 2, 8, 0, 2), (1, 1, 7, 127, 1)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_decode_layer_matches_reference(B, NH, D, q_offset, Tq, bias, dtype):
-    """The attention sub-layer of a decoding step: the output and the cache it writes match the twin;
-    the cache's slots past the new positions hold NaN and must be neither read nor written."""
+    """The attention sub-layer of a decoding step: the output and the cache it writes match the twin
+    and do not depend on the thread count; the cache's slots past the new positions hold NaN and
+    must be neither read nor written."""
     rng = np.random.default_rng(q_offset * 10 + D + Tq)
     C, n_ctx = NH * D, q_offset + Tq + 20
     x = rng.standard_normal((B, Tq, C)).astype(dtype)
@@ -224,7 +218,10 @@ def test_decode_layer_matches_reference(B, NH, D, q_offset, Tq, bias, dtype):
     k[:, :, q_offset:] = np.nan
     v[:, :, q_offset:] = np.nan
     k_ref, v_ref = k.copy(), v.copy()
+    k_one, v_one = k.copy(), v.copy()
     y = attention.decode_layer(x, W_attn, b_attn, W_proj, b_proj, k, v, q_offset)
+    with kernels_on_this_thread():                                           # the same sums on 1 thread
+        assert np.array_equal(y, attention.decode_layer(x, W_attn, b_attn, W_proj, b_proj, k_one, v_one, q_offset))
     y_ref = attention.decode_layer_ref(x, W_attn, b_attn, W_proj, b_proj, k_ref, v_ref, q_offset)
     assert y.dtype == dtype and y.shape == (B, Tq, C)
     t = dict(rtol=1e-4, atol=1e-5) if dtype == np.float32 else dict(rtol=1e-11, atol=1e-12)
