@@ -33,7 +33,7 @@ import numpy as np
 
 from . import attention, decode_kernels, nn, ops
 from .tensor import Tensor, no_grad
-from .threads import kernels_on_this_thread, whole_pool
+from .threads import current_threads, kernels_on_this_thread, numba_threads
 
 
 @dataclass(frozen=True)
@@ -81,8 +81,8 @@ class Attention(nn.Module):
 
     def step(self, n, cache, layer):
         """forward for a decoding step of a few rows (ImageGPT.decode), on arrays: n (B, T, C) ->
-        (B, T, C), the whole sub-layer in two parallel loops (attention.decode_layer)."""
-        with whole_pool():
+        (B, T, C), the whole sub-layer in two parallel loops (attention.decode_layer) on cache.threads."""
+        with numba_threads(cache.threads):
             return attention.decode_layer(n, *_arrays(self.c_attn), *_arrays(self.c_proj),
                                           cache.k[layer], cache.v[layer], cache.length)
 
@@ -97,10 +97,11 @@ class MLP(nn.Module):
     def forward(self, x):
         return self.c_proj(ops.gelu2(self.c_fc(x)))                  # (B, T, 4C) -> (B, T, C)
 
-    def step(self, n):
-        """forward for a decoding step of a few rows, on arrays: two parallel loops (decode_kernels.few_rows_mlp)."""
+    def step(self, n, threads: int):
+        """forward for a decoding step of a few rows, on arrays: two parallel loops on that many
+        threads (decode_kernels.few_rows_mlp)."""
         B, T, C = n.shape
-        with whole_pool():
+        with numba_threads(threads):
             y = decode_kernels.few_rows_mlp(n.reshape(B * T, C), *_arrays(self.c_fc), *_arrays(self.c_proj))
         return y.reshape(B, T, C)
 
@@ -188,8 +189,10 @@ class ImageGPT(nn.Module):
         h = self._embed(tokens, cache.length).data                          # (B, T, C)
         for layer, block in enumerate(tr.h):
             h = h + block.attn.step(block.ln_1(h).data, cache, layer)       # a^l
-            h = h + block.mlp.step(block.ln_2(h).data)                      # h^l+1
-        return self.lm_head(tr.ln_f(h))                                     # (B, T, V)
+            h = h + block.mlp.step(block.ln_2(h).data, cache.threads)       # h^l+1
+        n = tr.ln_f(h)                                                      # n^L (B, T, C)
+        with numba_threads(cache.threads):                                  # streams the head's weight
+            return self.lm_head(n)                                          # (B, T, V)
 
     def _embed(self, tokens, t0: int, input_mask=None):
         """h^0 (B, T, C) of tokens (B, T) at positions t0 .., after checking both."""
@@ -226,9 +229,13 @@ class KVCache:
     """Keys and values of every layer for the positions decoded so far, so that each new token costs
     one pass over the new position plus an attention read of the cache (O(T) per token, not O(T^2)).
     Arrays are head-major, (L, B, NH, n_ctx, D), preallocated for the whole image: each head's keys
-    are one contiguous block that decoding reads in place (attention.decode_layer, attention_decode)."""
+    are one contiguous block that decoding reads in place (attention.decode_layer, attention_decode).
+    threads: how many of numba's threads the loops of a decoding step that read every weight or the
+    whole cache run on (the rest run on the calling thread: ImageGPT.decode); by default the count in
+    effect when the cache is made (threads.set_threads, a FairShare, --threads)."""
 
-    def __init__(self, cfg: GPTConfig, batch: int, dtype=np.float32):
+    def __init__(self, cfg: GPTConfig, batch: int, dtype=np.float32, threads: int | None = None):
+        self.threads = threads or current_threads()
         D = cfg.n_embd // cfg.n_head
         self.k = np.zeros((cfg.n_layer, batch, cfg.n_head, cfg.n_ctx, D), dtype=dtype)
         self.v = np.zeros_like(self.k)
@@ -243,7 +250,7 @@ class KVCache:
         self.v[layer, :, :, t0:t1] = v.transpose(0, 2, 1, 3)
         # Causal with q_offset = t0: the kernels read keys < t1 only, never the unwritten rest.
         if T <= attention.DECODE_ROWS:                                     # a token or a few
-            with whole_pool():                                             # reads the whole cache
+            with numba_threads(self.threads):                              # reads the whole cache
                 o = attention.attention_decode(q, self.k[layer], self.v[layer], t0)
         else:                                                              # a prompt: the tiled kernel
             o, _ = attention.attention_forward(q, self.k[layer].transpose(0, 2, 1, 3),

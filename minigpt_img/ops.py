@@ -21,7 +21,6 @@ import numpy as np
 from . import attention as attention_kernels
 from . import decode_kernels, kernels
 from .tensor import Function
-from .threads import whole_pool
 
 _FLOATS = (np.float32, np.float64)
 
@@ -144,8 +143,7 @@ class MatMul(Function):
         rows = a.reshape(-1, a.shape[-1])                       # (rows, K): one product, not one per batch entry
         few = len(rows) <= decode_kernels.FEW_ROWS and b.flags.c_contiguous
         if few and a.dtype == b.dtype and b.dtype in _FLOATS:
-            with whole_pool():                                  # a decoding step: stream the weight once
-                out = decode_kernels.few_rows_matmul(np.ascontiguousarray(rows), b)
+            out = decode_kernels.few_rows_matmul(np.ascontiguousarray(rows), b)  # stream the weight once
         else:
             out = rows @ b
         return out.reshape(*a.shape[:-1], b.shape[1])

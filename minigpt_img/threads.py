@@ -10,8 +10,8 @@ library's malloc keeps freed memory (`keep_freed_memory`). `FairShare` changes t
 thread count of a running process when other processes load the machine. Two rules hold whatever
 the environment: the BLAS that numba's kernels call inside their own threads runs on one thread
 (`serial_kernel_blas`), and a decoding step runs its tiny kernels on the calling thread and the rest
-on numba's pool (`kernels_on_this_thread`, `whole_pool`), so that its many small steps never hand the
-cores between the pools.
+on numba's pool at the count in effect when its KV cache was made (`kernels_on_this_thread`,
+`numba_threads`), so that its many small steps never hand the cores between the pools.
 """
 import functools
 import os
@@ -173,31 +173,23 @@ class FairShare:
 @contextmanager
 def kernels_on_this_thread():
     """Inside: numba's kernels run on the calling thread only (numba's count is per thread, so
-    nothing else changes), except inside `whole_pool`. For decoding, whose steps are a few tokens:
+    nothing else changes), except inside `numba_threads`. For decoding, whose steps are a few tokens:
     its many tiny kernels (a norm or an activation of a few rows) cost less than handing work to
     other threads and back, and the few that stream megabytes (every weight matrix, the KV cache)
-    take numba's whole pool, so a step uses one pool only: two pools taking turns on the same cores
-    wait for each other's spinning threads, and how long they spin is fixed when each library loads
-    (OPENBLAS_THREAD_TIMEOUT, OMP_WAIT_POLICY): in a script that imported NumPy before this package,
-    too late for `configure`."""
-    with _numba_threads(1):
+    go back to the count in effect before (model.KVCache.threads), so a step uses one pool only: two
+    pools taking turns on the same cores wait for each other's spinning threads, and how long they
+    spin is fixed when each library loads (OPENBLAS_THREAD_TIMEOUT, OMP_WAIT_POLICY): in a script that
+    imported NumPy before this package, too late for `configure`."""
+    with numba_threads(1):
         yield
 
 
 @contextmanager
-def whole_pool():
-    """Inside: numba's kernels use every thread numba started (also within kernels_on_this_thread);
-    gives that count."""
-    import numba
-    with _numba_threads(numba.config.NUMBA_NUM_THREADS):
-        yield numba.config.NUMBA_NUM_THREADS
-
-
-@contextmanager
-def _numba_threads(n: int):
+def numba_threads(n: int):
+    """Inside: numba's kernels called from this thread run on n threads (at most those numba started)."""
     import numba
     before = numba.get_num_threads()
-    numba.set_num_threads(n)
+    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
     try:
         yield
     finally:

@@ -101,19 +101,23 @@ def test_fair_share_sees_a_real_busy_process():
     assert share.others(before, after) - quiet > 0.5  # the busy loop adds about one core
 
 
-@pytest.mark.parametrize("batch", [2, 16])
-def test_a_decoding_step_runs_its_tiny_kernels_on_the_calling_thread_and_the_rest_on_numbas_pool(batch):
-    """In a fresh process with 2 threads: inside a decoding step of up to 16 images numba runs 1 thread
-    for the norm (its tiny kernels never wake a pool), each sub-layer's kernels and the head's product
-    run on numba's 2 threads (one pool only: BLAS is not called), and the count is 2 again after it;
-    a prompt of many tokens keeps both, its matmuls through BLAS."""
+@pytest.mark.parametrize("batch, lowered", [(2, False), (16, False), (16, True), (24, True)])
+def test_a_decoding_step_runs_its_tiny_kernels_on_the_calling_thread_and_the_rest_on_numbas_pool(batch, lowered):
+    """In a fresh process with 2 threads: inside a decoding step numba runs 1 thread for the norm (its
+    tiny kernels never wake a pool), and the loops that read every weight or the whole cache (each
+    sub-layer's, the head's product; attention over the cache when more than 16 rows go through the
+    blocks' own forward) run on the count in effect when the KV cache was made: 2, or 1 after
+    set_threads(1) (a FairShare or a user lowering it), never more. The count is the same again
+    after the step; a prompt of many tokens keeps it, its matmuls through BLAS."""
     code = textwrap.dedent("""
         import json, numba, numpy as np
         from minigpt_img import attention, decode_kernels, threads
         from minigpt_img.model import GPTConfig, ImageGPT, KVCache
-        seen = {"norm": [], "matmul": [], "attention": [], "mlp": []}
+        seen = {"norm": [], "matmul": [], "attention": [], "mlp": [], "cache": []}
         cfg = GPTConfig(n_layer=1, n_embd=8, n_head=2, n_px=4, vocab=4)
-        batch = %d
+        batch, lowered = %d, %s
+        if lowered:
+            threads.set_threads(1)
         m, cache = ImageGPT(cfg, np.random.default_rng(0)), KVCache(cfg, batch)
         norm = m.transformer.h[0].ln_1
         forward = norm.forward
@@ -127,18 +131,23 @@ def test_a_decoding_step_runs_its_tiny_kernels_on_the_calling_thread_and_the_res
         spy(decode_kernels, "few_rows_matmul", "matmul")
         spy(attention, "decode_layer", "attention")
         spy(decode_kernels, "few_rows_mlp", "mlp")
+        spy(attention, "attention_decode", "cache")
         m.decode(np.full((batch, 9), 4), cache)
-        assert seen["matmul"] == seen["attention"] == seen["mlp"] == [], seen
+        assert seen["matmul"] == seen["attention"] == seen["mlp"] == seen["cache"] == [], seen
         m.decode(np.zeros((batch, 1), int), cache)
         print(json.dumps({**seen, "after": numba.get_num_threads()}))
-    """) % batch
+    """) % (batch, lowered)
     env = {**threads.os.environ, "NUMBA_NUM_THREADS": "2"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     seen = json.loads(out.stdout.strip().splitlines()[-1])
-    assert seen["norm"] == [2, 1] and seen["after"] == 2, seen
-    assert seen["matmul"] == [2], seen                                       # lm_head
-    assert seen["attention"] == [2] and seen["mlp"] == [2], seen
+    pool = 1 if lowered else 2
+    assert seen["norm"] == [pool, 1] and seen["after"] == pool, seen
+    if batch <= 16:                                                          # ImageGPT._step
+        assert seen["matmul"] == [pool], seen                                # lm_head
+        assert seen["attention"] == [pool] and seen["mlp"] == [pool] and seen["cache"] == [], seen
+    else:                                                                    # the blocks' own forward
+        assert seen["cache"] == [pool] and seen["attention"] == seen["mlp"] == [], seen
 
 
 def test_configure_keeps_freed_memory_so_a_large_block_costs_no_page_faults_the_second_time():
