@@ -23,8 +23,28 @@ from .tensor import Tensor
 # Adam's update in one pass over each parameter: NumPy's version (the twin below) makes about ten,
 # with temporaries, and took 8% of an iGPT-S step (benchmarks/step_profile.py); the clipping factor
 # and the finiteness check ride along in the same pass. Exact float arithmetic (no fast-math), in the
-# parameter's dtype, in the twin's order, so the two agree to the last bit.
+# parameter's dtype, in the twin's order, so the two agree to the last bit. The pass over a chunk is a
+# function of its own: written inside the parallel loop, it compiled to one square root and two
+# divisions at a time instead of eight (measured on 76M parameters, 2 threads, AMD EPYC: 230 -> 60 ms).
 _N_CHUNKS = 64
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _adam_chunk(p, g, m, v, g_scale, b1, one_minus_b1, b2, one_minus_b2, step_size, c2, eps, decay):
+    """adam_update on one contiguous chunk; returns how many of its updated weights are not finite."""
+    not_finite = 0
+    for i in range(p.size):
+        gi = g[i] * g_scale
+        mi = m[i] * b1 + one_minus_b1 * gi
+        vi = v[i] * b2 + one_minus_b2 * (gi * gi)
+        m[i], v[i] = mi, vi
+        w = p[i]
+        if decay != 0:
+            w = w - decay * w
+        w = w - step_size * mi / (np.sqrt(vi / c2) + eps)
+        p[i] = w
+        not_finite += not np.isfinite(w)
+    return not_finite
 
 
 @njit(parallel=True, cache=True, nogil=True, error_model="numpy")
@@ -33,20 +53,12 @@ def adam_update(p, g, m, v, g_scale, b1, one_minus_b1, b2, one_minus_b2, step_si
     update of the module docstring with step_size = lr / (1 - beta1^t), c2 = 1 - beta2^t and
     decay = lr * wd (0: none). Returns whether every updated weight is finite."""
     n = p.size
-    finite = np.ones(_N_CHUNKS, dtype=np.bool_)
+    not_finite = np.zeros(_N_CHUNKS, dtype=np.int64)
     for c in prange(_N_CHUNKS):
-        for i in range(c * n // _N_CHUNKS, (c + 1) * n // _N_CHUNKS):
-            gi = g[i] * g_scale
-            m[i] = m[i] * b1 + one_minus_b1 * gi
-            v[i] = v[i] * b2 + one_minus_b2 * (gi * gi)
-            w = p[i]
-            if decay != 0:
-                w = w - decay * w
-            w = w - step_size * m[i] / (np.sqrt(v[i] / c2) + eps)
-            p[i] = w
-            if not np.isfinite(w):
-                finite[c] = False
-    return finite.all()
+        lo, hi = c * n // _N_CHUNKS, (c + 1) * n // _N_CHUNKS
+        not_finite[c] = _adam_chunk(p[lo:hi], g[lo:hi], m[lo:hi], v[lo:hi], g_scale, b1, one_minus_b1,
+                                    b2, one_minus_b2, step_size, c2, eps, decay)
+    return not_finite.sum() == 0
 
 
 def adam_update_ref(p, g, m, v, g_scale, b1, one_minus_b1, b2, one_minus_b2, step_size, c2, eps, decay):
