@@ -20,7 +20,7 @@ transformers there.
 
 attention: multi-head causal attention forward+backward, T=1024, 8 heads, head size 32, batch 4, the
 numba flash kernel against the materialised NumPy reference (the same float32 math with the whole
-(T, T) matrix per head). Times are medians over repeats, taken alternately; peak memory is each
+(T, T) matrix per head) and, with --compare-torch, PyTorch's scaled_dot_product_attention. Times are medians over repeats, taken alternately; peak memory is each
 variant's rise in peak RSS over its own baseline, measured in a fresh child process.
 
 profile: where a training step's time goes, op by op, beside each op's FLOP-bound limit
@@ -42,6 +42,7 @@ from --data (default shapes; `--data cifar10 --data-dir ../shared/data` for real
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import platform
@@ -99,27 +100,49 @@ def attention_step(variant, q, k, v, do):
     bwd(q, k, v, o, lse, do, True, 0, *(attention.tiles(D) if kernel else ()))
 
 
+def torch_attention_step(q, k, v, do):
+    """PyTorch's fused attention (scaled_dot_product_attention, causal: its flash kernel on a CPU)
+    forward + backward on the same numbers, as a function of no arguments."""
+    import torch
+    import torch.nn.functional as F
+    tq, tk, tv, tdo = (torch.from_numpy(np.ascontiguousarray(x.transpose(0, 2, 1, 3))) for x in (q, k, v, do))
+    for t in (tq, tk, tv):
+        t.requires_grad_()
+
+    def step():
+        for t in (tq, tk, tv):
+            t.grad = None
+        F.scaled_dot_product_attention(tq, tk, tv, is_causal=True).backward(tdo)
+    return step
+
+
+def attention_steps(variants, inputs) -> dict:
+    return {v: (torch_attention_step(*inputs) if v == "torch" else functools.partial(attention_step, v, *inputs))
+            for v in variants}
+
+
 def attention_memory_child(variant: str) -> None:
     """Run in a child process: print the peak-RSS rise of one forward+backward."""
-    attention_step(variant, *attention_inputs(1, 1, 65, 32))  # load the compiled kernels
-    inputs = attention_inputs(**ATTN)
+    attention_steps([variant], attention_inputs(1, 1, 65, 32))[variant]()  # load the compiled kernels
+    step = attention_steps([variant], attention_inputs(**ATTN))[variant]
     base = peak_rss_mb()
-    attention_step(variant, *inputs)
+    step()
     print(json.dumps({"peak_rise_mb": peak_rss_mb() - base}))
 
 
-def bench_attention(repeats: int) -> dict:
-    inputs = attention_inputs(**ATTN)
-    for variant in ATTN_VARIANTS:  # warm-up (compilation, caches)
-        attention_step(variant, *inputs)
-    times = {v: [] for v in ATTN_VARIANTS}
+def bench_attention(repeats: int, compare_torch: bool) -> dict:
+    variants = list(ATTN_VARIANTS) + (["torch"] if compare_torch else [])
+    steps = attention_steps(variants, attention_inputs(**ATTN))
+    for step in steps.values():  # warm-up (compilation, caches)
+        step()
+    times = {v: [] for v in variants}
     for _ in range(repeats):
-        for variant in ATTN_VARIANTS:  # alternate, so load changes hit both alike
+        for variant in variants:  # alternate, so load changes hit all alike
             t = time.perf_counter()
-            attention_step(variant, *inputs)
+            steps[variant]()
             times[variant].append(time.perf_counter() - t)
     result = {"shape": ATTN}
-    for variant in ATTN_VARIANTS:
+    for variant in variants:
         out = subprocess.run([sys.executable, __file__, "--memory-child", variant],
                              capture_output=True, text=True, check=True)
         result[variant] = {"fwd_bwd_s": float(np.median(times[variant])),
@@ -128,15 +151,17 @@ def bench_attention(repeats: int) -> dict:
     result["memory_ratio"] = result["kernel"]["peak_rise_mb"] / result["reference"]["peak_rise_mb"]
     s = ATTN
     print(f"attention fwd+bwd  B={s['B']} NH={s['NH']} T={s['T']} D={s['D']} causal float32")
-    for variant in ATTN_VARIANTS:
+    for variant in variants:
         r = result[variant]
         print(f"  {variant:<10} {r['fwd_bwd_s'] * 1e3:8.1f} ms   peak +{r['peak_rise_mb']:7.1f} MB")
     print(f"  kernel is {result['speedup']:.1f}x faster, "
           f"uses {result['memory_ratio']:.2f}x the reference's memory")
+    if compare_torch:
+        result["ratio_ours_over_torch"] = result["kernel"]["fwd_bwd_s"] / result["torch"]["fwd_bwd_s"]
+        print(f"  kernel / PyTorch's scaled_dot_product_attention: {result['ratio_ours_over_torch']:.2f}")
     return result
 
 
-# ---- palette lookup ----------------------------------------------------------------------------
 def bench_palette(repeats: int, data: str = "shapes", data_dir: str = "data") -> dict:
     from scipy.cluster.vq import vq
 
@@ -379,7 +404,7 @@ CASES = {  # name -> function of (arguments, fp32 GEMM peak)
     "forward": lambda a, peak: {**bench_model("forward", a.repeats, a.compare_torch, peak),
                                 **against_transformers("forward", a.repeats)},
     "sampling": lambda a, peak: bench_sampling(a.repeats),
-    "attention": lambda a, peak: bench_attention(a.repeats),
+    "attention": lambda a, peak: bench_attention(a.repeats, a.compare_torch),
     "palette": lambda a, peak: bench_palette(a.repeats, a.data, a.data_dir),
     "data_parallel": lambda a, peak: bench_data_parallel(a.repeats),
     "profile": lambda a, peak: bench_profile(peak),
