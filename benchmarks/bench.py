@@ -20,8 +20,9 @@ transformers there.
 
 attention: multi-head causal attention forward+backward, T=1024, 8 heads, head size 32, batch 4, the
 numba flash kernel against the materialised NumPy reference (the same float32 math with the whole
-(T, T) matrix per head) and, with --compare-torch, PyTorch's scaled_dot_product_attention. Times are medians over repeats, taken alternately; peak memory is each
-variant's rise in peak RSS over its own baseline, measured in a fresh child process.
+(T, T) matrix per head) and, with --compare-torch, PyTorch's scaled_dot_product_attention. Times are
+medians over repeats, taken alternately; peak memory is each variant's rise in peak RSS over its own
+baseline, measured in a fresh child process.
 
 profile: where a training step's time goes, op by op, beside each op's FLOP-bound limit
 (benchmarks/step_profile.py).
@@ -162,6 +163,7 @@ def bench_attention(repeats: int, compare_torch: bool) -> dict:
     return result
 
 
+# ---- palette lookup ----------------------------------------------------------------------------
 def bench_palette(repeats: int, data: str = "shapes", data_dir: str = "data") -> dict:
     from scipy.cluster.vq import vq
 

@@ -176,10 +176,11 @@ def kernels_on_this_thread():
     nothing else changes), except inside `numba_threads`. For decoding, whose steps are a few tokens:
     its many tiny kernels (a norm or an activation of a few rows) cost less than handing work to
     other threads and back, and the few that stream megabytes (every weight matrix, the KV cache)
-    go back to the count in effect before (model.KVCache.threads), so a step uses one pool only: two
-    pools taking turns on the same cores wait for each other's spinning threads, and how long they
-    spin is fixed when each library loads (OPENBLAS_THREAD_TIMEOUT, OMP_WAIT_POLICY): in a script that
-    imported NumPy before this package, too late for `configure`."""
+    run inside `numba_threads(n)` at the count the caller keeps (a decoding step: that of its KV
+    cache, the count in effect when it was made), so a step uses one pool only: two pools taking
+    turns on the same cores wait for each other's spinning threads, and how long they spin is fixed
+    when each library loads (OPENBLAS_THREAD_TIMEOUT, OMP_WAIT_POLICY): in a script that imported
+    NumPy before this package, too late for `configure`."""
     with numba_threads(1):
         yield
 
