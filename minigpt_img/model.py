@@ -168,8 +168,9 @@ class ImageGPT(nn.Module):
         """Inference only (no gradients): logits (B, T, V) of tokens (B, T) that continue the
         positions already in the cache, whose keys and values are read instead of recomputed. A
         decoding step (T <= attention.DECODE_ROWS) runs its tiny kernels on the calling thread and
-        the rest on numba's pool (threads.kernels_on_this_thread); with at most decode_kernels.FEW_ROWS
-        rows in all it goes through _step."""
+        the loops that read every weight or the whole cache on cache.threads of numba's
+        (threads.kernels_on_this_thread); with at most decode_kernels.FEW_ROWS rows in all it goes
+        through _step."""
         tokens = np.asarray(tokens)
         B, T = tokens.shape
         few = T <= attention.DECODE_ROWS                                   # a decoding step, not a prompt
