@@ -2,12 +2,11 @@
 
     S = Q K^T / sqrt(D),  masked where key j > query i + q_offset (causal),  P = softmax(S),  O = P V
 
-Q, K, V come as (B, T, NH, D) views with any strides: the three thirds of the fused projection
-qkv (B, T, 3C) seen through heads(), or a KV cache. Nothing is split or merged outside the kernels:
-each thread copies the rows of the one head it works on into small contiguous buffers for the
-GEMMs (and drops them when it moves on), the forward writes O straight into the (B, T, C) layout the
-next projection reads, and the backward writes dQ, dK, dV straight into the fused gradient
-(B, T, 3C). The forward walks key tiles with an online softmax (running max m and
+Q, K, V come as (B, T, NH, D) views whose rows of D are contiguous, any other strides: the three
+thirds of the fused projection qkv (B, T, 3C) seen through heads(), or a KV cache. Nothing is split,
+copied or merged outside the tiles: the tile GEMMs (kernels.gemm) read one head's rows in place
+through their pitch, the forward writes O straight into the (B, T, C) layout the next projection
+reads, and the backward sums dQ, dK, dV straight into the fused gradient (B, T, 3C). The forward walks key tiles with an online softmax (running max m and
 denominator l per query row), so only a (TQ, TK) block of S exists at any time, and saves
 lse = m + log(l) per row for backward. q_offset places the queries after q_offset earlier positions
 (incremental decoding with a KV cache). Decoding a token or a few reads a head-major cache
@@ -21,7 +20,7 @@ import numpy as np
 from numba import njit, prange
 
 from .decode_kernels import few_rows_partials, few_rows_times, sum_partials, sum_shares
-from .kernels import _JIT, exp_inplace, logsumexp, row_max
+from .kernels import _JIT, exp_inplace, gemm, logsumexp, row_max
 from .threads import serial_kernel_blas
 
 
@@ -34,7 +33,7 @@ def heads(qkv: np.ndarray, n_head: int):
 
 # Tiles: TQ query rows by TK keys. Every tile product is a BLAS GEMM of TQ * TK * D multiply-adds,
 # called from inside our own parallel loop, so it must run on the calling thread. When the kernels'
-# BLAS can be kept at one thread (threads.serial_kernel_blas: numba's np.dot calls SciPy's OpenBLAS,
+# BLAS can be kept at one thread (threads.serial_kernel_blas: kernels.gemm calls SciPy's OpenBLAS,
 # a library apart from NumPy's), the backward's tiles are 128 x 128 (the forward's: forward_tiles):
 # measured single-threaded against 64 x 128, 5% faster forward + backward at T = 256, D = 32 and
 # 13% at T = 1024, D = 64 (a GEMM with 128 rows runs at 56-65 GFLOP/s here, with 64 at 35).
@@ -81,19 +80,10 @@ def _visible(a, i0, j0, bk, causal, q_offset):
     return max(0, min(bk, i0 + a + q_offset - j0 + 1))
 
 
-@njit(**_JIT)
-def _tile(x, b, i0, i1, h, out):
-    """out[:i1 - i0] = x[b, i0:i1, h]: rows of one head of a (B, T, NH, D) view, made contiguous."""
-    for a in range(i1 - i0):
-        for d in range(x.shape[3]):
-            out[a, d] = x[b, i0 + a, h, d]
-    return out[:i1 - i0]
-
-
 @njit(parallel=True, **_JIT)
 def attention_forward(q, k, v, causal, q_offset, TQ, TK):
-    """q (B, Tq, NH, D), k, v (B, Tk, NH, D), any strides -> o (B, Tq, NH, D) C-contiguous (so
-    o.reshape(B, Tq, C) has the heads side by side) and lse (B, NH, Tq) = log sum_j exp(S_ij).
+    """q (B, Tq, NH, D), k, v (B, Tk, NH, D), rows of D contiguous -> o (B, Tq, NH, D) C-contiguous
+    (so o.reshape(B, Tq, C) has the heads side by side) and lse (B, NH, Tq) = log sum_j exp(S_ij).
     Tiles are computed in the inputs' precision (float32 SIMD for float32); row statistics m, l
     in float64. TQ, TK: the tile (forward_tiles()). When one key tile holds every key a query
     tile sees, its softmax is exact in one pass (the first tile's case below), with no rescaling."""
@@ -106,24 +96,20 @@ def attention_forward(q, k, v, causal, q_offset, TQ, TK):
     TK = min(TK, max(k_len, 1))
     for bh in prange(B * NH):  # whole heads per thread: equal work each, causal or not
         b, h = bh // NH, bh % NH
-        Kh = _tile(k, b, 0, k_len, h, np.empty((k_len, D), dtype=q.dtype))  # (k_len, D), copied once
-        Vh = _tile(v, b, 0, k_len, h, np.empty((k_len, D), dtype=q.dtype))
-        Q_buf = np.empty((TQ, D), dtype=q.dtype)
+        Qh, Kh, Vh, Oh = q[b, :, h], k[b, :, h], v[b, :, h], o[b, :, h]  # (T, D) views, read in place
         S_buf, work = np.empty(TQ * TK, dtype=q.dtype), np.empty(TQ * TK, dtype=q.dtype)
         m_buf, l_buf = np.empty(TQ), np.empty(TQ)                  # running row max of S, sum of exp(S - m)
-        acc_buf = np.empty((TQ, D), dtype=q.dtype)                 # running sum of exp(S - m) V
-        PV_buf = np.empty((TQ, D), dtype=q.dtype)
         for i0 in range(0, Tq, TQ):
             i1 = min(i0 + TQ, Tq)
             bq = i1 - i0
-            Qi = _tile(q, b, i0, i1, h, Q_buf)                         # (bq, D)
-            m, l, acc, PV = m_buf[:bq], l_buf[:bq], acc_buf[:bq], PV_buf[:bq]
+            Qi, Oi = Qh[i0:i1], Oh[i0:i1]                              # (bq, D); Oi sums exp(S - m) V
+            m, l = m_buf[:bq], l_buf[:bq]
             k_end = min(Tk, i1 + q_offset) if causal else Tk           # keys any row of the tile sees
             for j0 in range(0, k_end, TK):
                 j1 = min(j0 + TK, k_end)
                 bk = j1 - j0
                 S = S_buf[:bq * bk].reshape(bq, bk)
-                np.dot(Qi, Kh[j0:j1].T, S)                             # (bq, bk) = Q_i K_j^T
+                gemm(Qi, Kh[j0:j1], S, False, True, 0.0)               # (bq, bk) = Q_i K_j^T
                 for a in range(bq):                                    # S * scale - new running max
                     nb = _visible(a, i0, j0, bk, causal, q_offset)
                     row = S[a]
@@ -136,7 +122,7 @@ def attention_forward(q, k, v, causal, q_offset, TQ, TK):
                     if j0 > 0:
                         corr = np.exp(m[a] - m_new)                    # rescales what was summed so far
                         l[a] *= corr
-                        acc[a] *= q.dtype.type(corr)
+                        Oi[a] *= q.dtype.type(corr)
                     m[a] = m_new
                     shift = q.dtype.type(m_new)
                     for c in range(nb):
@@ -151,15 +137,9 @@ def attention_forward(q, k, v, causal, q_offset, TQ, TK):
                         row_sum += row[c]
                     row[nb:] = 0.0                                     # masked keys: exactly zero
                     l[a] += row_sum
-                if j0 == 0:
-                    np.dot(S, Vh[j0:j1], acc)                          # (bq, D) = P V_j
-                else:
-                    np.dot(S, Vh[j0:j1], PV)
-                    acc += PV
+                gemm(S, Vh[j0:j1], Oi, False, False, 0.0 if j0 == 0 else 1.0)  # O_i (+)= P V_j
             for a in range(bq):
-                inv = 1.0 / l[a]
-                for d in range(D):
-                    o[b, i0 + a, h, d] = acc[a, d] * inv
+                Oi[a] *= q.dtype.type(1.0 / l[a])
                 lse[b, h, i0 + a] = m[a] + np.log(l[a])
     return o, lse
 
@@ -322,25 +302,19 @@ def attention_backward(q, k, v, o, lse, do, causal, q_offset, TQ, TK):
             delta[i] = s
         P_buf, dS_buf = np.empty(TQ * TK, dtype=q.dtype), np.empty(TQ * TK, dtype=q.dtype)
         work = np.empty(TQ * TK, dtype=q.dtype)
-        Qh = _tile(q, b, 0, Tq, h, np.empty((Tq, D), dtype=q.dtype))   # this head's rows, copied once
-        dOh = _tile(do, b, 0, Tq, h, np.empty((Tq, D), dtype=q.dtype))
-        Kh = _tile(k, b, 0, Tk, h, np.empty((Tk, D), dtype=q.dtype))
-        Vh = _tile(v, b, 0, Tk, h, np.empty((Tk, D), dtype=q.dtype))
-        tmp_k, tmp_q = np.empty((TK, D), dtype=q.dtype), np.empty((TQ, D), dtype=q.dtype)
+        Qh, Kh, Vh, dOh = q[b, :, h], k[b, :, h], v[b, :, h], do[b, :, h]     # (T, D) views, read in place
+        dQh, dKh, dVh = dqkv[b, :, 0, h], dqkv[b, :, 1, h], dqkv[b, :, 2, h]  # summed into in place
         for j0 in range(0, Tk, TK):
             j1 = min(j0 + TK, Tk)
             bk = j1 - j0
             Kj, Vj = Kh[j0:j1], Vh[j0:j1]                          # (bk, D)
-            dKj = np.zeros((bk, D), dtype=q.dtype)
-            dVj = np.zeros((bk, D), dtype=q.dtype)
-            tk = tmp_k[:bk]
             i_first = max(0, j0 - q_offset) if causal else 0       # earlier queries never see tile j
             for i0 in range(i_first - i_first % TQ, Tq, TQ):
                 i1 = min(i0 + TQ, Tq)
                 bq = i1 - i0
                 Qi, dOi = Qh[i0:i1], dOh[i0:i1]                    # (bq, D)
                 P = P_buf[:bq * bk].reshape(bq, bk)
-                np.dot(Qi, Kj.T, P)                                # S, then P in place
+                gemm(Qi, Kj, P, False, True, 0.0)                  # S, then P in place
                 for a in range(bq):
                     nb = _visible(a, i0, j0, bk, causal, q_offset)
                     row, lse_a = P[a], lse[b, h, i0 + a]
@@ -350,25 +324,15 @@ def attention_backward(q, k, v, o, lse, do, causal, q_offset, TQ, TK):
                 exp_inplace(P_buf[:bq * bk], work)                 # one call per tile
                 for a in range(bq):
                     P[a, _visible(a, i0, j0, bk, causal, q_offset):] = 0.0
-                np.dot(P.T, dOi, tk)                               # (bk, D)
-                dVj += tk
+                gemm(P, dOi, dVh[j0:j1], True, False, 1.0)         # dV_j += P^T dO_i
                 dS = dS_buf[:bq * bk].reshape(bq, bk)
-                np.dot(dOi, Vj.T, dS)                              # dP, then dS in place
+                gemm(dOi, Vj, dS, False, True, 0.0)                # dP, then dS in place
                 for a in range(bq):
                     delta_a = delta[i0 + a]
                     for c in range(bk):
                         dS[a, c] = P[a, c] * (dS[a, c] - delta_a) * scale
-                tq = tmp_q[:bq]
-                np.dot(dS, Kj, tq)                                 # (bq, D)
-                for a in range(bq):
-                    for d in range(D):
-                        dqkv[b, i0 + a, 0, h, d] += tq[a, d]
-                np.dot(dS.T, Qi, tk)                               # (bk, D)
-                dKj += tk
-            for c in range(bk):
-                for d in range(D):
-                    dqkv[b, j0 + c, 1, h, d] = dKj[c, d]
-                    dqkv[b, j0 + c, 2, h, d] = dVj[c, d]
+                gemm(dS, Kj, dQh[i0:i1], False, False, 1.0)        # dQ_i += dS K_j
+                gemm(dS, Qi, dKh[j0:j1], True, False, 1.0)         # dK_j += dS^T Q_i
     return dqkv
 
 

@@ -2,9 +2,9 @@
 
 The twins are the specification: tests compare each kernel with its twin on awkward shapes (one row,
 odd widths, batch 1) in float32 and float64. Two kernels have no twin of their own because NumPy
-already is one: exp_inplace (tested against np.exp) and row_max (np.max). The palette's kernels
-live in palette_kernels.py. The engine
-(ops.py) calls the kernels; the twins are for reading (reference.py builds the whole forward pass
+already is one: exp_inplace (tested against np.exp) and row_max (np.max). gemm is BLAS's matrix
+product called from inside other kernels (attention's tiles). The palette's kernels live in
+palette_kernels.py. The engine (ops.py) calls the kernels; the twins are for reading (reference.py builds the whole forward pass
 from them) and testing. The norm's and the cross-entropy's row sums (and the norm's weight gradient)
 are accumulated in float64 whatever the input dtype; the activation, the exp and the embedding's
 scatter-add work in the input's dtype. Kernels take C-contiguous arrays (ops.py makes them so) and
@@ -13,10 +13,11 @@ results do not depend on the thread count.
 
 Dimension legend: N rows (B*T flattened), C width, V palette/vocabulary size.
 
-With NUMBA_DISABLE_JIT=1 every kernel runs as plain Python: slow, but the same results.
+With NUMBA_DISABLE_JIT=1 every kernel runs as plain Python (gemm as its twin): slow, but the same results.
 """
 import numpy as np
-from numba import njit, prange
+import numba
+from numba import njit, prange, types
 
 # No 'nnan'/'ninf' fast-math flags: a NaN loss must stay NaN so training can detect it.
 _FASTMATH = {"nsz", "arcp", "contract", "reassoc"}
@@ -147,6 +148,63 @@ def row_max(row, n):
         v = row[c]
         m = v if v > m else m
     return m
+
+
+# ---------------------------------------------------------------------------------------------
+# GEMM from inside a kernel:  c = op(a) op(b) + beta c,   op(x) = x or x^T
+#
+# np.dot inside @njit takes contiguous operands, writes a fresh product and cannot add to c; this
+# calls the same BLAS routine (numba's own entry point numba_xxgemm, which goes to
+# scipy.linalg.cython_blas) on views whose rows are contiguous but spaced by any pitch, such as one
+# head's rows of the fused qkv (B, T, 3C): no copy in, and beta = 1 sums into the destination.
+# BLAS is column-major: a row-major (M, N) array with pitch ld is its (N, M) transpose, so
+# c^T = op(b)^T op(a)^T is asked for, with the operands' roles swapped.
+# ---------------------------------------------------------------------------------------------
+_XXGEMM = types.ExternalFunction("numba_xxgemm", types.intc(
+    types.char, types.char, types.char,                      # kind 's' / 'd', transa, transb
+    types.intp, types.intp, types.intp,                      # m, n, k
+    types.voidptr, types.voidptr, types.intp,                # alpha, a, lda
+    types.voidptr, types.intp, types.voidptr,                # b, ldb, beta
+    types.voidptr, types.intp))                              # c, ldc
+
+
+@njit(**_JIT)
+def _pitch(x):
+    """The distance between x's rows in elements, checked: rows contiguous and not overlapping."""
+    rows, cols = x.shape
+    if cols > 1 and x.strides[1] != x.itemsize or rows > 1 and x.strides[0] < cols * x.itemsize:
+        raise ValueError("gemm takes 2-D arrays whose rows are contiguous")
+    return max(1, x.strides[0] // x.itemsize if rows > 1 else cols)
+
+
+@njit(**_JIT)
+def _gemm_blas(a, b, c, trans_a, trans_b, beta):
+    """c (M, N) = op(a) op(b) + beta c, in place; a, b, c 2-D float32 or float64 arrays of one dtype
+    whose rows are contiguous (any pitch). op(a) is (M, K), op(b) (K, N). beta = 0 ignores what c
+    held (NaN included)."""
+    M, N = c.shape
+    K = a.shape[0] if trans_a else a.shape[1]
+    lda, ldb, ldc = _pitch(a), _pitch(b), _pitch(c)
+    if M == 0 or N == 0:
+        return
+    scalars = np.empty(2, dtype=c.dtype)                                # alpha, beta
+    scalars[0], scalars[1] = 1.0, beta
+    kind = ord("s") if c.itemsize == 4 else ord("d")
+    no, yes = ord("N"), ord("T")
+    _XXGEMM(kind, yes if trans_b else no, yes if trans_a else no, N, M, K,
+            scalars[0:].ctypes, b.ctypes, ldb, a.ctypes, lda, scalars[1:].ctypes, c.ctypes, ldc)
+    scalars[0] = 0.0  # used after the call, so the scalars outlive it
+
+
+def gemm_ref(a, b, c, trans_a, trans_b, beta):
+    for x in (a, b, c):
+        _pitch(x)                                                       # the same arrays accepted
+    product = (a.T if trans_a else a) @ (b.T if trans_b else b)
+    c[...] = product + beta * c if beta != 0 else product
+
+
+# numba's BLAS entry point only exists in compiled code: with NUMBA_DISABLE_JIT=1 the twin runs
+gemm = gemm_ref if numba.config.DISABLE_JIT else _gemm_blas
 
 
 # ---------------------------------------------------------------------------------------------

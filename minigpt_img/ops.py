@@ -437,7 +437,7 @@ class Attention(Function):
     (causal=True, the AR model) or no mask (causal=False, the BERT model). Forward and backward are
     the tiled numba kernels in attention.py (formulas in attention.attention_backward). Saved for
     backward: views of qkv and O (arrays the graph holds anyway) and the per-row log-sum-exp; never
-    the (T, T) matrix, and no per-head copies (the kernels copy one head at a time while they run).
+    the (T, T) matrix, and no per-head copies (the kernels read each head's rows in place).
     """
 
     def forward(self, qkv, n_head, causal=True):

@@ -199,9 +199,9 @@ def numba_threads(n: int):
 
 @functools.cache
 def _kernel_blas() -> str | None:
-    """The path of the OpenBLAS that numba's kernels call (np.dot inside @njit goes through
-    scipy.linalg.cython_blas to SciPy's own OpenBLAS), when it is a library apart from NumPy's (the
-    pip wheels'); None otherwise (one shared library, or not OpenBLAS)."""
+    """The path of the OpenBLAS that numba's kernels call (kernels.gemm and np.dot inside @njit go
+    through scipy.linalg.cython_blas to SciPy's own OpenBLAS), when it is a library apart from
+    NumPy's (the pip wheels'); None otherwise (one shared library, or not OpenBLAS)."""
     import numpy
     import scipy.linalg.cython_blas  # noqa: F401 (loads SciPy's BLAS, which numba would load anyway)
     libraries = _openblas_libraries()

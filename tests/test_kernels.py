@@ -284,6 +284,39 @@ def test_row_max(n, dtype):
     assert kernels.row_max(row, n) == row[:n].max()
 
 
+def _rows_in_wider_array(x, rng, pad=5):
+    """x copied into the left columns of a wider array: the same values, rows spaced by a pitch."""
+    wide = rng.standard_normal((x.shape[0], x.shape[1] + pad)).astype(x.dtype)
+    wide[:, :x.shape[1]] = x
+    return wide[:, :x.shape[1]]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,K,N", [(1, 1, 1), (1, 7, 3), (5, 1, 4), (3, 5, 1), (33, 17, 65), (128, 32, 128)])
+@pytest.mark.parametrize("trans_a,trans_b", [(False, False), (False, True), (True, False), (True, True)])
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+def test_gemm(M, K, N, trans_a, trans_b, beta, dtype):
+    """c = op(a) op(b) + beta c on views whose rows are spaced by a pitch, as the attention tiles use
+    it; what c held is ignored at beta = 0 (NaN included), and c's pitch padding is left alone."""
+    rng = np.random.default_rng(M * 10_000 + K * 100 + N)
+    a = _rows_in_wider_array(rng.standard_normal((K, M) if trans_a else (M, K)).astype(dtype), rng)
+    b = _rows_in_wider_array(rng.standard_normal((N, K) if trans_b else (K, N)).astype(dtype), rng)
+    wide = rng.standard_normal((M, N + 3)).astype(dtype)
+    if beta == 0:
+        wide[:, :N] = np.nan
+    c, c_ref, padding = wide[:, :N], wide[:, :N].copy(), wide[:, N:].copy()
+    kernels.gemm(a, b, c, trans_a, trans_b, beta)
+    kernels.gemm_ref(a, b, c_ref, trans_a, trans_b, beta)
+    np.testing.assert_allclose(c, c_ref, **tol(dtype))
+    np.testing.assert_array_equal(wide[:, N:], padding)
+
+
+def test_gemm_refuses_rows_that_are_not_contiguous():
+    a = np.ones((4, 6))
+    with pytest.raises(ValueError, match="contiguous"):
+        kernels.gemm(a[:, ::2], np.ones((3, 2)), np.zeros((4, 2)), False, False, 0.0)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("n", [1, 63, 65, 1001])
 @pytest.mark.parametrize("decay", [0.0, 0.1])
