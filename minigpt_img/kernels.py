@@ -181,7 +181,9 @@ def _pitch(x):
 def _gemm_blas(a, b, c, trans_a, trans_b, beta):
     """c (M, N) = op(a) op(b) + beta c, in place; a, b, c 2-D float32 or float64 arrays of one dtype
     whose rows are contiguous (any pitch). op(a) is (M, K), op(b) (K, N). beta = 0 ignores what c
-    held (NaN included)."""
+    held (NaN included). Inside a parallel loop, BLAS must run on the calling thread: held at one
+    thread (threads.serial_kernel_blas) or given products too small to start threads of its own
+    (attention.tiles); otherwise every thread's product starts OpenBLAS's threads inside ours."""
     M, N = c.shape
     K = a.shape[0] if trans_a else a.shape[1]
     lda, ldb, ldc = _pitch(a), _pitch(b), _pitch(c)
