@@ -4,12 +4,13 @@ The twins are the specification: tests compare each kernel with its twin on awkw
 odd widths, batch 1) in float32 and float64. Two kernels have no twin of their own because NumPy
 already is one: exp_inplace (tested against np.exp) and row_max (np.max). gemm is BLAS's matrix
 product called from inside other kernels (attention's tiles). The palette's kernels live in
-palette_kernels.py. The engine (ops.py) calls the kernels; the twins are for reading (reference.py builds the whole forward pass
-from them) and testing. The norm's and the cross-entropy's row sums (and the norm's weight gradient)
-are accumulated in float64 whatever the input dtype; the activation, the exp and the embedding's
-scatter-add work in the input's dtype. Kernels take C-contiguous arrays (ops.py makes them so) and
-are deterministic: where rows are split across threads, the split is a fixed number of chunks, so
-results do not depend on the thread count.
+palette_kernels.py. The engine (ops.py) calls the kernels; the twins are for reading (reference.py
+builds the whole forward pass from them) and testing. The norm's and the cross-entropy's row sums
+(and the norm's weight gradient) are accumulated in float64 whatever the input dtype; the
+activation, the exp and the embedding's scatter-add work in the input's dtype. Kernels take
+C-contiguous arrays (ops.py makes them so; gemm also takes views whose rows are spaced by a pitch)
+and are deterministic: where rows are split across threads, the split is a fixed number of chunks,
+so results do not depend on the thread count.
 
 Dimension legend: N rows (B*T flattened), C width, V palette/vocabulary size.
 
@@ -153,7 +154,7 @@ def row_max(row, n):
 # ---------------------------------------------------------------------------------------------
 # GEMM from inside a kernel:  c = op(a) op(b) + beta c,   op(x) = x or x^T
 #
-# np.dot inside @njit takes contiguous operands, writes a fresh product and cannot add to c; this
+# np.dot inside @njit copies any operand that is not contiguous and overwrites its output; this
 # calls the same BLAS routine (numba's own entry point numba_xxgemm, which goes to
 # scipy.linalg.cython_blas) on views whose rows are contiguous but spaced by any pitch, such as one
 # head's rows of the fused qkv (B, T, 3C): no copy in, and beta = 1 sums into the destination.
