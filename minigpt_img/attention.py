@@ -287,11 +287,12 @@ def attention_backward(q, k, v, o, lse, do, causal, q_offset, TQ, TK):
         dK = dS^T Q / sqrt(D)
     (rowsum(dO * O) = rowsum(dP * P), the softmax Jacobian's diagonal term). P is rebuilt tile by
     tile from the saved lse; for each key tile, dK and dV are summed over the query tiles that see it.
-    Needs Tq = Tk (training, q_offset = 0 unless testing). TQ, TK: the tile (tiles()).
+    A tile on the causal diagonal goes in two halves of its rows, the first against the keys it sees
+    (at most half of them), which skips the masked quarter. Needs Tq = Tk (training, q_offset = 0
+    unless testing). TQ, TK: the tile (tiles()).
     """
     B, Tq, NH, D = q.shape
     Tk = k.shape[1]
-    scale = q.dtype.type(1.0 / np.sqrt(D))
     dqkv = np.zeros((B, Tq, 3, NH, D), dtype=q.dtype)
     for bh in prange(B * NH):
         b, h = bh // NH, bh % NH
@@ -306,35 +307,52 @@ def attention_backward(q, k, v, o, lse, do, causal, q_offset, TQ, TK):
         Qh, Kh, Vh, dOh = q[b, :, h], k[b, :, h], v[b, :, h], do[b, :, h]     # (T, D) views, read in place
         dQh, dKh, dVh = dqkv[b, :, 0, h], dqkv[b, :, 1, h], dqkv[b, :, 2, h]  # summed into in place
         for j0 in range(0, Tk, TK):
-            j1 = min(j0 + TK, Tk)
-            bk = j1 - j0
-            Kj, Vj = Kh[j0:j1], Vh[j0:j1]                          # (bk, D)
+            bk = min(j0 + TK, Tk) - j0
             i_first = max(0, j0 - q_offset) if causal else 0       # earlier queries never see tile j
             for i0 in range(i_first - i_first % TQ, Tq, TQ):
                 i1 = min(i0 + TQ, Tq)
-                bq = i1 - i0
-                Qi, dOi = Qh[i0:i1], dOh[i0:i1]                    # (bq, D)
-                P = P_buf[:bq * bk].reshape(bq, bk)
-                gemm(Qi, Kj, P, False, True, 0.0)                  # S, then P in place
-                for a in range(bq):
-                    nb = _visible(a, i0, j0, bk, causal, q_offset)
-                    row, lse_a = P[a], lse[b, h, i0 + a]
-                    for c in range(nb):
-                        row[c] = row[c] * scale - lse_a
-                    row[nb:] = -np.inf
-                exp_inplace(P_buf[:bq * bk], work)                 # one call per tile
-                for a in range(bq):
-                    P[a, _visible(a, i0, j0, bk, causal, q_offset):] = 0.0
-                gemm(P, dOi, dVh[j0:j1], True, False, 1.0)         # dV_j += P^T dO_i
-                dS = dS_buf[:bq * bk].reshape(bq, bk)
-                gemm(dOi, Vj, dS, False, True, 0.0)                # dP, then dS in place
-                for a in range(bq):
-                    delta_a = delta[i0 + a]
-                    for c in range(bk):
-                        dS[a, c] = P[a, c] * (dS[a, c] - delta_a) * scale
-                gemm(dS, Kj, dQh[i0:i1], False, False, 1.0)        # dQ_i += dS K_j
-                gemm(dS, Qi, dKh[j0:j1], True, False, 1.0)         # dK_j += dS^T Q_i
+                r0, mid = i0, (i0 + i1) // 2
+                k_mid = _visible(0, mid - 1, j0, bk, causal, q_offset)   # keys row mid - 1 sees
+                if i0 < mid and k_mid <= bk // 2:                  # on the diagonal: split the rows
+                    if k_mid > 0:
+                        _backward_block(Qh, Kh, Vh, dOh, lse[b, h], delta, i0, mid, j0, k_mid, causal, q_offset,
+                                        dQh, dKh, dVh, P_buf, dS_buf, work)
+                    r0 = mid
+                _backward_block(Qh, Kh, Vh, dOh, lse[b, h], delta, r0, i1, j0,
+                                _visible(0, i1 - 1, j0, bk, causal, q_offset), causal, q_offset,
+                                dQh, dKh, dVh, P_buf, dS_buf, work)
     return dqkv
+
+
+@njit(**_JIT)
+def _backward_block(Qh, Kh, Vh, dOh, lse_h, delta, r0, r1, j0, kb, causal, q_offset, dQh, dKh, dVh,
+                    P_buf, dS_buf, work):
+    """attention_backward for query rows r0 .. r1 - 1 of one head against its keys j0 .. j0 + kb - 1,
+    every key any of these rows sees: P, dS (bq, kb) in the scratch buffers, then
+    dV_j += P^T dO_i,  dQ_i += dS K_j,  dK_j += dS^T Q_i."""
+    bq = r1 - r0
+    scale = Qh.dtype.type(1.0 / np.sqrt(Qh.shape[1]))
+    Qi, dOi, Kj, Vj = Qh[r0:r1], dOh[r0:r1], Kh[j0:j0 + kb], Vh[j0:j0 + kb]  # (bq, D), (kb, D)
+    P = P_buf[:bq * kb].reshape(bq, kb)
+    gemm(Qi, Kj, P, False, True, 0.0)                              # S, then P in place
+    for a in range(bq):
+        nb = _visible(a, r0, j0, kb, causal, q_offset)
+        row, lse_a = P[a], lse_h[r0 + a]
+        for c in range(nb):
+            row[c] = row[c] * scale - lse_a
+        row[nb:] = -np.inf
+    exp_inplace(P_buf[:bq * kb], work)                             # one call per block
+    for a in range(bq):
+        P[a, _visible(a, r0, j0, kb, causal, q_offset):] = 0.0
+    gemm(P, dOi, dVh[j0:j0 + kb], True, False, 1.0)                # dV_j += P^T dO_i
+    dS = dS_buf[:bq * kb].reshape(bq, kb)
+    gemm(dOi, Vj, dS, False, True, 0.0)                            # dP, then dS in place
+    for a in range(bq):
+        delta_a = delta[r0 + a]
+        for c in range(kb):
+            dS[a, c] = P[a, c] * (dS[a, c] - delta_a) * scale
+    gemm(dS, Kj, dQh[r0:r1], False, False, 1.0)                    # dQ_i += dS K_j
+    gemm(dS, Qi, dKh[j0:j0 + kb], True, False, 1.0)                # dK_j += dS^T Q_i
 
 
 def attention_backward_ref(q, k, v, o, lse, do, causal, q_offset):
