@@ -187,6 +187,10 @@ def _gemm_blas(a, b, c, trans_a, trans_b, beta):
     (attention.tiles); otherwise every thread's product starts OpenBLAS's threads inside ours."""
     M, N = c.shape
     K = a.shape[0] if trans_a else a.shape[1]
+    if (a.shape[1] if trans_a else a.shape[0]) != M or (b.shape[0] if trans_b else b.shape[1]) != N \
+            or (b.shape[1] if trans_b else b.shape[0]) != K or a.itemsize != c.itemsize \
+            or b.itemsize != c.itemsize:
+        raise ValueError("gemm: the operands' shapes or dtypes do not match")  # BLAS would read past them
     lda, ldb, ldc = _pitch(a), _pitch(b), _pitch(c)
     if M == 0 or N == 0:
         return

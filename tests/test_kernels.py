@@ -311,6 +311,16 @@ def test_gemm(M, K, N, trans_a, trans_b, beta, dtype):
     np.testing.assert_array_equal(wide[:, N:], padding)
 
 
+@pytest.mark.parametrize("a_shape,b_shape,c_shape", [((4, 3), (2, 5), (4, 5)), ((4, 3), (3, 5), (4, 6)),
+                                                     ((4, 3), (3, 5), (2, 5))])
+def test_gemm_refuses_operands_that_do_not_match(a_shape, b_shape, c_shape):
+    """A mismatch would have BLAS read or write past an array: refused, c untouched."""
+    c = np.full(c_shape, 7.0)
+    with pytest.raises(ValueError):
+        kernels.gemm(np.ones(a_shape), np.ones(b_shape), c, False, False, 0.0)
+    assert np.all(c == 7.0)
+
+
 def test_gemm_refuses_rows_that_are_not_contiguous():
     a = np.ones((4, 6))
     with pytest.raises(ValueError, match="contiguous"):
