@@ -8,10 +8,12 @@
 
 train / forward: a training step (forward, backward, Adam) or a forward pass of micro@16 batch 16,
 mini@32 batch 4 and s@32 batch 1 (forward: also s@32 batch 8), on random tokens. Per case: the
-median time over the timed steps after two warm-up steps, tokens/s, model FLOP/s (matmuls and
+median time over the timed steps after three warm-up steps, tokens/s, model FLOP/s (matmuls and
 attention; x3 for a training step) and its fraction of the fp32 GEMM peak measured in the same run,
-and peak memory (RSS of a child process doing the same). With --compare-torch the same model in PyTorch (benchmarks/torch_ref.py: iGPT norm,
-gelu2, SDPA, AdamW) is timed alternately with ours, and the ratio ours/PyTorch is printed.
+and peak memory (RSS of a child process doing the same). With --compare-torch the same model in
+PyTorch (benchmarks/torch_ref.py: iGPT norm, gelu2, SDPA, AdamW) is timed alternately with ours:
+printed are the ratio of the medians ours/PyTorch and the range of the per-pair ratios (each of our
+steps over the PyTorch step timed right after it), which shows how far the machine moved in the run.
 
 sampling: tokens per second generating 16 images at 32x32 with the KV cache (micro and mini), and
 at iGPT-S size against transformers' generate on the same weights, also from a plain script
@@ -323,8 +325,11 @@ def bench_model(kind: str, repeats: int, compare_torch: bool, peak: float) -> di
                 f"({case['ours']['peak_fraction']:.0%} of peak), peak RSS {case['ours']['peak_rss_mb']:,.0f} MB")
         for impl in impls[1:]:
             case[f"ratio_ours_over_{impl}"] = case["ours"]["step_s"] / case[impl]["step_s"]
+            pairs = np.array(times["ours"]) / np.array(times[impl])  # each of ours over the run after it
+            case[f"pair_ratios_ours_over_{impl}"] = pairs.tolist()
             line += (f" | {impl} {case[impl]['step_s'] * 1e3:8.1f} ms, peak RSS "
-                     f"{case[impl]['peak_rss_mb']:,.0f} MB, ours/{impl} {case[f'ratio_ours_over_{impl}']:.2f}")
+                     f"{case[impl]['peak_rss_mb']:,.0f} MB, ours/{impl} {case[f'ratio_ours_over_{impl}']:.2f}"
+                     f" (pairs {pairs.min():.2f}-{pairs.max():.2f})")
         print(line)
         results[f"{size}@{res}_b{batch}"] = case
     return results

@@ -63,6 +63,29 @@ def test_forward_shapes_and_features():
     np.testing.assert_array_equal(m(x).data, logits.data)
 
 
+def test_a_forward_pass_without_gradients_keeps_no_features():
+    """forward (and decode) let each n^l go once the next block has read it: the pass's peak
+    (NumPy's allocations, traced) stays far below the L + 1 features that forward_features keeps."""
+    import tracemalloc
+    cfg = GPTConfig(n_layer=48, n_embd=32, n_head=2, n_px=16, vocab=8)
+    m = ImageGPT(cfg, np.random.default_rng(0))
+    x = tokens(cfg, 2)
+    features_bytes = (cfg.n_layer + 1) * x.size * cfg.n_embd * 4                 # 49 x (2, 256, 32) float32: 3.2 MB
+    with no_grad():
+        m(x[:, :8])                                                               # kernels compiled
+        tracemalloc.start()
+        try:
+            m(x)
+            forward_peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.reset_peak()
+            m.forward_features(x)
+            features_peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert features_peak > features_bytes                                         # the check can see them
+    assert forward_peak < features_bytes / 2, (forward_peak, features_bytes)
+
+
 def test_causality_ar_and_not_bert():
     cfg = GPTConfig(n_layer=2, n_embd=16, n_head=2, n_px=5, vocab=7)
     m = ImageGPT(cfg, np.random.default_rng(0))
