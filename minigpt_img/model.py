@@ -154,7 +154,7 @@ class ImageGPT(nn.Module):
         """tokens (B, T) ints in [0, V] (V = SOS) -> logits (B, T, V). causal=False is the BERT model
         (no attention mask); input_mask (B, T) bool zeroes the token embedding where True (BERT's
         masked positions; the position embedding stays)."""
-        return self._forward(tokens, causal, input_mask, pool=_forget)[0]
+        return self._forward(tokens, causal, input_mask)[0]
 
     def forward_features(self, tokens, causal=True, input_mask=None, upto=None, pool=None):
         """As forward, and also the features [n^0, ..., n^L], each (B, T, C), of the same pass.
@@ -162,7 +162,7 @@ class ImageGPT(nn.Module):
         logits (None): a probe of the middle layers need not pay for the top half. pool: a function
         applied to each n^l as soon as it is made, whose results come back instead (a probe's
         average over positions: the L + 1 full features never exist at once)."""
-        return self._forward(tokens, causal, input_mask, upto=upto, pool=pool)
+        return self._forward(tokens, causal, input_mask, upto=upto, pool=pool or (lambda n: n))
 
     def decode(self, tokens, cache: "KVCache"):
         """Inference only (no gradients): logits (B, T, V) of tokens (B, T) that continue the
@@ -178,7 +178,7 @@ class ImageGPT(nn.Module):
             if few and B * T <= decode_kernels.FEW_ROWS:
                 logits = self._step(tokens, cache)
             else:
-                logits = self._forward(tokens, True, None, cache, pool=_forget)[0]
+                logits = self._forward(tokens, True, None, cache)[0]
         cache.length += T
         return logits
 
@@ -214,7 +214,9 @@ class ImageGPT(nn.Module):
         tokens = np.asarray(tokens)
         tr = self.transformer
         h = self._embed(tokens, cache.length if cache is not None else 0, input_mask)  # h^0 (B, T, C)
-        take = pool or (lambda n: n)                                 # what of each n^l is kept
+        # what of each n^l is kept: nothing unless asked (forward, decode), so that each is freed once
+        # the next block has read it (under no_grad at iGPT-S size, 8 images: 25 x 16.8 MB)
+        take = pool or (lambda n: None)
         feats = []
         for layer, block in enumerate(tr.h):
             if upto is not None and layer == upto:                   # stop at n^upto: no logits
@@ -224,13 +226,6 @@ class ImageGPT(nn.Module):
         n = tr.ln_f(h)                                               # n^L (B, T, C)
         feats.append(take(n))
         return self.lm_head(n), feats                                # (B, T, V), L+1 x (B, T, C)
-
-
-def _forget(n):
-    """The pool of a pass that wants no features (forward, decode): each n^l is freed as soon as the
-    next block has read it, instead of all L + 1 of them living to the end of the pass (under no_grad
-    at iGPT-S size, 8 images, 25 x 16.8 MB)."""
-    return None
 
 
 class KVCache:
