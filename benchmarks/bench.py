@@ -22,7 +22,8 @@ transformers there.
 
 attention: multi-head causal attention forward+backward, T=1024, 8 heads, head size 32, batch 4, the
 numba flash kernel against the materialised NumPy reference (the same float32 math with the whole
-(T, T) matrix per head) and, with --compare-torch, PyTorch's scaled_dot_product_attention. Times are
+(T, T) matrix per head) and, with --compare-torch, PyTorch's scaled_dot_product_attention, there
+and at the attention shapes of the three training cases (kernel and SDPA only). Times are
 medians over repeats, taken alternately; peak memory is each variant's rise in peak RSS over its own
 baseline, measured in a fresh child process.
 
@@ -162,7 +163,32 @@ def bench_attention(repeats: int, compare_torch: bool) -> dict:
     if compare_torch:
         result["ratio_ours_over_torch"] = result["kernel"]["fwd_bwd_s"] / result["torch"]["fwd_bwd_s"]
         print(f"  kernel / PyTorch's scaled_dot_product_attention: {result['ratio_ours_over_torch']:.2f}")
+        result["training_shapes"] = attention_at_training_shapes(repeats)
     return result
+
+
+def attention_at_training_shapes(repeats: int) -> dict:
+    """The kernel against PyTorch's SDPA, forward + backward, at the attention shapes of the
+    training cases (MODEL_CASES), alternately; medians."""
+    from minigpt_img.sizes import config_for
+    results = {}
+    for size, res, batch in MODEL_CASES:
+        cfg = config_for(size, res)
+        shape = dict(B=batch, NH=cfg.n_head, T=cfg.n_ctx, D=cfg.n_embd // cfg.n_head)
+        steps = attention_steps(["kernel", "torch"], attention_inputs(**shape))
+        for step in steps.values():
+            step()
+        times = {v: [] for v in steps}
+        for _ in range(max(repeats, 5)):
+            for variant, step in steps.items():
+                times[variant].append(_timed(step))
+        t = {v: float(np.median(ts)) for v, ts in times.items()}
+        results[f"{size}@{res}_b{batch}"] = {"shape": shape, **{f"{v}_fwd_bwd_s": x for v, x in t.items()},
+                                             "ratio_ours_over_torch": t["kernel"] / t["torch"]}
+        print(f"  at {size}@{res} b{batch}'s shape (B={batch} NH={shape['NH']} T={shape['T']} D={shape['D']}): "
+              f"kernel {t['kernel'] * 1e3:.1f} ms, SDPA {t['torch'] * 1e3:.1f} ms, "
+              f"ratio {t['kernel'] / t['torch']:.2f}")
+    return results
 
 
 # ---- palette lookup ----------------------------------------------------------------------------
