@@ -139,12 +139,7 @@ def bench_attention(repeats: int, compare_torch: bool) -> dict:
     steps = attention_steps(variants, attention_inputs(**ATTN))
     for step in steps.values():  # warm-up (compilation, caches)
         step()
-    times = {v: [] for v in variants}
-    for _ in range(repeats):
-        for variant in variants:  # alternate, so load changes hit all alike
-            t = time.perf_counter()
-            steps[variant]()
-            times[variant].append(time.perf_counter() - t)
+    times = _alternately(steps, repeats)
     result = {"shape": ATTN}
     for variant in variants:
         out = subprocess.run([sys.executable, __file__, "--memory-child", variant],
@@ -178,10 +173,7 @@ def attention_at_training_shapes(repeats: int) -> dict:
         steps = attention_steps(["kernel", "torch"], attention_inputs(**shape))
         for step in steps.values():
             step()
-        times = {v: [] for v in steps}
-        for _ in range(max(repeats, 5)):
-            for variant, step in steps.items():
-                times[variant].append(_timed(step))
+        times = _alternately(steps, max(repeats, 5))
         t = {v: float(np.median(ts)) for v, ts in times.items()}
         results[f"{size}@{res}_b{batch}"] = {"shape": shape, **{f"{v}_fwd_bwd_s": x for v, x in t.items()},
                                              "ratio_ours_over_torch": t["kernel"] / t["torch"]}
@@ -287,6 +279,16 @@ def _timed(fn) -> float:
     return time.perf_counter() - t
 
 
+def _alternately(fns: dict, repeats: int) -> dict:
+    """{name: [seconds of each round]}: repeats rounds, each calling every function of fns in turn,
+    so that the machine's changes of speed hit all of them alike."""
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(_timed(fn))
+    return times
+
+
 def _make_step(impl, cfg, batch, threads, size="micro", kind="train"):
     if impl == "ours":
         return OursStep(cfg, batch, size=size, kind=kind)
@@ -330,10 +332,7 @@ def bench_model(kind: str, repeats: int, compare_torch: bool, peak: float) -> di
         for fn in fns.values():
             for _ in range(3):  # warm-up (torch.compile compiles here)
                 fn()
-        times = {impl: [] for impl in impls}
-        for _ in range(max(repeats, 5)):
-            for impl in impls:  # alternate, so load changes hit both alike
-                times[impl].append(_timed(fns[impl]))
+        times = _alternately(fns, max(repeats, 5))
         del steps, fns
         case = {}
         flops = model_flops(cfg, batch, kind == "train")
