@@ -29,7 +29,9 @@ def parse(argv=None):
     a("--layers", type=NONNEGATIVE_INT, nargs="+", default=None, help="layers to probe (default: all, 0..L)")
     a("--max-train", type=POSITIVE_INT, default=None, help="use at most this many training images (default: all)")
     a("--max-eval", type=POSITIVE_INT, default=None, help="score on at most this many images (default: all)")
-    a("--batch-size", type=POSITIVE_INT, default=EVAL_BATCH, help=f"images per forward pass (default {EVAL_BATCH})")
+    a("--batch-size", type=POSITIVE_INT, default=EVAL_BATCH, help="images per batch, the unit of progress and of "
+      "the work shared among MPI ranks; each forward pass takes fewer where their activations would exceed 128 MB "
+      f"(at iGPT-S size, 16 images of 32x32) (default {EVAL_BATCH})")
     a("--labels-per-class", type=POSITIVE_INT, nargs="*", default=[], help="also probe with this many labels per "
       "class, 5 random draws each, e.g. 4 25 400 (default: none)")
     a("--concat", type=POSITIVE_INT, default=1, help="also probe this many consecutive layers side by side, "

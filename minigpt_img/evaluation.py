@@ -28,6 +28,7 @@ from .objectives import NATS_TO_BITS, draw_mask
 from .parallel import average, batches
 from .plots import image_grid, save_png, with_caption
 from .runconfig import EVAL_BATCH
+from .sizes import passes
 from .sampling import generate
 from .streams import generator
 from .tensor import no_grad
@@ -40,15 +41,17 @@ class Evaluation:
                 desc: str = "evaluating"):
         """The task's metrics over the images (tokens, labels), the batches shared among the ranks
         (BERT: batch b's mask from generator(seed, "eval", b), the same at every evaluation and for any
-        number of ranks). None when a Ctrl-C interrupted it."""
+        number of ranks), each through forward passes of sizes.images_per_pass images at most. None
+        when a Ctrl-C interrupted it."""
         sums = np.zeros(self.task.n_sums)
         with no_grad():
             for b, rows in batches(len(tokens), batch_size, self.comm, desc,
                                    stop=lambda: self.stop_reason == "interrupted"):
-                x = tokens[rows].astype(np.int64)
+                x, y = tokens[rows].astype(np.int64), labels[rows]
                 mask = draw_mask(self.cfg.objective, x.shape, self.cfg.mask_rate,
                                  generator(self.cfg.seed, "eval", b))
-                sums += self.task.sums(self.model, x, labels[rows], mask)
+                for p in passes(len(x), self.model.config):            # at most images_per_pass at once
+                    sums += self.task.sums(self.model, x[p], y[p], None if mask is None else mask[p])
         means = average(sums, len(tokens), self.comm)
         return None if self.stop_reason == "interrupted" else self.task.metrics(means)
 

@@ -21,6 +21,7 @@ import numpy as np
 from .files import load_cached, store_cached
 from .objectives import image_losses, model_inputs
 from .parallel import Solo, batches
+from .sizes import passes
 from .streams import generator
 from .tensor import no_grad
 
@@ -29,8 +30,9 @@ def extract_features(model, tokens: np.ndarray, objective: str, batch_size: int,
                      n_masks: int = 1, seed: int = 0, desc: str = "features", comm: Solo | None = None,
                      fair_share=None, upto: int | None = None):
     """tokens (N, T) -> (pooled features (N, L + 1, C) float32, each image's generative loss (N,)
-    float64 from the same pass: objectives.image_losses), one no-grad forward per batch. Under MPI
-    the batches are shared out among the ranks and the results summed into every rank. upto = k < L:
+    float64 from the same pass: objectives.image_losses). A batch (batch_size images: the unit of
+    progress, of BERT's masks and of the work shared out among MPI ranks, whose results are summed
+    into every rank) goes through no-grad forward passes of sizes.images_per_pass images at most. upto = k < L:
     the forward pass stops at n^k: features (N, k + 1, C), and no losses (None).
     mask_rate: BERT's (None for AR); n_masks: BERT's features averaged over that many masks
     (departure: §4.6 takes the modal prediction of 5). fair_share (threads.FairShare): adapt the
@@ -43,14 +45,17 @@ def extract_features(model, tokens: np.ndarray, objective: str, batch_size: int,
     with no_grad():
         for b, rows in batches(len(tokens), batch_size, comm, desc):
             x = np.asarray(tokens[rows], dtype=np.int64)                                # (B, T)
-            rng, acc, loss = generator(seed, "probe_masks", b), 0.0, 0.0
+            rng = generator(seed, "probe_masks", b)
+            acc, loss = np.zeros((len(x),) + feats.shape[1:], np.float32), np.zeros(len(x))
             for _ in range(repeats):
                 inputs, causal, mask = model_inputs(x, cfg.sos, objective, mask_rate, rng)
-                logits, fs = model.forward_features(inputs, causal, mask, upto,
-                                                    pool=lambda n: n.data.mean(axis=1))  # L+1 x (B, C)
-                acc = acc + np.stack(fs, axis=1)                                    # (B, L+1, C)
-                if logits is not None:
-                    loss = loss + image_losses(logits.data, x, mask)                # (B,)
+                for p in passes(len(x), cfg):                     # at most images_per_pass images at once
+                    m = None if mask is None else mask[p]
+                    logits, fs = model.forward_features(inputs[p], causal, m, upto,
+                                                        pool=lambda n: n.data.mean(axis=1))  # L+1 x (b, C)
+                    acc[p] += np.stack(fs, axis=1)                                  # (b, L+1, C)
+                    if logits is not None:
+                        loss[p] += image_losses(logits.data, x[p], m)               # (b,)
             feats[rows], losses[rows] = acc / repeats, loss / repeats
             if fair_share is not None:
                 fair_share.update()

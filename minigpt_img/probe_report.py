@@ -31,7 +31,7 @@ from .parallel import Solo, fan_out
 from .plots import line_chart
 from .probe_fit import held_out, low_data_probe, probe_layer
 from .runconfig import declared
-from .sizes import forward_bytes, memory_problem
+from .sizes import forward_bytes, images_per_pass, memory_problem
 from .streams import generator
 
 
@@ -101,7 +101,8 @@ def probe_report(ckpt, data, data_dir, eval_split, layers, max_train, max_eval, 
     # the forward passes stop at the deepest layer asked for (and a --concat window centred below it)
     deepest = min(cfg.n_layer, max(chosen) + concat // 2)
     upto = deepest if deepest < cfg.n_layer else None
-    problem = memory_problem(forward_bytes(cfg, batch_size), f"the forward passes of {batch_size} images at once",
+    at_once = min(batch_size, images_per_pass(cfg))
+    problem = memory_problem(forward_bytes(cfg, at_once), f"the forward passes of {at_once} images at once",
                              "lower --batch-size")
     if problem:  # before any feature is extracted
         raise ValueError(problem)

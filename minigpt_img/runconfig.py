@@ -41,7 +41,8 @@ FINETUNE_BASE = {"augment": "wrn"}
 # for 4 epochs (at 16x16 and batch 16 it learned one class in the same minutes); it is not augmented,
 # since a flip turns one diagonal class into the other.
 DATA_PRESETS = {"streaks": {"res": 8, "batch_size": 8, "lr": 1.5e-3, "epochs": 4.0, "augment": "none"}}
-EVAL_BATCH = 64  # images per no-grad forward pass: evaluations, probe features, fine-tuning's start
+EVAL_BATCH = 64  # images per batch of evaluations, probe features, fine-tuning's start (their
+#                 forward passes take at most sizes.images_per_pass images at once)
 PAPER_SIZES = ("s", "m", "l", "xl")  # the paper's iGPT-S/M/L/XL (sizes.py)
 PAPER_SIZES_DATA = "cifar10"  # what they train on when --data is not given: real images, as docs/results.md
 DEFAULT_EPOCHS = 1.0  # when neither --steps nor --epochs (nor a preset) says how long

@@ -448,6 +448,28 @@ def test_the_lambda_grid_extends_past_an_end_that_wins():
     assert len(set(tried)) <= 2 + probe_fit.EXTEND
 
 
+def test_a_batch_goes_through_forward_passes_of_at_most_images_per_pass(monkeypatch):
+    """A batch larger than sizes.images_per_pass goes through the model in groups of that many
+    images, with the features and losses of a single pass: the same masks for BERT, drawn per batch."""
+    from minigpt_img import sizes
+    assert sizes.images_per_pass(sizes.config_for("s", 32)) == 16 < 64       # probe.py's default batch
+    cfg = GPTConfig(n_layer=2, n_embd=16, n_head=2, n_px=4, vocab=9)
+    m = ImageGPT(cfg, np.random.default_rng(0))
+    x = np.random.default_rng(1).integers(0, 9, (7, 16))
+    whole = {obj: extract_features(m, x, obj, 5, mask_rate=0.25) for obj in ("ar", "bert")}
+    seen = []
+    forward = m.forward_features
+    m.forward_features = lambda inputs, *a, **kw: seen.append(len(inputs)) or forward(inputs, *a, **kw)
+    monkeypatch.setattr(sizes, "PASS_BYTES", 2 * 4 * cfg.n_ctx * 4 * cfg.n_embd)  # two images per pass
+    assert sizes.images_per_pass(cfg) == 2
+    for obj in ("ar", "bert"):
+        seen.clear()
+        F, losses = extract_features(m, x, obj, 5, mask_rate=0.25)
+        assert seen == [2, 2, 1, 2]                             # batches of 5 and 2 images
+        np.testing.assert_allclose(F, whole[obj][0], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(losses, whole[obj][1], rtol=1e-5)
+
+
 def test_the_forward_pass_stops_at_the_deepest_layer_asked_for():
     """forward_features(upto=k) runs the blocks below k only: n^0..n^k as the full pass has them,
     no logits; extract_features(upto=k) returns those features and no losses."""
