@@ -10,6 +10,7 @@ from pathlib import Path
 from minigpt_img.cli import Parser, add_threads_flag, fair_share, run
 from minigpt_img.ranges import NONNEGATIVE_INT, POSITIVE_INT
 from minigpt_img.runconfig import EVAL_BATCH, declared
+from minigpt_img.sizes import PASS_BYTES
 
 CKPT = str(Path(declared("out")) / "ckpt.npz")  # train.py's default run
 
@@ -30,8 +31,8 @@ def parse(argv=None):
     a("--max-train", type=POSITIVE_INT, default=None, help="use at most this many training images (default: all)")
     a("--max-eval", type=POSITIVE_INT, default=None, help="score on at most this many images (default: all)")
     a("--batch-size", type=POSITIVE_INT, default=EVAL_BATCH, help="images per batch, the unit of progress and of "
-      "the work shared among MPI ranks; each forward pass takes fewer where their activations would exceed 128 MB "
-      f"(at iGPT-S size, 16 images of 32x32) (default {EVAL_BATCH})")
+      "the work shared among MPI ranks; a forward pass takes fewer where their MLP hidden layer would exceed "
+      f"{PASS_BYTES >> 20} MB (16 images of 32x32 at iGPT-S size) (default {EVAL_BATCH})")
     a("--labels-per-class", type=POSITIVE_INT, nargs="*", default=[], help="also probe with this many labels per "
       "class, 5 random draws each, e.g. 4 25 400 (default: none)")
     a("--concat", type=POSITIVE_INT, default=1, help="also probe this many consecutive layers side by side, "

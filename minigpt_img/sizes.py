@@ -87,13 +87,13 @@ PASS_BYTES = 128 << 20  # the most bytes the widest activation of a no-grad forw
 
 def images_per_pass(cfg) -> int:
     """How many images a no-grad forward pass (probe features, evaluations) takes at once: the most
-    whose MLP hidden layer, its widest activation (images x T x 4C float32), fits PASS_BYTES; a batch
-    of more images goes through in groups of this many (passes). Larger passes are no
-    faster and hold more memory: measured (2026-12-04, AMD EPYC, 2 threads, features to layer 12 of
-    iGPT-S at 32x32) 0.61 s per image at 4 and at 16 images per pass, 0.71 s at 32 and 0.98 s at 64,
-    where the process's peak grew to 2.6 GB and 18 s of the 63 went to the kernel's page faults;
-    micro and mini at 32x32: the same time per image from 16 to 64 images, the memory 2.7x as much.
-    16 images at iGPT-S size, 32x32."""
+    whose MLP hidden layer, its widest activation (images x T x 4C float32), fits PASS_BYTES; 16 at
+    iGPT-S size and 32x32. A batch of more images goes through in groups of this many (passes).
+    Larger passes are no faster and hold more memory: measured (2026-12-04, AMD EPYC, 2 threads,
+    features to layer 12 of iGPT-S at 32x32) 0.61 s per image at 4 and at 16 images per pass, 0.71 s
+    at 32 and 0.98 s at 64, where the process's peak grew to 2.6 GB and 18 s of the 63 went to the
+    kernel's page faults; micro and mini at 32x32: the same time per image from 16 to 64 images, the
+    memory 2.7x as much."""
     return max(1, PASS_BYTES // (4 * cfg.n_ctx * 4 * cfg.n_embd))
 
 
