@@ -402,19 +402,23 @@ def test_a_run_of_days_is_told_what_would_fit():
 
 def test_an_evaluation_batch_goes_through_passes_of_at_most_images_per_pass(image_folder, tmp_path, monkeypatch):
     """An evaluation's batch larger than sizes.images_per_pass is scored in groups of that many
-    images, summing to the metrics of whole batches."""
+    images, summing to the metrics of whole batches (BERT's loss too: each image's masked positions
+    are averaged, and the batch's mask is drawn before the split)."""
     from minigpt_img import sizes
-    run = Trainer(tiny(image_folder, tmp_path / "passes", eval_images=8), log=lambda *a: None)
-    whole = run.measure(run.data.val_tokens, run.data.val_labels, batch_size=8)
-    seen = []
-    sums = run.task.sums
-    run.task.sums = lambda model, x, y, mask: seen.append(len(x)) or sums(model, x, y, mask)
-    cfg = run.model.config
-    monkeypatch.setattr(sizes, "PASS_BYTES", 3 * 4 * cfg.n_ctx * 4 * cfg.n_embd)  # three images per pass
-    parts = run.measure(run.data.val_tokens, run.data.val_labels, batch_size=8)
-    n = len(run.data.val_tokens)
-    assert n > 3 and seen == [3] * (n // 3) + [n % 3] * (n % 3 > 0)
-    assert parts["loss"] == pytest.approx(whole["loss"], rel=1e-6)
+    for objective in ("ar", "bert"):
+        run = Trainer(tiny(image_folder, tmp_path / f"passes-{objective}", eval_images=8, objective=objective),
+                      log=lambda *a: None)
+        cfg = run.model.config
+        monkeypatch.setattr(sizes, "PASS_BYTES", 1 << 30)
+        whole = run.measure(run.data.val_tokens, run.data.val_labels, batch_size=8)
+        seen = []
+        sums = run.task.sums
+        run.task.sums = lambda model, x, y, mask: seen.append(len(x)) or sums(model, x, y, mask)
+        monkeypatch.setattr(sizes, "PASS_BYTES", 3 * 4 * cfg.n_ctx * 4 * cfg.n_embd)  # three images per pass
+        parts = run.measure(run.data.val_tokens, run.data.val_labels, batch_size=8)
+        n = len(run.data.val_tokens)
+        assert n > 3 and seen == [3] * (n // 3) + [n % 3] * (n % 3 > 0)
+        assert parts["loss"] == pytest.approx(whole["loss"], rel=1e-6)
 
 
 def test_a_stop_signal_during_evaluation_leaves_at_once(image_folder, tmp_path):
