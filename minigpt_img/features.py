@@ -32,8 +32,8 @@ def extract_features(model, tokens: np.ndarray, objective: str, batch_size: int,
     """tokens (N, T) -> (pooled features (N, L + 1, C) float32, each image's generative loss (N,)
     float64 from the same pass: objectives.image_losses). A batch (batch_size images: the unit of
     progress, of BERT's masks and of the work shared out among MPI ranks, whose results are summed
-    into every rank) goes through no-grad forward passes of sizes.images_per_pass images at most. upto = k < L:
-    the forward pass stops at n^k: features (N, k + 1, C), and no losses (None).
+    into every rank) goes through no-grad forward passes of sizes.images_per_pass images at most.
+    upto = k < L: the forward pass stops at n^k: features (N, k + 1, C), and no losses (None).
     mask_rate: BERT's (None for AR); n_masks: BERT's features averaged over that many masks
     (departure: §4.6 takes the modal prediction of 5). fair_share (threads.FairShare): adapt the
     thread count to the machine's load after each batch."""
