@@ -86,63 +86,76 @@ def attention_forward(q, k, v, causal, q_offset, TQ, TK):
     """q (B, Tq, NH, D), k, v (B, Tk, NH, D), rows of D contiguous -> o (B, Tq, NH, D) C-contiguous
     (so o.reshape(B, Tq, C) has the heads side by side) and lse (B, NH, Tq) = log sum_j exp(S_ij).
     Tiles are computed in the inputs' precision (float32 SIMD for float32); row statistics m, l
-    in float64. TQ, TK: the tile (forward_tiles()). When one key tile holds every key a query
-    tile sees, its softmax is exact in one pass (the first tile's case below), with no rescaling."""
+    in float64. TQ, TK: the tile (forward_tiles()). Each head is one call of _forward_head: a
+    function of its own, not the body of the parallel loop, which numba compiles to slower code
+    (measured on an Intel Xeon, 2 threads, the same results bit for bit: 3.5 -> 2.9 ms at micro's
+    shape, B=16, 4 heads, T=256, D=32; 29 -> 21 ms at T = 1024, D = 32; 8.6 -> 6.8 ms at D = 64)."""
     B, Tq, NH, D = q.shape
     Tk = k.shape[1]
-    scale = q.dtype.type(1.0 / np.sqrt(D))
     o = np.empty((B, Tq, NH, D), dtype=q.dtype)
     lse = np.empty((B, NH, Tq), dtype=q.dtype)
     k_len = min(Tk, Tq + q_offset) if causal else Tk               # keys any query sees
     TK = min(TK, max(k_len, 1))
     for bh in prange(B * NH):  # whole heads per thread: equal work each, causal or not
         b, h = bh // NH, bh % NH
-        Qh, Kh, Vh, Oh = q[b, :, h], k[b, :, h], v[b, :, h], o[b, :, h]  # (T, D) views, read in place
         S_buf, work = np.empty(TQ * TK, dtype=q.dtype), np.empty(TQ * TK, dtype=q.dtype)
         m_buf, l_buf = np.empty(TQ), np.empty(TQ)                  # running row max of S, sum of exp(S - m)
-        for i0 in range(0, Tq, TQ):
-            i1 = min(i0 + TQ, Tq)
-            bq = i1 - i0
-            Qi, Oi = Qh[i0:i1], Oh[i0:i1]                              # (bq, D); Oi sums exp(S - m) V
-            m, l = m_buf[:bq], l_buf[:bq]
-            k_end = min(Tk, i1 + q_offset) if causal else Tk           # keys any row of the tile sees
-            for j0 in range(0, k_end, TK):
-                j1 = min(j0 + TK, k_end)
-                bk = j1 - j0
-                S = S_buf[:bq * bk].reshape(bq, bk)
-                gemm(Qi, Kh[j0:j1], S, False, True, 0.0)               # (bq, bk) = Q_i K_j^T
-                for a in range(bq):                                    # S * scale - new running max
-                    nb = _visible(a, i0, j0, bk, causal, q_offset)
-                    row = S[a]
-                    if j0 == 0:                                        # the first tile: nothing to rescale
-                        m[a], l[a] = -np.inf, 0.0
-                    if nb == 0:
-                        row[:] = -np.inf
-                        continue
-                    m_new = max(m[a], np.float64(row_max(row, nb)) * scale)
-                    if j0 > 0:
-                        corr = np.exp(m[a] - m_new)                    # rescales what was summed so far
-                        l[a] *= corr
-                        Oi[a] *= q.dtype.type(corr)
-                    m[a] = m_new
-                    shift = q.dtype.type(m_new)
-                    for c in range(nb):
-                        row[c] = row[c] * scale - shift
-                    row[nb:] = -np.inf
-                exp_inplace(S_buf[:bq * bk], work)                     # P = exp(S - m_new), one call per tile
-                for a in range(bq):
-                    nb = _visible(a, i0, j0, bk, causal, q_offset)
-                    row = S[a]
-                    row_sum = 0.0
-                    for c in range(nb):
-                        row_sum += row[c]
-                    row[nb:] = 0.0                                     # masked keys: exactly zero
-                    l[a] += row_sum
-                gemm(S, Vh[j0:j1], Oi, False, False, 0.0 if j0 == 0 else 1.0)  # O_i (+)= P V_j
-            for a in range(bq):
-                Oi[a] *= q.dtype.type(1.0 / l[a])
-                lse[b, h, i0 + a] = m[a] + np.log(l[a])
+        _forward_head(q[b, :, h], k[b, :, h], v[b, :, h], causal, q_offset, TQ, TK, o[b, :, h], lse[b, h],
+                      S_buf, work, m_buf, l_buf)
     return o, lse
+
+
+@njit(**_JIT)
+def _forward_head(Qh, Kh, Vh, causal, q_offset, TQ, TK, Oh, lse_h, S_buf, work, m_buf, l_buf):
+    """attention_forward for one head: Qh (Tq, D), Kh, Vh (Tk, D) read in place -> Oh (Tq, D) and
+    lse_h (Tq,) written in place; S_buf, work: scratch of TQ * TK, m_buf, l_buf of TQ. When one key
+    tile holds every key a query tile sees, its softmax is exact in one pass (the first tile's case
+    below), with no rescaling."""
+    Tq, D = Qh.shape
+    Tk = Kh.shape[0]
+    scale = Qh.dtype.type(1.0 / np.sqrt(D))
+    for i0 in range(0, Tq, TQ):
+        i1 = min(i0 + TQ, Tq)
+        bq = i1 - i0
+        Qi, Oi = Qh[i0:i1], Oh[i0:i1]                                  # (bq, D); Oi sums exp(S - m) V
+        m, l = m_buf[:bq], l_buf[:bq]
+        k_end = min(Tk, i1 + q_offset) if causal else Tk               # keys any row of the tile sees
+        for j0 in range(0, k_end, TK):
+            j1 = min(j0 + TK, k_end)
+            bk = j1 - j0
+            S = S_buf[:bq * bk].reshape(bq, bk)
+            gemm(Qi, Kh[j0:j1], S, False, True, 0.0)                   # (bq, bk) = Q_i K_j^T
+            for a in range(bq):                                        # S * scale - new running max
+                nb = _visible(a, i0, j0, bk, causal, q_offset)
+                row = S[a]
+                if j0 == 0:                                            # the first tile: nothing to rescale
+                    m[a], l[a] = -np.inf, 0.0
+                if nb == 0:
+                    row[:] = -np.inf
+                    continue
+                m_new = max(m[a], np.float64(row_max(row, nb)) * scale)
+                if j0 > 0:
+                    corr = np.exp(m[a] - m_new)                        # rescales what was summed so far
+                    l[a] *= corr
+                    Oi[a] *= Qh.dtype.type(corr)
+                m[a] = m_new
+                shift = Qh.dtype.type(m_new)
+                for c in range(nb):
+                    row[c] = row[c] * scale - shift
+                row[nb:] = -np.inf
+            exp_inplace(S_buf[:bq * bk], work)                         # P = exp(S - m_new), one call per tile
+            for a in range(bq):
+                nb = _visible(a, i0, j0, bk, causal, q_offset)
+                row = S[a]
+                row_sum = 0.0
+                for c in range(nb):
+                    row_sum += row[c]
+                row[nb:] = 0.0                                         # masked keys: exactly zero
+                l[a] += row_sum
+            gemm(S, Vh[j0:j1], Oi, False, False, 0.0 if j0 == 0 else 1.0)  # O_i (+)= P V_j
+        for a in range(bq):
+            Oi[a] *= Qh.dtype.type(1.0 / l[a])
+            lse_h[i0 + a] = m[a] + np.log(l[a])
 
 
 DECODE_ROWS = 8  # ImageGPT.decode: a step of up to this many new tokens per image is a decoding step

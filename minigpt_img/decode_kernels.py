@@ -17,7 +17,7 @@ Legend: M rows (B * T flattened, a few), K inputs, N outputs, C width, H = 4C hi
 import numpy as np
 from numba import njit, prange
 
-from .kernels import _JIT, _gelu2_sigmoid, gelu2_forward_ref
+from .kernels import _JIT, _gelu2_chunk, gelu2_forward_ref
 
 # ---------------------------------------------------------------------------------------------
 # few-row matmul:  out = x W = sum_s x[:, K_s] W[K_s, :]      (K_s: blocks of W's rows)
@@ -146,9 +146,7 @@ def _mlp_from_partials(partials, b_fc, W_proj, b_proj):
         sum_partials(partials, b_fc, h0, h1, u)
         flat = u.reshape(M * (h1 - h0))                           # gelu2 in place
         g, work = np.empty_like(flat), np.empty_like(flat)
-        _gelu2_sigmoid(flat, g, work)
-        for i in range(flat.size):
-            flat[i] *= g[i]
+        _gelu2_chunk(flat, flat, g, work)
         share = shares[t]                                         # (M, C) this block's share
         share[:] = 0.0
         few_rows_times(u, W_proj[h0:h1], 0, h1 - h0, share)

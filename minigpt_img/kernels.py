@@ -140,15 +140,29 @@ def _exp_f32(a, work):
 
 @njit(**_JIT)
 def row_max(row, n):
-    """max(row[:n]), n >= 1, as a compare-and-select loop: numba's max() checks for NaN at every
-    element and does not vectorise (measured 0.28 ns per element against 0.66-0.99 for 16 running
-    maxima in an array and for max()). A NaN in the row may or may not come out, but it stays in
-    the row itself."""
-    m = row[0]
-    for c in range(1, n):
-        v = row[c]
-        m = v if v > m else m
-    return m
+    """max(row[:n]), n >= 1, in eight running maxima, one per column mod 8, so that consecutive
+    compares do not wait on each other and LLVM packs them into one SIMD compare-and-select.
+    numba's max() checks for NaN at every element and does not vectorise, and neither does a single
+    running maximum without the no-NaN fast-math flag (measured on an Intel Xeon, float32: 0.17-0.23
+    ns per element at rows of 256-1024 against 0.7-0.9 for one running maximum). A NaN in the row
+    may or may not come out, but it stays in the row itself."""
+    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = row[0]
+    c = 0
+    while c + 8 <= n:
+        v0, v1, v2, v3, v4, v5, v6, v7 = row[c], row[c + 1], row[c + 2], row[c + 3], \
+            row[c + 4], row[c + 5], row[c + 6], row[c + 7]
+        m0, m1, m2, m3 = (v0 if v0 > m0 else m0), (v1 if v1 > m1 else m1), \
+            (v2 if v2 > m2 else m2), (v3 if v3 > m3 else m3)
+        m4, m5, m6, m7 = (v4 if v4 > m4 else m4), (v5 if v5 > m5 else m5), \
+            (v6 if v6 > m6 else m6), (v7 if v7 > m7 else m7)
+        c += 8
+    for r in range(c, n):                                          # the last n mod 8 columns
+        v = row[r]
+        m0 = v if v > m0 else m0
+    m0, m1, m2, m3 = (m4 if m4 > m0 else m0), (m5 if m5 > m1 else m1), \
+        (m6 if m6 > m2 else m2), (m7 if m7 > m3 else m3)
+    m0, m1 = (m2 if m2 > m0 else m0), (m3 if m3 > m1 else m1)
+    return m1 if m1 > m0 else m0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,6 +313,9 @@ def _gelu2_sigmoid(x, s, work):
         s[i] = (one if x[i] >= 0 else e) / (one + e)
 
 
+# The parallel loops below hand each chunk to a function of its own: the same loops written as the
+# body of the prange loop compile to slower code (measured on an Intel Xeon, 2 threads, 2M float32
+# elements: forward 0.63 -> 0.46 ns per element, backward 0.74 -> 0.53).
 @njit(parallel=True, **_JIT)
 def gelu2_forward(x):
     """x (n,) flat -> y (n,) = x sigmoid(1.702 x), released iGPT's activation."""
@@ -307,10 +324,16 @@ def gelu2_forward(x):
     for c in prange((n + _CHUNK - 1) // _CHUNK):
         lo, hi = c * _CHUNK, min(n, (c + 1) * _CHUNK)
         s, work = np.empty(hi - lo, x.dtype), np.empty(hi - lo, x.dtype)  # exp in x's precision
-        _gelu2_sigmoid(x[lo:hi], s, work)
-        for i in range(lo, hi):
-            y[i] = x[i] * s[i - lo]
+        _gelu2_chunk(x[lo:hi], y[lo:hi], s, work)
     return y
+
+
+@njit(**_JIT)
+def _gelu2_chunk(x, y, s, work):
+    """y[:] = x sigmoid(1.702 x) for 1-D x, y (y may be x: in place); s, work: scratch of x.size."""
+    _gelu2_sigmoid(x, s, work)
+    for i in range(x.size):
+        y[i] = x[i] * s[i]
 
 
 def _sigmoid_ref(z):
@@ -325,16 +348,20 @@ def gelu2_forward_ref(x):
 def gelu2_backward(dy, x):
     """dy/dx of x * s(kx) is s + k x s (1 - s), with s = sigmoid(k x)."""
     n = x.size
-    k, one = x.dtype.type(GELU2_K), x.dtype.type(1.0)
     dx = np.empty_like(x)
     for c in prange((n + _CHUNK - 1) // _CHUNK):
         lo, hi = c * _CHUNK, min(n, (c + 1) * _CHUNK)
-        s, work = np.empty(hi - lo, x.dtype), np.empty(hi - lo, x.dtype)  # exp in x's precision
-        _gelu2_sigmoid(x[lo:hi], s, work)
-        for i in range(lo, hi):
-            si = s[i - lo]
-            dx[i] = dy[i] * (si + k * x[i] * si * (one - si))
+        s, work = np.empty(hi - lo, x.dtype), np.empty(hi - lo, x.dtype)
+        _gelu2_grad_chunk(dy[lo:hi], x[lo:hi], dx[lo:hi], s, work)
     return dx
+
+
+@njit(**_JIT)
+def _gelu2_grad_chunk(dy, x, dx, s, work):
+    k, one = x.dtype.type(GELU2_K), x.dtype.type(1.0)
+    _gelu2_sigmoid(x, s, work)
+    for i in range(x.size):
+        dx[i] = dy[i] * (s[i] + k * x[i] * s[i] * (one - s[i]))
 
 
 def gelu2_backward_ref(dy, x):

@@ -277,11 +277,20 @@ def test_exp_inplace_float32_special_values():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n", [1, 2, 15, 16, 17, 33, 513])
+@pytest.mark.parametrize("n", [1, 2, 7, 8, 9, 15, 16, 17, 33, 513])
 def test_row_max(n, dtype):
     row = np.random.default_rng(n).standard_normal(n + 3).astype(dtype)
     row[n:] = 1e9  # beyond n: must not be read
     assert kernels.row_max(row, n) == row[:n].max()
+
+
+@pytest.mark.parametrize("n", [8, 13, 24])
+def test_row_max_finds_the_maximum_at_every_column(n):
+    """row_max keeps a running maximum per column mod 8 plus the tail: the maximum in any of them."""
+    for at in range(n):
+        row = -np.arange(n, dtype=np.float32) - 1.0
+        row[at] = 5.0
+        assert kernels.row_max(row, n) == 5.0
 
 
 def _rows_in_wider_array(x, rng, pad=5):
