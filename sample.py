@@ -129,7 +129,7 @@ def sample(args, comm) -> int:
 
 
 def main(argv=None) -> int:
-    return run(sample, parse(argv))
+    return run(sample, parse(argv), decoding=True)
 
 
 if __name__ == "__main__":

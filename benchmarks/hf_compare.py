@@ -14,7 +14,8 @@ from the full softmax. The same call drawing 1 pixel is timed too, and tokens/s 
 - 1) over the difference: the decoding steps alone, without the prompt's pass, for both.
 
     ours          the package's own functions (model.decode, KVCache, sampling.choose) from a
-                  script that called threads.configure() first, as train.py, probe.py, sample.py do
+                  script that called threads.configure() first, as the scripts do (sampling:
+                  configure(decoding=True), as sample.py does; forward: configure(), as probe.py)
     ours, plain   the same from a plain script that imported NumPy first and set nothing: what a
                   library user runs (the environment's thread-spin variables removed)
     transformers  ImageGPTForCausalImageModeling.generate(do_sample=True, top_k=0, use_cache=True)
@@ -185,12 +186,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=256)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--folder", type=Path, default=Path("runs/bench-igpt-s-hf"))
-    ap.add_argument("--configure", action="store_true", help="call threads.configure() before NumPy loads")
+    ap.add_argument("--configure", action="store_true", help="call threads.configure() before NumPy loads "
+                    "(decoding=True for --task sampling, as sample.py)")
     args = ap.parse_args()
     if args.configure:
         sys.path.insert(0, str(REPO))
         from minigpt_img.threads import configure
-        configure(args.threads)
+        configure(args.threads, decoding=args.task == "sampling")
     import numpy  # noqa: F401  (a plain script: NumPy first)
     sys.path.insert(0, str(REPO))
     export(args.folder)

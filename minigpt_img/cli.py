@@ -37,12 +37,12 @@ def fair_share(args, comm):
     return None if args.threads or comm.size > 1 else FairShare()
 
 
-def run(work, args) -> int:
-    """Apply --threads, then return work(args, comm)'s exit code, comm being the processes of the
-    run (parallel.world(): several under mpiexec). A user's error prints `error: ...` and exits 2 (1
-    when training diverged, 130 when Ctrl-C stopped it at once); under mpiexec the failing rank's
-    message ends the whole job."""
-    configure(args.threads or default_threads())  # before anything imports NumPy
+def run(work, args, decoding: bool = False) -> int:
+    """Apply --threads (threads.configure, decoding for sample.py), then return work(args, comm)'s
+    exit code, comm being the processes of the run (parallel.world(): several under mpiexec). A
+    user's error prints `error: ...` and exits 2 (1 when training diverged, 130 when Ctrl-C stopped it
+    at once); under mpiexec the failing rank's message ends the whole job."""
+    configure(args.threads or default_threads(), decoding)  # before anything imports NumPy
     from .parallel import disagreements, world
 
     try:

@@ -4,7 +4,8 @@ Two thread pools share the cores: OpenBLAS's (matmuls) and numba's OpenMP (the k
 default, keeps its threads spinning for a while after its work, and the spinners then steal the
 cores from the other pool's next call: measured here, a micro@16 training step took 1.13 s with the
 defaults and 0.57 s with short OpenBLAS spinning and passive OpenMP waiting. `configure` sets those
-two (unless the environment already sets them) and, when asked, the thread count of both pools.
+two (unless the environment already sets them; for decoding, which calls no BLAS between its short
+parallel loops, only the first) and, when asked, the thread count of both pools.
 `configure` imports nothing heavy, so calling it before NumPy is possible; it also sets how the C
 library's malloc keeps freed memory (`keep_freed_memory`). `FairShare` changes the
 thread count of a running process when other processes load the machine. Two rules hold whatever
@@ -25,11 +26,16 @@ _LOCAL_SIZE_VARIABLES = ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "PMI_L
 COUNT_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
 
 
-def configure(threads: int | None = None) -> None:
+def configure(threads: int | None = None, decoding: bool = False) -> None:
     """Apply the spin settings (environment values win), if given the thread count, and
-    keep_freed_memory()."""
+    keep_freed_memory(). decoding (sample.py): numba's idle threads keep OpenMP's default wait (spin
+    a short while, then sleep) instead of sleeping at once. A decoding step runs ~100 short parallel
+    loops and no BLAS, so there is no other pool to leave the cores to, and waking sleeping threads
+    for every loop cost a quarter of the speed (measured on an Intel Xeon, 2 threads, iGPT-S size, 4
+    images: 91-99 tokens/s against 116-126)."""
     for key, value in SPIN_SETTINGS.items():
-        os.environ.setdefault(key, value)
+        if not (decoding and key == "OMP_WAIT_POLICY"):
+            os.environ.setdefault(key, value)
     if threads:
         for key in COUNT_VARIABLES:
             os.environ[key] = str(threads)

@@ -1,9 +1,11 @@
 """threads.FairShare: the thread count follows what other processes leave of the CPU."""
 import json
+import os
 import platform
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -174,3 +176,30 @@ def test_configure_keeps_freed_memory_so_a_large_block_costs_no_page_faults_the_
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("not glibc: malloc is left as it is")
     assert runs["on"] < 10 and runs["off"] > 100, runs
+
+
+def test_configure_for_decoding_leaves_openmp_waiting_as_its_default_and_sample_py_asks_for_it():
+    """Training and probing: numba's idle threads sleep at once (OMP_WAIT_POLICY=PASSIVE), leaving the
+    cores to OpenBLAS's. Decoding (sample.py) calls no BLAS between its short parallel loops, so
+    OpenMP's default wait is kept there; the BLAS spin setting applies to both."""
+    code = textwrap.dedent("""
+        import os, sys
+        from minigpt_img.threads import configure
+        configure(decoding=True)
+        decoding = os.environ.get("OMP_WAIT_POLICY"), os.environ.get("OPENBLAS_THREAD_TIMEOUT")
+        configure()
+        training = os.environ.get("OMP_WAIT_POLICY"), os.environ.get("OPENBLAS_THREAD_TIMEOUT")
+        import sample
+        asked = {}
+        sample.run = lambda work, args, **kwargs: asked.update(kwargs) or 0
+        sample.main([])
+        print(repr((decoding, training, asked)))
+    """)
+    env = {k: v for k, v in os.environ.items() if k not in threads.SPIN_SETTINGS}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env,
+                         cwd=env["PYTHONPATH"]).stdout
+    decoding, training, asked = eval(out)
+    assert decoding == (None, threads.SPIN_SETTINGS["OPENBLAS_THREAD_TIMEOUT"])
+    assert training == (threads.SPIN_SETTINGS["OMP_WAIT_POLICY"], threads.SPIN_SETTINGS["OPENBLAS_THREAD_TIMEOUT"])
+    assert asked == {"decoding": True}
