@@ -32,8 +32,8 @@ def test_features_are_the_models_pooled_n_l():
     F, losses = extract_features(m, x, "ar", 2)
     assert F.shape == (5, 4, 16) and F.dtype == np.float32
     _, ns = m.forward_features(ar_inputs(x, cfg.sos))
-    for l in range(4):
-        np.testing.assert_allclose(F[:, l], ns[l].data.mean(axis=1), rtol=1e-6, atol=1e-7)
+    for l in range(4):  # float32 through batches of 2 against one of 5: BLAS may round another way
+        np.testing.assert_allclose(F[:, l], ns[l].data.mean(axis=1), rtol=1e-5, atol=1e-6)
     # each image's AR loss from the same pass: their mean is the loss of the whole batch
     assert losses.shape == (5,) and losses.mean() == pytest.approx(ar_loss(m, x).item(), rel=1e-5)
     assert losses[3] == pytest.approx(ar_loss(m, x[3:4]).item(), rel=1e-5)
