@@ -358,6 +358,7 @@ def gelu2_backward(dy, x):
 
 @njit(**_JIT)
 def _gelu2_grad_chunk(dy, x, dx, s, work):
+    """dx[:] = dy (s + k x s (1 - s)), s = sigmoid(k x), for 1-D chunks; s, work: scratch of x.size."""
     k, one = x.dtype.type(GELU2_K), x.dtype.type(1.0)
     _gelu2_sigmoid(x, s, work)
     for i in range(x.size):
