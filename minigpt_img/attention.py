@@ -4,16 +4,16 @@
 
 Q, K, V come as (B, T, NH, D) views whose rows of D are contiguous, any other strides: the three
 thirds of the fused projection qkv (B, T, 3C) seen through heads(), or a KV cache. Nothing is split,
-copied or merged outside the tiles: the tile GEMMs (kernels.gemm) read one head's rows in place
-through their pitch, the forward writes O straight into the (B, T, C) layout the next projection
-reads, and the backward sums dQ, dK, dV straight into the fused gradient (B, T, 3C). The forward
-walks key tiles with an online softmax (running max m and denominator l per query row), so only a
-(TQ, TK) block of S exists at any time, and saves lse = m + log(l) per row for backward. q_offset
-places the queries after q_offset earlier positions (incremental decoding with a KV cache).
-Decoding a token or a few reads a head-major cache (B, NH, n_ctx, D) in place instead: decode_layer
-runs the whole sub-layer (projections, cache, attention) for a few rows in two parallel loops,
-attention_decode the attention alone for more. The *_ref twins materialise the whole (Tq, Tk)
-matrix per head: the specification the tests check.
+copied or merged per head: the tile GEMMs (kernels.gemm) read one head's rows in place through their
+pitch (but the backward's K_j^T and V_j^T, copied per key tile: see _backward_block), the forward
+writes O straight into the (B, T, C) layout the next projection reads, and the backward sums dQ, dK,
+dV straight into the fused gradient (B, T, 3C). The forward walks key tiles with an online softmax
+(running max m and denominator l per query row), so only a (TQ, TK) block of S exists at any time,
+and saves lse = m + log(l) per row for backward. q_offset places the queries after q_offset earlier
+positions (incremental decoding with a KV cache). Decoding a token or a few reads a head-major cache
+(B, NH, n_ctx, D) in place instead: decode_layer runs the whole sub-layer (projections, cache,
+attention) for a few rows in two parallel loops, attention_decode the attention alone for more. The
+*_ref twins materialise the whole (Tq, Tk) matrix per head: the specification the tests check.
 
 Legend: B batch, T tokens, NH heads, D = C / NH head size, BH = B * NH.
 """

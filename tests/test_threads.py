@@ -183,7 +183,7 @@ def test_configure_for_decoding_leaves_openmp_waiting_as_its_default_and_sample_
     cores to OpenBLAS's. Decoding (sample.py) calls no BLAS between its short parallel loops, so
     OpenMP's default wait is kept there; the BLAS spin setting applies to both."""
     code = textwrap.dedent("""
-        import os, sys
+        import os
         from minigpt_img.threads import configure
         configure(decoding=True)
         decoding = os.environ.get("OMP_WAIT_POLICY"), os.environ.get("OPENBLAS_THREAD_TIMEOUT")
