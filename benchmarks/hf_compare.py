@@ -33,7 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 CFG = dict(n_layer=24, n_embd=512, n_head=8, n_px=32, vocab=512)   # iGPT-S at 32x32
 IMAGES, PROMPT, FORWARD_BATCH = 4, 512, 8
-IMPLS = {"sampling": ("ours", "ours, plain", "transformers"), "forward": ("ours", "transformers")}
+IMPLS = {"sampling": ("ours", "ours, plain", "transformers"), "forward": ("ours", "ours, plain", "transformers")}
 
 
 def export(folder: Path) -> Path:
@@ -165,10 +165,11 @@ def bench(task: str, repeats: int, threads: int, steps: int = 256,
             peaks[impl] = max(peaks.get(impl, 0.0), out["peak_rss_mb"])
     result = {impl: {key: float(np.median(r)), "peak_rss_mb": peaks[impl]} for impl, r in runs.items()}
     if task == "forward":
-        ours, hf = result["ours"], result["transformers"]
-        print(f"forward at iGPT-S size at 32x32, {FORWARD_BATCH} images, no gradients, {threads} threads: ours "
-              f"{ours[key]:.2f} s (peak RSS {ours['peak_rss_mb']:,.0f} MB), transformers {hf[key]:.2f} s "
-              f"({hf['peak_rss_mb']:,.0f} MB), ours/transformers {ours[key] / hf[key]:.2f}")
+        print(f"forward at iGPT-S size at 32x32, {FORWARD_BATCH} images, no gradients, {threads} threads")
+        for impl in IMPLS[task]:
+            r = result[impl]
+            ratio = "" if impl == "transformers" else f", ours/transformers {r[key] / result['transformers'][key]:.2f}"
+            print(f"  {impl:<14} {r[key]:7.2f} s, peak RSS {r['peak_rss_mb']:,.0f} MB{ratio}")
         return result
     print(f"sampling at iGPT-S size (24 layers, width 512) at 32x32: {IMAGES} images, a prompt of {PROMPT} "
           f"pixels, then {steps} pixels each (decoding steps alone), {threads} threads")

@@ -3,14 +3,16 @@
 The twins are the specification: tests compare each kernel with its twin on awkward shapes (one row,
 odd widths, batch 1) in float32 and float64. Two kernels have no twin of their own because NumPy
 already is one: exp_inplace (tested against np.exp) and row_max (np.max). gemm is BLAS's matrix
-product called from inside other kernels (attention's tiles). The palette's kernels live in
+product called from inside other kernels (attention's tiles, rows_matmul's blocks of rows). The palette's kernels live in
 palette_kernels.py. The engine (ops.py) calls the kernels; the twins are for reading (reference.py
 builds the whole forward pass from them) and testing. The norm's and the cross-entropy's row sums
 (and the norm's weight gradient) are accumulated in float64 whatever the input dtype; the
 activation, the exp and the embedding's scatter-add work in the input's dtype. Kernels take
 C-contiguous arrays (ops.py makes them so; gemm also takes views whose rows are spaced by a pitch)
 and are deterministic: where rows are split across threads, the split is a fixed number of chunks,
-so results do not depend on the thread count.
+so results do not depend on the thread count (rows_matmul splits by threads, and each row's result is
+one BLAS call's: the same for any split where BLAS runs its blocked kernels, as on every weight of
+the models here; BLAS may take other kernels for products of a few thousand multiply-adds).
 
 Dimension legend: N rows (B*T flattened), C width, V palette/vocabulary size.
 
@@ -19,6 +21,8 @@ With NUMBA_DISABLE_JIT=1 every kernel runs as plain Python (gemm as its twin): s
 import numpy as np
 import numba
 from numba import njit, prange, types
+
+from .threads import serial_kernel_blas
 
 # No 'nnan'/'ninf' fast-math flags: a NaN loss must stay NaN so training can detect it.
 _FASTMATH = {"nsz", "arcp", "contract", "reassoc"}
@@ -226,6 +230,44 @@ def gemm_ref(a, b, c, trans_a, trans_b, beta):
 
 # numba's BLAS entry point only exists in compiled code: with NUMBA_DISABLE_JIT=1 the twin runs
 gemm = gemm_ref if numba.config.DISABLE_JIT else _gemm_blas
+
+
+# ---------------------------------------------------------------------------------------------
+# A product of many rows on numba's threads:  out = a b,  out[R_p] = a[R_p] b   (R_p: blocks of rows)
+# One BLAS call per block, each on its own thread of numba's pool with BLAS held at one thread
+# (threads.serial_kernel_blas). Then a process runs one thread pool, not two: NumPy's OpenBLAS keeps
+# its threads spinning after each product for as long as it was told when it loaded (OPENBLAS_THREAD_
+# TIMEOUT, ~0.1 s unset), and in a script that imported NumPy before threads.configure, the spinners
+# take the cores from the numba kernels in between (measured on an Intel Xeon, 2 threads: a layer's
+# attention 1.5x slower after a NumPy product; features of 8 images at iGPT-S size from a script that
+# imported NumPy first 10.2 -> 8.4 s, after threads.configure level, 7.3 -> 7.4 s). ops.MatMul uses
+# it outside the graph only: a training step's products stay on NumPy's BLAS (see there). A row's
+# result is one BLAS call's sum over k, so a block's rows come out as from one product.
+# ---------------------------------------------------------------------------------------------
+MIN_BLOCK_ROWS = 64  # fewer rows per thread than this: fewer blocks
+
+
+def rows_matmul(a, b):
+    """a (M, K), b (K, N), rows contiguous, one dtype -> a @ b (M, N), M in min(threads,
+    M / MIN_BLOCK_ROWS) blocks of rows; NumPy's product where the kernels' BLAS cannot be held at
+    one thread (it would start threads of its own inside each block)."""
+    if not serial_kernel_blas():
+        return a @ b
+    return _rows_matmul(a, b, max(1, min(numba.get_num_threads(), a.shape[0] // MIN_BLOCK_ROWS)))
+
+
+@njit(parallel=True, **_JIT)
+def _rows_matmul(a, b, blocks):
+    M, N = a.shape[0], b.shape[1]
+    out = np.empty((M, N), dtype=a.dtype)                                # (M, N)
+    for p in prange(blocks):
+        r0, r1 = M * p // blocks, M * (p + 1) // blocks                  # this block's rows
+        gemm(a[r0:r1], b, out[r0:r1], False, False, 0.0)
+    return out
+
+
+def rows_matmul_ref(a, b):
+    return a @ b
 
 
 # ---------------------------------------------------------------------------------------------

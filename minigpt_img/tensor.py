@@ -38,6 +38,11 @@ def no_grad():
         _GRAD_ENABLED.reset(token)
 
 
+def recording() -> bool:
+    """Whether operations record the graph now (False inside no_grad)."""
+    return _GRAD_ENABLED.get()
+
+
 def _as_array(data, dtype=None) -> np.ndarray:
     """Arrays keep float32/float64; Python numbers and integer/bool arrays become float32."""
     arr = np.asarray(data)
@@ -216,7 +221,7 @@ class Function:
                         for x in inputs)
         fn = cls()
         out = Tensor(fn.forward(*(t.data for t in tensors), **params))
-        if _GRAD_ENABLED.get() and any(t.requires_grad for t in tensors):
+        if recording() and any(t.requires_grad for t in tensors):
             fn.inputs = tensors
             out.requires_grad = True
             out._ctx = fn

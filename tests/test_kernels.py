@@ -320,6 +320,28 @@ def test_gemm(M, K, N, trans_a, trans_b, beta, dtype):
     np.testing.assert_array_equal(wide[:, N:], padding)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,K,N", [(1, 1, 1), (1, 9, 5), (63, 7, 3), (64, 1, 65), (65, 33, 17), (129, 16, 31),
+                                   (257, 40, 1)])
+def test_rows_matmul(M, K, N, dtype):
+    """Against its twin with fewer rows than a block, a block and a row more, odd widths."""
+    rng = np.random.default_rng(M * 1000 + K * 10 + N)
+    a, b = rng.standard_normal((M, K)).astype(dtype), rng.standard_normal((K, N)).astype(dtype)
+    out = kernels.rows_matmul(a, b)
+    assert out.dtype == dtype and out.shape == (M, N)
+    np.testing.assert_allclose(out, kernels.rows_matmul_ref(a, b), **tol(dtype))
+
+
+def test_rows_matmul_gives_each_row_the_same_sums_on_one_and_two_threads():
+    """Blocks of rows of micro's c_attn product (256 rows of width 128 -> 384): BLAS's blocked
+    kernels sum every row alike whatever the block, so the split changes no bit."""
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((256, 128)).astype(np.float32), rng.standard_normal((128, 384)).astype(np.float32)
+    out = kernels.rows_matmul(a, b)
+    with kernels_on_this_thread():
+        assert np.array_equal(out, kernels.rows_matmul(a, b))
+
+
 @pytest.mark.parametrize("a_shape,b_shape,c_shape", [((4, 3), (2, 5), (4, 5)), ((4, 3), (3, 5), (4, 6)),
                                                      ((4, 3), (3, 5), (2, 5))])
 def test_gemm_refuses_operands_that_do_not_match(a_shape, b_shape, c_shape):

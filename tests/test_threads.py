@@ -152,6 +152,26 @@ def test_a_decoding_step_runs_its_tiny_kernels_on_the_calling_thread_and_the_res
         assert seen["cache"] == [pool] and seen["attention"] == seen["mlp"] == [], seen
 
 
+def test_products_outside_the_graph_run_on_numbas_threads_and_a_training_forward_on_numpys_blas(monkeypatch):
+    """Under no_grad (features, a prompt, evaluation) every product of rows by a weight goes through
+    kernels.rows_matmul, so the pass uses numba's pool only (NumPy's OpenBLAS threads, spinning for
+    as long as they were told when NumPy loaded, never start); with the graph recorded none does."""
+    import numpy as np
+
+    from minigpt_img import kernels, no_grad
+    from minigpt_img.model import GPTConfig, ImageGPT
+    calls = []
+    rows_matmul = kernels.rows_matmul
+    monkeypatch.setattr(kernels, "rows_matmul", lambda a, b: calls.append(a.shape) or rows_matmul(a, b))
+    cfg = GPTConfig(n_layer=2, n_embd=8, n_head=2, n_px=4, vocab=4)
+    model, tokens = ImageGPT(cfg, np.random.default_rng(0)), np.zeros((2, 16), int)   # 32 rows: not few
+    model(tokens)
+    assert calls == []
+    with no_grad():
+        model(tokens)
+    assert calls == [(32, 8), (32, 8), (32, 8), (32, 32)] * cfg.n_layer + [(32, 8)]  # the blocks' 4; lm_head
+
+
 def test_configure_keeps_freed_memory_so_a_large_block_costs_no_page_faults_the_second_time():
     """In a fresh process: after configure(), allocating a 64 MB array again after freeing one maps
     no fresh pages (glibc: no page faults); without it, every allocation maps fresh ones."""
