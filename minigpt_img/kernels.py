@@ -241,9 +241,13 @@ gemm = gemm_ref if numba.config.DISABLE_JIT else _gemm_blas
 # take the cores from the numba kernels in between (measured on an Intel Xeon, 2 threads: a layer's
 # attention 1.5x slower after a NumPy product; features of 8 images at iGPT-S size from a script that
 # imported NumPy first 10.2 -> 8.4 s, after threads.configure level, 7.3 -> 7.4 s). ops.MatMul uses
-# it outside the graph only: a training step's products stay on NumPy's BLAS (see there). A row's
+# it outside the graph only, for products of at least MANY_ROWS rows: with fewer, OpenBLAS's own
+# threads, which pack the weight once for all of them, were faster where the spin settings were in
+# effect (a forward pass of one image at iGPT-S size, 1,024 rows, 4% slower as blocks; 4,096 and
+# 8,192 rows level). A training step's products stay on NumPy's BLAS (see ops.MatMul). A row's
 # result is one BLAS call's sum over k, so a block's rows come out as from one product.
 # ---------------------------------------------------------------------------------------------
+MANY_ROWS = 4096     # ops.MatMul sends products outside the graph with at least this many rows here
 MIN_BLOCK_ROWS = 64  # fewer rows per thread than this: fewer blocks
 
 

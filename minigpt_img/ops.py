@@ -135,9 +135,10 @@ class MatMul(Function):
     With out[..., i, j] = sum_k a[..., i, k] b[..., k, j]:  da = g @ b^T,  db = a^T @ g.
     When b is a 2-D weight shared by every batch row, db is one matmul over the flattened rows.
     The product of rows by a weight goes one of three ways: a few rows (a decoding step) stream the
-    weight once (decode_kernels.few_rows_matmul); outside the graph (no_grad: features, prompts,
-    evaluation) blocks of rows on numba's threads (kernels.rows_matmul); in training NumPy's
-    threaded BLAS, whose weight gradients a^T g split by rows or columns measured 1.1-1.8x slower.
+    weight once (decode_kernels.few_rows_matmul); many rows outside the graph (no_grad: features,
+    evaluation) blocks of rows on numba's threads (kernels.rows_matmul); the rest, training among
+    them, NumPy's threaded BLAS (weight gradients a^T g split by rows or columns measured 1.1-1.8x
+    slower).
     """
 
     def forward(self, a, b):
@@ -148,7 +149,7 @@ class MatMul(Function):
         kernel_dtypes = a.dtype == b.dtype and b.dtype in _FLOATS
         if kernel_dtypes and len(rows) <= decode_kernels.FEW_ROWS and b.flags.c_contiguous:
             out = decode_kernels.few_rows_matmul(np.ascontiguousarray(rows), b)  # stream the weight once
-        elif kernel_dtypes and not recording() and b.flags.c_contiguous:
+        elif kernel_dtypes and not recording() and len(rows) >= kernels.MANY_ROWS and b.flags.c_contiguous:
             out = kernels.rows_matmul(np.ascontiguousarray(rows), b)    # inference: numba's threads only
         else:
             out = rows @ b

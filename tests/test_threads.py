@@ -152,10 +152,12 @@ def test_a_decoding_step_runs_its_tiny_kernels_on_the_calling_thread_and_the_res
         assert seen["cache"] == [pool] and seen["attention"] == seen["mlp"] == [], seen
 
 
-def test_products_outside_the_graph_run_on_numbas_threads_and_a_training_forward_on_numpys_blas(monkeypatch):
-    """Under no_grad (features, a prompt, evaluation) every product of rows by a weight goes through
-    kernels.rows_matmul, so the pass uses numba's pool only (NumPy's OpenBLAS threads, spinning for
-    as long as they were told when NumPy loaded, never start); with the graph recorded none does."""
+def test_products_of_many_rows_outside_the_graph_run_on_numbas_threads_and_a_training_forward_on_numpys_blas(
+        monkeypatch):
+    """Under no_grad (features, evaluation) every product of at least kernels.MANY_ROWS rows by a
+    weight goes through kernels.rows_matmul, so the pass uses numba's pool only (NumPy's OpenBLAS
+    threads, spinning for as long as they were told when NumPy loaded, never start); with the graph
+    recorded, or fewer rows, none does. MANY_ROWS is lowered to this tiny model's 32 rows."""
     import numpy as np
 
     from minigpt_img import kernels, no_grad
@@ -164,7 +166,11 @@ def test_products_outside_the_graph_run_on_numbas_threads_and_a_training_forward
     rows_matmul = kernels.rows_matmul
     monkeypatch.setattr(kernels, "rows_matmul", lambda a, b: calls.append(a.shape) or rows_matmul(a, b))
     cfg = GPTConfig(n_layer=2, n_embd=8, n_head=2, n_px=4, vocab=4)
-    model, tokens = ImageGPT(cfg, np.random.default_rng(0)), np.zeros((2, 16), int)   # 32 rows: not few
+    model, tokens = ImageGPT(cfg, np.random.default_rng(0)), np.zeros((2, 16), int)   # 32 rows
+    monkeypatch.setattr(kernels, "MANY_ROWS", 33)
+    with no_grad():
+        model(tokens)
+    monkeypatch.setattr(kernels, "MANY_ROWS", 32)
     model(tokens)
     assert calls == []
     with no_grad():
