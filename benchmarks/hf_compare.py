@@ -33,7 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 CFG = dict(n_layer=24, n_embd=512, n_head=8, n_px=32, vocab=512)   # iGPT-S at 32x32
 IMAGES, PROMPT, FORWARD_BATCH = 4, 512, 8
-IMPLS = {"sampling": ("ours", "ours, plain", "transformers"), "forward": ("ours", "ours, plain", "transformers")}
+IMPLS = {task: ("ours", "ours, plain", "transformers") for task in ("sampling", "forward")}
 
 
 def export(folder: Path) -> Path:
@@ -168,7 +168,8 @@ def bench(task: str, repeats: int, threads: int, steps: int = 256,
         print(f"forward at iGPT-S size at 32x32, {FORWARD_BATCH} images, no gradients, {threads} threads")
         for impl in IMPLS[task]:
             r = result[impl]
-            ratio = "" if impl == "transformers" else f", ours/transformers {r[key] / result['transformers'][key]:.2f}"
+            hf = result["transformers"][key]
+            ratio = "" if impl == "transformers" else f", ours/transformers {r[key] / hf:.2f}"
             print(f"  {impl:<14} {r[key]:7.2f} s, peak RSS {r['peak_rss_mb']:,.0f} MB{ratio}")
         return result
     print(f"sampling at iGPT-S size (24 layers, width 512) at 32x32: {IMAGES} images, a prompt of {PROMPT} "

@@ -41,7 +41,8 @@ def few_rows_times(x, W, k0, k1, acc):
     N = W.shape[1]
     k = k0
     while k + 8 <= k1:
-        w0, w1, w2, w3, w4, w5, w6, w7 = W[k], W[k + 1], W[k + 2], W[k + 3], W[k + 4], W[k + 5], W[k + 6], W[k + 7]
+        w0, w1, w2, w3 = W[k], W[k + 1], W[k + 2], W[k + 3]
+        w4, w5, w6, w7 = W[k + 4], W[k + 5], W[k + 6], W[k + 7]
         for m in range(0, M, 2):
             last = min(m + 1, M - 1)                              # an odd last row: its pair is itself
             a0, a1, a2, a3 = x[m, k], x[m, k + 1], x[m, k + 2], x[m, k + 3]

@@ -3,16 +3,17 @@
 The twins are the specification: tests compare each kernel with its twin on awkward shapes (one row,
 odd widths, batch 1) in float32 and float64. Two kernels have no twin of their own because NumPy
 already is one: exp_inplace (tested against np.exp) and row_max (np.max). gemm is BLAS's matrix
-product called from inside other kernels (attention's tiles, rows_matmul's blocks of rows). The palette's kernels live in
-palette_kernels.py. The engine (ops.py) calls the kernels; the twins are for reading (reference.py
-builds the whole forward pass from them) and testing. The norm's and the cross-entropy's row sums
-(and the norm's weight gradient) are accumulated in float64 whatever the input dtype; the
-activation, the exp and the embedding's scatter-add work in the input's dtype. Kernels take
-C-contiguous arrays (ops.py makes them so; gemm also takes views whose rows are spaced by a pitch)
-and are deterministic: where rows are split across threads, the split is a fixed number of chunks,
-so results do not depend on the thread count (rows_matmul splits by threads, and each row's result is
-one BLAS call's: the same for any split where BLAS runs its blocked kernels, as on every weight of
-the models here; BLAS may take other kernels for products of a few thousand multiply-adds).
+product called from inside other kernels (attention's tiles, rows_matmul's blocks of rows). The
+palette's kernels live in palette_kernels.py. The engine (ops.py) calls the kernels; the twins are
+for reading (reference.py builds the whole forward pass from them) and testing. The norm's and the
+cross-entropy's row sums (and the norm's weight gradient) are accumulated in float64 whatever the
+input dtype; the activation, the exp and the embedding's scatter-add work in the input's dtype.
+Kernels take C-contiguous arrays (ops.py makes them so; gemm also takes views whose rows are spaced
+by a pitch) and are deterministic: where rows are split across threads, the split is a fixed number
+of chunks, so results do not depend on the thread count (rows_matmul splits by threads, and each
+row's result is one BLAS call's: the same for any split where BLAS runs its blocked kernels, as on
+every weight of the models here; BLAS may take other kernels for products of a few thousand
+multiply-adds).
 
 Dimension legend: N rows (B*T flattened), C width, V palette/vocabulary size.
 

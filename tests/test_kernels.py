@@ -336,7 +336,8 @@ def test_rows_matmul_gives_each_row_the_same_sums_on_one_and_two_threads():
     """Blocks of rows of micro's c_attn product (256 rows of width 128 -> 384): BLAS's blocked
     kernels sum every row alike whatever the block, so the split changes no bit."""
     rng = np.random.default_rng(0)
-    a, b = rng.standard_normal((256, 128)).astype(np.float32), rng.standard_normal((128, 384)).astype(np.float32)
+    a = rng.standard_normal((256, 128)).astype(np.float32)
+    b = rng.standard_normal((128, 384)).astype(np.float32)
     out = kernels.rows_matmul(a, b)
     with kernels_on_this_thread():
         assert np.array_equal(out, kernels.rows_matmul(a, b))
