@@ -428,13 +428,16 @@ def xent_forward(z, t):
     loss = np.empty(N, dtype=np.float64)
     lse = np.empty(N, dtype=np.float64)
     for c in prange(min(N, _N_CHUNKS)):
-        e, work = np.empty(V), np.empty(V)
+        e, work = np.empty(V, dtype=z.dtype), np.empty(V, dtype=z.dtype)  # exp in z's precision
         for i in range(c * N // min(N, _N_CHUNKS), (c + 1) * N // min(N, _N_CHUNKS)):
-            m = np.float64(row_max(z[i], V))
+            m = row_max(z[i], V)                                   # exact in z's dtype: z_ij - m <= 0
             for j in range(V):
                 e[j] = z[i, j] - m
             exp_inplace(e, work)
-            lse[i] = m + np.log(e.sum())
+            total = 0.0                                            # sum_j exp(z_ij - m) in float64
+            for j in range(V):
+                total += e[j]
+            lse[i] = np.float64(m) + np.log(total)
             loss[i] = lse[i] - z[i, t[i]]
     return loss, lse
 
@@ -451,10 +454,10 @@ def xent_backward(z, t, lse, coef):
     N, V = z.shape
     dz = np.empty_like(z)
     for c in prange(min(N, _N_CHUNKS)):
-        e, work = np.empty(V), np.empty(V)
+        e, work = np.empty(V, dtype=z.dtype), np.empty(V, dtype=z.dtype)  # exp in z's precision
         for i in range(c * N // min(N, _N_CHUNKS), (c + 1) * N // min(N, _N_CHUNKS)):
             for j in range(V):
-                e[j] = z[i, j] - lse[i]
+                e[j] = z[i, j] - lse[i]                            # taken in float64, then rounded
             exp_inplace(e, work)
             for j in range(V):
                 dz[i, j] = e[j] * coef[i]
