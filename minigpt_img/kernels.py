@@ -347,17 +347,15 @@ _CHUNK = 4096  # elements per parallel work item in the elementwise kernels
 
 
 @njit(**_JIT)
-def _gelu2_sigmoid(x, s, work):
-    """s[:] = sigmoid(1.702 x) via e = exp(-1.702 |x|) <= 1, which never overflows:
-    sigmoid(z) = 1 / (1 + e) for z >= 0 and e / (1 + e) for z < 0. In x's precision throughout (a
-    float64 constant would widen every float32 element: measured 10-25% of the activation's time)."""
-    minus_k, one = x.dtype.type(-GELU2_K), x.dtype.type(1.0)
+def _gelu2_exp(x, e, work):
+    """e[:] = exp(-1.702 |x|) <= 1, which never overflows; the activation's loops then take
+    sigmoid(1.702 x) = 1 / (1 + e) for x >= 0 and e / (1 + e) for x < 0 in the same pass as what
+    they compute from it. In x's precision throughout (a float64 constant would widen every float32
+    element: measured 10-25% of the activation's time)."""
+    minus_k = x.dtype.type(-GELU2_K)
     for i in range(x.size):
-        s[i] = minus_k * abs(x[i])
-    exp_inplace(s, work)
-    for i in range(x.size):
-        e = s[i]
-        s[i] = (one if x[i] >= 0 else e) / (one + e)
+        e[i] = minus_k * abs(x[i])
+    exp_inplace(e, work)
 
 
 # The parallel loops below hand each chunk to a function of its own: the same loops written as the
@@ -376,11 +374,12 @@ def gelu2_forward(x):
 
 
 @njit(**_JIT)
-def _gelu2_chunk(x, y, s, work):
-    """y[:] = x sigmoid(1.702 x) for 1-D x, y (y may be x: in place); s, work: scratch of x.size."""
-    _gelu2_sigmoid(x, s, work)
+def _gelu2_chunk(x, y, e, work):
+    """y[:] = x sigmoid(1.702 x) for 1-D x, y (y may be x: in place); e, work: scratch of x.size."""
+    one = x.dtype.type(1.0)
+    _gelu2_exp(x, e, work)
     for i in range(x.size):
-        y[i] = x[i] * s[i]
+        y[i] = x[i] * (one if x[i] >= 0 else e[i]) / (one + e[i])
 
 
 def _sigmoid_ref(z):
@@ -404,12 +403,13 @@ def gelu2_backward(dy, x):
 
 
 @njit(**_JIT)
-def _gelu2_grad_chunk(dy, x, dx, s, work):
-    """dx[:] = dy (s + k x s (1 - s)), s = sigmoid(k x), for 1-D chunks; s, work: scratch of x.size."""
+def _gelu2_grad_chunk(dy, x, dx, e, work):
+    """dx[:] = dy (s + k x s (1 - s)), s = sigmoid(k x), for 1-D chunks; e, work: scratch of x.size."""
     k, one = x.dtype.type(GELU2_K), x.dtype.type(1.0)
-    _gelu2_sigmoid(x, s, work)
+    _gelu2_exp(x, e, work)
     for i in range(x.size):
-        dx[i] = dy[i] * (s[i] + k * x[i] * s[i] * (one - s[i]))
+        s = (one if x[i] >= 0 else e[i]) / (one + e[i])
+        dx[i] = dy[i] * (s + k * x[i] * s * (one - s))
 
 
 def gelu2_backward_ref(dy, x):
