@@ -358,6 +358,13 @@ def _gelu2_exp(x, e, work):
     exp_inplace(e, work)
 
 
+@njit(inline="always", **_JIT)
+def _gelu2_sigmoid(x, e, one):
+    """sigmoid(1.702 x) of one element from its e = exp(-1.702 |x|); one: 1 in x's dtype. Inlined
+    into the loops that call it, which stay vectorised."""
+    return (one if x >= 0 else e) / (one + e)
+
+
 # The parallel loops below hand each chunk to a function of its own: the same loops written as the
 # body of the prange loop compile to slower code (measured on an Intel Xeon, 2 threads, 2M float32
 # elements: forward 0.63 -> 0.46 ns per element, backward 0.74 -> 0.53).
@@ -379,7 +386,7 @@ def _gelu2_chunk(x, y, e, work):
     one = x.dtype.type(1.0)
     _gelu2_exp(x, e, work)
     for i in range(x.size):
-        y[i] = x[i] * (one if x[i] >= 0 else e[i]) / (one + e[i])
+        y[i] = x[i] * _gelu2_sigmoid(x[i], e[i], one)
 
 
 def _sigmoid_ref(z):
@@ -408,7 +415,7 @@ def _gelu2_grad_chunk(dy, x, dx, e, work):
     k, one = x.dtype.type(GELU2_K), x.dtype.type(1.0)
     _gelu2_exp(x, e, work)
     for i in range(x.size):
-        s = (one if x[i] >= 0 else e[i]) / (one + e[i])
+        s = _gelu2_sigmoid(x[i], e[i], one)
         dx[i] = dy[i] * (s + k * x[i] * s * (one - s))
 
 
