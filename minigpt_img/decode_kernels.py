@@ -17,7 +17,8 @@ Legend: M rows (B * T flattened, a few), K inputs, N outputs, C width, H = 4C hi
 import numpy as np
 from numba import njit, prange
 
-from .kernels import _JIT, _gelu2_chunk, gelu2_forward_ref
+from .jit import _JIT
+from .kernels import _gelu2_chunk, gelu2_forward_ref
 
 # ---------------------------------------------------------------------------------------------
 # few-row matmul:  out = x W = sum_s x[:, K_s] W[K_s, :]      (K_s: blocks of W's rows)

@@ -1,10 +1,10 @@
 """numba kernels for the hot loops, each beside a plain NumPy `*_ref` twin that states what it computes.
 
 The twins are the specification: tests compare each kernel with its twin on awkward shapes (one row,
-odd widths, batch 1) in float32 and float64. Two kernels have no twin of their own because NumPy
-already is one: exp_inplace (tested against np.exp) and row_max (np.max). gemm is BLAS's matrix
-product called from inside other kernels (attention's tiles, rows_matmul's blocks of rows). The
-palette's kernels live in palette_kernels.py. The engine (ops.py) calls the kernels; the twins are
+odd widths, batch 1) in float32 and float64. row_max has no twin of its own because NumPy already
+is one (np.max). gemm is BLAS's matrix product called from inside other kernels (attention's tiles,
+rows_matmul's blocks of rows). The exp the kernels call is in exp_kernels.py, the palette's kernels
+in palette_kernels.py. The engine (ops.py) calls the kernels; the twins are
 for reading (reference.py builds the whole forward pass from them) and testing. The norm's and the
 cross-entropy's row sums (and the norm's weight gradient) are accumulated in float64 whatever the
 input dtype; the activation, the exp and the embedding's scatter-add work in the input's dtype.
@@ -23,15 +23,9 @@ import numpy as np
 import numba
 from numba import njit, prange, types
 
+from .exp_kernels import exp_inplace
+from .jit import _JIT
 from .threads import serial_kernel_blas
-
-# No 'nnan'/'ninf' fast-math flags: a NaN loss must stay NaN so training can detect it.
-_FASTMATH = {"nsz", "arcp", "contract", "reassoc"}
-# error_model="numpy": a float division by zero gives inf/NaN as in NumPy instead of raising; the
-# check Python's semantics need is a branch per division that stops the loop from vectorising
-# (measured 6x on the activation's sigmoid).
-_JIT = dict(cache=True, nogil=True, fastmath=_FASTMATH, error_model="numpy")
-_JIT_EXACT = dict(cache=True, nogil=True, error_model="numpy")  # no fast-math: operation order kept
 
 # Gradients summed over rows (norm weight) are reduced over this many fixed row chunks.
 _N_CHUNKS = 64
@@ -45,102 +39,6 @@ def logsumexp(z: np.ndarray, axis: int = -1) -> np.ndarray:
     log_softmax(z) = z - logsumexp(z) (ops, the twins below, attention's twin, the probe, sampling)."""
     m = z.max(axis=axis, keepdims=True)
     return m + np.log(np.exp(z - m).sum(axis=axis, keepdims=True))
-
-
-# ---------------------------------------------------------------------------------------------
-# exp that vectorises: libm's exp is a scalar call (about 6 ns here), the loops below are SIMD.
-#
-#   exp(x) = 2^k * exp(r),   k = round(x / ln 2),   r = x - k ln 2   (|r| <= ln2 / 2 + tiny)
-#
-# r is taken with ln 2 split in a high part (exact times any k here) and a low part, exp(r) is its
-# Taylor series, and 2^k is written straight into the exponent bits: (k + bias) << mantissa bits.
-# k goes through int32, a conversion SIMD units have (a libm floor call would stop the loop from
-# vectorising). numba compiles these functions with the fast-math flags of the kernel that first
-# calls them, and reassociation would merge the two parts of k ln 2; so the first loop stores the
-# exact x - k ln2_hi and the second subtracts k ln2_lo from it, one operation, leaving nothing to
-# reassociate. NaN stays NaN; inputs below the smallest normal result are clamped to it.
-#
-#   float64: Taylor to r^13 (error < 1e-16 on that range), about 1 ulp on [-708, 709].
-#   float32: Taylor to r^7 (error < 6e-9), computed in float32, twice the SIMD lanes of float64
-#            (8 per 256-bit instruction here): below 1 ulp on [-87, 88] (measured 0.8), and measured
-#            2-3x faster than the float64 path.
-# ---------------------------------------------------------------------------------------------
-_LOG2E = 1.4426950408889634
-_LN2_HI = 6.93147180369123816490e-01   # float64 ln 2 split: hi has 32 significant bits
-_LN2_LO = 1.90821492927058770002e-10
-_LN2_HI_32 = 0.693359375               # float32 split: hi = 355/512 has 9 bits, k * hi is exact
-_LN2_LO_32 = -2.12194440e-4
-
-
-@njit(**_JIT_EXACT)
-def exp_inplace(a, work):
-    """a[:] = exp(a) for a 1-D float32 or float64 array, computed in a's precision; work: scratch
-    of a's dtype and at least a.size. (itemsize is a constant of the compiled type, so the branch
-    not taken is optimised away.)"""
-    if a.itemsize == 4:
-        _exp_f32(a, work)
-    else:
-        _exp_f64(a, work)
-
-
-@njit(**_JIT_EXACT)
-def _exp_f64(a, work):
-    n = a.size
-    scale_bits = work[:n].view(np.int64)
-    for i in range(n):  # k, the exact high part of r, and 2^k
-        x = a[i]
-        if x < -708.0:
-            x = -708.0
-        if x > 709.0:
-            x = 709.0
-        y = x * _LOG2E
-        ki = np.int32(y + 0.5) if y >= 0.0 else np.int32(y - 0.5)    # round half away from zero
-        a[i] = x - np.float64(ki) * _LN2_HI                          # exact: k * ln2_hi has spare bits
-        scale_bits[i] = (np.int64(ki) + 1023) << 52                   # the double 2^k
-    for i in range(n):  # r = high - k ln2_lo in ONE subtraction: nothing left to reassociate
-        k = np.float64((scale_bits[i] >> 52) - 1023)
-        r = a[i] - k * _LN2_LO
-        p = 1.0 / 6227020800.0
-        p = p * r + 1.0 / 479001600.0
-        p = p * r + 1.0 / 39916800.0
-        p = p * r + 1.0 / 3628800.0
-        p = p * r + 1.0 / 362880.0
-        p = p * r + 1.0 / 40320.0
-        p = p * r + 1.0 / 5040.0
-        p = p * r + 1.0 / 720.0
-        p = p * r + 1.0 / 120.0
-        p = p * r + 1.0 / 24.0
-        p = p * r + 1.0 / 6.0
-        p = p * r + 0.5
-        p = p * r + 1.0
-        a[i] = (p * r + 1.0) * work[i]
-
-
-@njit(**_JIT_EXACT)
-def _exp_f32(a, work):
-    n = a.size
-    scale_bits = work[:n].view(np.int32)
-    for i in range(n):  # the same two loops as _exp_f64, in float32
-        x = a[i]
-        if x < np.float32(-87.0):
-            x = np.float32(-87.0)
-        if x > np.float32(88.0):
-            x = np.float32(88.0)
-        y = x * np.float32(_LOG2E)
-        ki = np.int32(y + np.float32(0.5)) if y >= 0 else np.int32(y - np.float32(0.5))
-        a[i] = x - np.float32(ki) * np.float32(_LN2_HI_32)
-        scale_bits[i] = (ki + np.int32(127)) << 23                   # the float 2^k
-    for i in range(n):
-        k = np.float32((scale_bits[i] >> 23) - 127)
-        r = a[i] - k * np.float32(_LN2_LO_32)
-        p = np.float32(1.0 / 5040.0)
-        p = p * r + np.float32(1.0 / 720.0)
-        p = p * r + np.float32(1.0 / 120.0)
-        p = p * r + np.float32(1.0 / 24.0)
-        p = p * r + np.float32(1.0 / 6.0)
-        p = p * r + np.float32(0.5)
-        p = p * r + np.float32(1.0)
-        a[i] = (p * r + np.float32(1.0)) * work[i]
 
 
 @njit(**_JIT)

@@ -12,7 +12,7 @@ fast-math so the distance is summed in the same order as the reference: ties res
 import numpy as np
 from numba import njit, prange
 
-from .kernels import _JIT, _JIT_EXACT
+from .jit import _JIT, _JIT_EXACT
 
 
 @njit(inline="always", **_JIT_EXACT)

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from minigpt_img import attention, decode_kernels, kernels, palette_kernels
+from minigpt_img import attention, decode_kernels, exp_kernels, kernels, palette_kernels
 from minigpt_img.threads import kernels_on_this_thread
 
 ROWS_COLS = [(1, 1), (1, 7), (3, 1), (5, 33), (130, 64)]  # single row/col, odd widths, > chunk count
@@ -166,6 +166,15 @@ def test_attention_forward_and_backward(B, NH, T, D, causal, dtype, tiles):
     np.testing.assert_allclose(dqkv, attention.attention_backward_ref(q, k, v, o_ref, lse_ref, do, causal, 0), **t)
 
 
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 40, 130])
+def test_transpose_of_a_heads_rows(n):
+    """attention._transpose: one head's rows of a fused qkv (any pitch) into a contiguous (D, n)."""
+    qkv = np.random.default_rng(n).standard_normal((n, 3, 2, 32)).astype(np.float32)
+    out = np.full((32, n), np.nan, dtype=np.float32)
+    attention._transpose(qkv[:, 1, 1], out)
+    np.testing.assert_array_equal(out, qkv[:, 1, 1].T)
+
+
 @pytest.mark.parametrize("q_offset,Tq,Tk", [(0, 1, 1), (9, 1, 10), (70, 5, 75), (3, 64, 67)])
 def test_attention_with_offset_matches_reference(q_offset, Tq, Tk):
     """Queries placed after q_offset cached positions (incremental decoding); keys beyond the last
@@ -249,13 +258,13 @@ def test_exp_inplace_matches_numpy(n):
     kernels.xent_forward(np.zeros((2, 3)), np.zeros(2, dtype=np.int64))
     x = np.concatenate([np.linspace(-708, 709, n), np.random.default_rng(n).uniform(-30, 30, n)])
     a = x.copy()
-    kernels.exp_inplace(a, np.empty_like(a))
+    exp_kernels.exp_inplace(a, np.empty_like(a))
     np.testing.assert_allclose(a, np.exp(x), rtol=5e-16, atol=0)
 
 
 def test_exp_inplace_special_values():
     a = np.array([np.nan, -np.inf, -1000.0, 0.0, 1e-300])
-    kernels.exp_inplace(a, np.empty(5))
+    exp_kernels.exp_inplace(a, np.empty(5))
     assert np.isnan(a[0]) and 0 <= a[1] < 1e-300 and 0 <= a[2] < 1e-300 and a[3] == 1.0 and a[4] == 1.0
 
 
@@ -264,7 +273,7 @@ def test_exp_inplace_float32_matches_numpy(n):
     """The float32 path: computed in float32 (twice the SIMD lanes), within 1 ulp on [-87, 88]."""
     x = np.concatenate([np.linspace(-87, 88, n), np.random.default_rng(n).uniform(-30, 30, n)])
     a = x.astype(np.float32)
-    kernels.exp_inplace(a, np.empty_like(a))
+    exp_kernels.exp_inplace(a, np.empty_like(a))
     assert a.dtype == np.float32
     exact = np.exp(x.astype(np.float32).astype(np.float64))
     np.testing.assert_allclose(a, exact, rtol=1.2e-7, atol=0)
@@ -272,8 +281,38 @@ def test_exp_inplace_float32_matches_numpy(n):
 
 def test_exp_inplace_float32_special_values():
     a = np.array([np.nan, -np.inf, -1000.0, 0.0, 1e-30], dtype=np.float32)
-    kernels.exp_inplace(a, np.empty_like(a))
+    exp_kernels.exp_inplace(a, np.empty_like(a))
     assert np.isnan(a[0]) and 0 <= a[1] < 1e-37 and 0 <= a[2] < 1e-37 and a[3] == 1.0 and a[4] == 1.0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1, 2, 7, 8, 9, 31, 32, 33, 257, 1000])
+def test_softmax_numerators_matches_its_twin(n, dtype):
+    """exp(alpha z - shift) over row[:n] and its sum, against NumPy's in float64: within a few ulps
+    of what the argument's rounding costs in the row's precision (ulps of |alpha z| + |shift|);
+    row[n:] untouched; scores far below the maximum (beyond the exponent's range) as small as
+    exp_inplace makes them."""
+    rng = np.random.default_rng(n)
+    row = rng.uniform(-30, 30, n + 5).astype(dtype)
+    row[n // 2] = -1000.0 if n > 2 else row[n // 2]                   # scaled: far below the maximum
+    alpha = 0.7
+    shift = alpha * float(row[:n].max())
+    got, want = row.copy(), row.copy()
+    total = exp_kernels.softmax_numerators(got, n, alpha, shift)
+    want_total = exp_kernels.softmax_numerators_ref(want, n, alpha, shift)
+    eps, tiny = np.finfo(dtype).eps, np.finfo(dtype).tiny
+    size = np.abs(float(dtype(alpha)) * row[:n].astype(np.float64)) + abs(float(dtype(shift)))
+    assert np.all(np.abs(got[:n] - want[:n]) <= eps * (8 + 2 * size) * want[:n] + tiny)
+    np.testing.assert_allclose(total, want_total, rtol=4 * eps * (1 + np.log(n)))
+    assert got.dtype == dtype
+    np.testing.assert_array_equal(got[n:], row[n:])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_softmax_numerators_keeps_nan(dtype):
+    row = np.array([0.0, np.nan, -1.0, -np.inf], dtype=dtype)
+    total = exp_kernels.softmax_numerators(row, 4, 1.0, 0.0)
+    assert np.isnan(row[1]) and np.isnan(total) and row[0] == 1.0 and 0 <= row[3] < 1.2e-38
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

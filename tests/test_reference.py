@@ -56,7 +56,8 @@ def test_reference_forward_equals_hugging_face_logits():
 # may import its own layer and those below.
 LAYERS = {
     "errors": 0, "ranges": 0, "files": 0, "torchfile": 0, "streams": 0, "threads": 0, "plots": 0, "parallel": 0,
-    "tensor": 1, "ops": 1, "kernels": 1, "attention": 1, "palette_kernels": 1, "decode_kernels": 1,
+    "tensor": 1, "ops": 1, "jit": 1, "exp_kernels": 1, "kernels": 1, "attention": 1, "palette_kernels": 1,
+    "decode_kernels": 1,
     "nn": 2, "model": 2, "sizes": 2, "reference": 2,
     "data": 3, "shapes": 3, "streaks": 3, "download": 3, "palette": 3,
     "objectives": 4, "optim": 4, "hub": 4, "checkpoint": 4, "features": 4, "probe_fit": 4, "sampling": 4, "tasks": 4,
