@@ -136,7 +136,9 @@ def _forward_head(Qh, Kh, Vh, causal, q_offset, TQ, TK, Oh, lse_h, S_buf, KT_buf
             _online_softmax(S, m, l, Oi, scale, i0, j0, causal, q_offset)  # S -> exp(S * scale - m)
             gemm(S, Vh[j0:j1], Oi, False, False, 0.0 if j0 == 0 else 1.0)  # O_i (+)= P V_j
         for a in range(bq):
-            Oi[a] *= Qh.dtype.type(1.0 / l[a])
+            inv_l = Qh.dtype.type(1.0 / l[a])
+            for d in range(D):
+                Oi[a, d] *= inv_l
             lse_h[i0 + a] = m[a] + np.log(l[a])
 
 
