@@ -401,8 +401,12 @@ def test_gemm_refuses_rows_that_are_not_contiguous():
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("n", [1, 63, 65, 1001])
 @pytest.mark.parametrize("decay", [0.0, 0.1])
-def test_adam_update_matches_its_twin_to_the_bit(dtype, n, decay):
+@pytest.mark.parametrize("parallel_size", [1, 10**9])
+def test_adam_update_matches_its_twin_to_the_bit(dtype, n, decay, parallel_size, monkeypatch):
+    """On numba's threads (every size from parallel_size = 1) and on the calling thread."""
+    from minigpt_img import optim
     from minigpt_img.optim import adam_update, adam_update_ref
+    monkeypatch.setattr(optim, "PARALLEL_SIZE", parallel_size)
     rng = np.random.default_rng(n)
     p, g, m = (rng.standard_normal(n).astype(dtype) for _ in range(3))
     v = rng.random(n).astype(dtype)
