@@ -10,7 +10,7 @@ _backward_block), the forward writes O straight into the (B, T, C) layout the ne
 and the backward sums dQ, dK, dV straight into the fused gradient (B, T, 3C). The forward walks key
 tiles with an online softmax (running max m and denominator l per query row), so only a (TQ, TK)
 block of S exists at any time, and saves lse = m + log(l) per row for backward. A row's scale, shift,
-exp and sum take one pass (exp_kernels.softmax_numerators), in the forward and in the backward,
+exp and sum take one pass (exp_kernels.exp_shifted), in the forward and in the backward,
 which rebuilds P = exp(S / sqrt(D) - lse). q_offset places the queries after q_offset earlier
 positions (incremental decoding with a KV cache). Decoding a token or a few reads a head-major cache
 (B, NH, n_ctx, D) in place instead: decode_layer runs the whole sub-layer (projections, cache,
@@ -23,7 +23,7 @@ import numpy as np
 from numba import njit, prange
 
 from .decode_kernels import few_rows_partials, few_rows_times, sum_partials, sum_shares
-from .exp_kernels import softmax_numerators
+from .exp_kernels import exp_shifted
 from .jit import _JIT
 from .kernels import gemm, logsumexp, row_max
 from .threads import serial_kernel_blas
@@ -180,7 +180,7 @@ def _online_softmax(S, m, l, Oi, scale, i0, j0, causal, q_offset):
                 l[a] *= corr
                 Oi[a] *= Oi.dtype.type(corr)
             m[a] = m_new
-            l[a] += softmax_numerators(row, nb, scale, m_new)
+            l[a] += exp_shifted(row, nb, scale, m_new)
         row[nb:] = 0.0                                                 # masked keys: exactly zero
 
 
@@ -204,7 +204,7 @@ def _attend_cached(q, K, V, n, s, out):
         s[j] = acc
         m = max(m, acc)
     sa = s[:n]
-    l = softmax_numerators(sa, n, 1.0, m)                              # p = exp(s - max s), l = sum p
+    l = exp_shifted(sa, n, 1.0, m)                              # p = exp(s - max s), l = sum p
     out[:] = zero
     for j in range(n):                                                 # o = p V / sum p
         p = sa[j]
@@ -401,7 +401,7 @@ def _probabilities(P, lse, scale, r0, j0, causal, q_offset):
     bq, kb = P.shape
     for a in range(bq):
         nb = _visible(a, r0, j0, kb, causal, q_offset)
-        softmax_numerators(P[a], nb, scale, lse[a])
+        exp_shifted(P[a], nb, scale, lse[a])
         P[a, nb:] = 0.0
 
 

@@ -152,8 +152,7 @@ def _mlp_from_partials(partials, b_fc, W_proj, b_proj):
         u = np.empty((M, h1 - h0), dtype=partials.dtype)         # (M, block) this block's units
         sum_partials(partials, b_fc, h0, h1, u)
         flat = u.reshape(M * (h1 - h0))                           # gelu2 in place
-        g, work = np.empty_like(flat), np.empty_like(flat)
-        _gelu2_chunk(flat, flat, g, work)
+        _gelu2_chunk(flat, flat, np.empty_like(flat))
         share = shares[t]                                         # (M, C) this block's share
         share[:] = 0.0
         few_rows_times(u, W_proj[h0:h1], 0, h1 - h0, share)

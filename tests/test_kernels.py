@@ -251,55 +251,37 @@ def test_min_sq_dist_update(n, k):
     np.testing.assert_allclose(d2, d2_ref, rtol=1e-12, atol=1e-15)
 
 
-@pytest.mark.parametrize("n", [1, 3, 64, 100_003])
-def test_exp_inplace_matches_numpy(n):
-    """The vectorisable exp the kernels use: about 1 ulp over the whole double range, also after a
-    fast-math kernel has compiled it (xent_forward runs first here)."""
-    kernels.xent_forward(np.zeros((2, 3)), np.zeros(2, dtype=np.int64))
-    x = np.concatenate([np.linspace(-708, 709, n), np.random.default_rng(n).uniform(-30, 30, n)])
-    a = x.copy()
-    exp_kernels.exp_inplace(a, np.empty_like(a))
-    np.testing.assert_allclose(a, np.exp(x), rtol=5e-16, atol=0)
-
-
-def test_exp_inplace_special_values():
-    a = np.array([np.nan, -np.inf, -1000.0, 0.0, 1e-300])
-    exp_kernels.exp_inplace(a, np.empty(5))
-    assert np.isnan(a[0]) and 0 <= a[1] < 1e-300 and 0 <= a[2] < 1e-300 and a[3] == 1.0 and a[4] == 1.0
-
-
-@pytest.mark.parametrize("n", [1, 3, 64, 100_003])
-def test_exp_inplace_float32_matches_numpy(n):
-    """The float32 path: computed in float32 (twice the SIMD lanes), within 1 ulp on [-87, 88]."""
-    x = np.concatenate([np.linspace(-87, 88, n), np.random.default_rng(n).uniform(-30, 30, n)])
-    a = x.astype(np.float32)
-    exp_kernels.exp_inplace(a, np.empty_like(a))
-    assert a.dtype == np.float32
-    exact = np.exp(x.astype(np.float32).astype(np.float64))
-    np.testing.assert_allclose(a, exact, rtol=1.2e-7, atol=0)
-
-
-def test_exp_inplace_float32_special_values():
-    a = np.array([np.nan, -np.inf, -1000.0, 0.0, 1e-30], dtype=np.float32)
-    exp_kernels.exp_inplace(a, np.empty_like(a))
-    assert np.isnan(a[0]) and 0 <= a[1] < 1e-37 and 0 <= a[2] < 1e-37 and a[3] == 1.0 and a[4] == 1.0
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_exp_shifted_over_the_exponents_range(dtype):
+    """exp(z) for z from 0 down past the smallest normal result, within |z| ulps (+ a few) of the
+    exact value; below the range, the smallest normal number; also after a fast-math kernel has
+    compiled it (xent_forward runs first here)."""
+    kernels.xent_forward(np.zeros((2, 3), dtype=dtype), np.zeros(2, dtype=np.int64))
+    lowest = -87.0 if dtype == np.float32 else -708.0
+    z = np.concatenate([np.linspace(lowest, 0.0, 100_003), [lowest - 10.0, -1e30]]).astype(dtype)
+    got = z.copy()
+    exp_kernels.exp_shifted(got, z.size, 1.0, 0.0)
+    exact = np.exp(z.astype(np.float64))
+    eps, tiny = np.finfo(dtype).eps, np.finfo(dtype).tiny
+    inside = exact >= tiny
+    assert np.all(np.abs(got[inside] - exact[inside]) <= eps * (4 + 2 * np.abs(z[inside])) * exact[inside])
+    assert np.all(got[~inside] == tiny) and got[-1] == tiny
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", [1, 2, 7, 8, 9, 31, 32, 33, 257, 1000])
-def test_softmax_numerators_matches_its_twin(n, dtype):
+def test_exp_shifted_matches_its_twin(n, dtype):
     """exp(alpha z - shift) over row[:n] and its sum, against NumPy's in float64: within a few ulps
     of what the argument's rounding costs in the row's precision (ulps of |alpha z| + |shift|);
-    row[n:] untouched; scores far below the maximum (beyond the exponent's range) as small as
-    exp_inplace makes them."""
+    row[n:] untouched; scores far below the maximum (beyond the exponent's range) come out tiny."""
     rng = np.random.default_rng(n)
     row = rng.uniform(-30, 30, n + 5).astype(dtype)
     row[n // 2] = -1000.0 if n > 2 else row[n // 2]                   # scaled: far below the maximum
     alpha = 0.7
     shift = alpha * float(row[:n].max())
     got, want = row.copy(), row.copy()
-    total = exp_kernels.softmax_numerators(got, n, alpha, shift)
-    want_total = exp_kernels.softmax_numerators_ref(want, n, alpha, shift)
+    total = exp_kernels.exp_shifted(got, n, alpha, shift)
+    want_total = exp_kernels.exp_shifted_ref(want, n, alpha, shift)
     eps, tiny = np.finfo(dtype).eps, np.finfo(dtype).tiny
     size = np.abs(float(dtype(alpha)) * row[:n].astype(np.float64)) + abs(float(dtype(shift)))
     assert np.all(np.abs(got[:n] - want[:n]) <= eps * (8 + 2 * size) * want[:n] + tiny)
@@ -309,9 +291,9 @@ def test_softmax_numerators_matches_its_twin(n, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_softmax_numerators_keeps_nan(dtype):
+def test_exp_shifted_keeps_nan(dtype):
     row = np.array([0.0, np.nan, -1.0, -np.inf], dtype=dtype)
-    total = exp_kernels.softmax_numerators(row, 4, 1.0, 0.0)
+    total = exp_kernels.exp_shifted(row, 4, 1.0, 0.0)
     assert np.isnan(row[1]) and np.isnan(total) and row[0] == 1.0 and 0 <= row[3] < 1.2e-38
 
 
