@@ -204,7 +204,7 @@ def _attend_cached(q, K, V, n, s, out):
         s[j] = acc
         m = max(m, acc)
     sa = s[:n]
-    l = exp_shifted(sa, n, 1.0, m)                              # p = exp(s - max s), l = sum p
+    l = exp_shifted(sa, n, 1.0, m)                                     # p = exp(s - max s), l = sum p
     out[:] = zero
     for j in range(n):                                                 # o = p V / sum p
         p = sa[j]
