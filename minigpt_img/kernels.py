@@ -4,8 +4,8 @@ The twins are the specification: tests compare each kernel with its twin on awkw
 odd widths, batch 1) in float32 and float64. row_max has no twin of its own because NumPy already
 is one (np.max). gemm is BLAS's matrix product called from inside other kernels (attention's tiles,
 rows_matmul's blocks of rows). The exp the kernels call is in exp_kernels.py, the palette's kernels
-in palette_kernels.py. The engine (ops.py) calls the kernels; the twins are
-for reading (reference.py builds the whole forward pass from them) and testing. The norm's and the
+in palette_kernels.py. The engine (ops.py) calls the kernels; the twins are for reading
+(reference.py builds the whole forward pass from them) and testing. The norm's and the
 cross-entropy's row sums (and the norm's weight gradient) are accumulated in float64 whatever the
 input dtype; the activation, the exp and the embedding's scatter-add work in the input's dtype.
 Kernels take C-contiguous arrays (ops.py makes them so; gemm also takes views whose rows are spaced
