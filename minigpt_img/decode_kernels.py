@@ -26,7 +26,9 @@ from .kernels import _gelu2_chunk, gelu2_forward_ref
 # that one thread streams, eight rows at a time, into its own (M, N) partial sum; the partial sums are
 # then added in block order. Measured on iGPT-S's weights (AMD EPYC, 2 threads): contiguous row
 # blocks stream at 17-21 GB/s where blocks of columns (every thread reading a part of every row)
-# reach 8.5-16. The fixed block count makes the sums the same whatever the thread count.
+# reach 8.5-16; on an Intel Xeon the MLP in blocks of 128-1,024 columns of W_fc (one parallel loop,
+# no partial sums) was level, 19-21 GB/s against 19-22. The fixed block count makes the sums the
+# same whatever the thread count.
 # ---------------------------------------------------------------------------------------------
 FEW_ROWS = 16  # ops.MatMul sends products with at most this many rows here (measured: M = 4 1.5x BLAS, 16 even)
 ROW_BLOCKS = 8
